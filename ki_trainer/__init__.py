@@ -1,0 +1,44 @@
+"""ki-trainer: merge fine-tuned classifiers into one student over the union of their labels, without labels.
+
+The heart is :class:`KnowledgeIntegrationTrainer`, a drop-in ``transformers.Trainer`` whose loss
+comes from an ensemble of :class:`Teacher` models integrated by a registered strategy (MUKI by
+default: Monte-Carlo-dropout certainty, soft/hard selection, margin re-weighting).
+"""
+
+from .collator import KnowledgeIntegrationCollator
+from .config import KnowledgeIntegrationConfig
+from .label_space import LabelSpace
+from .metrics import integration_metrics
+from .querying import TeacherNaNError, mc_dropout_probs, query_teachers
+from .strategies import (
+    IntegrationOutput,
+    IntegrationStrategy,
+    StrategyOptions,
+    TeacherSignals,
+    get_strategy,
+    list_strategies,
+    register_strategy,
+)
+from .teacher import Teacher
+from .trainer import KnowledgeIntegrationTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IntegrationOutput",
+    "IntegrationStrategy",
+    "KnowledgeIntegrationCollator",
+    "KnowledgeIntegrationConfig",
+    "KnowledgeIntegrationTrainer",
+    "LabelSpace",
+    "StrategyOptions",
+    "Teacher",
+    "TeacherNaNError",
+    "TeacherSignals",
+    "get_strategy",
+    "integration_metrics",
+    "list_strategies",
+    "mc_dropout_probs",
+    "query_teachers",
+    "register_strategy",
+]

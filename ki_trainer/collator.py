@@ -1,0 +1,122 @@
+"""Batches raw text for the student AND for every teacher that reads it with its own tokenizer.
+
+Keeping the raw text in the dataset and tokenizing in the collator is what makes heterogeneous
+ensembles possible: each model gets its own vocabulary, special tokens, truncation length and
+dynamic padding. Teachers that share the student's tokenizer (and length) reuse its encoding, and
+teachers sharing one tokenizer share one encoding.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .label_space import LabelSpace
+
+TEACHER_INPUTS_KEY = "teacher_inputs"
+
+
+def check_can_pad(tokenizer: PreTrainedTokenizerBase, who: str) -> None:
+    if tokenizer.pad_token is None:
+        raise ValueError(
+            f"The {who} tokenizer ({type(tokenizer).__name__}) has no pad token, which batching needs. "
+            "Set one, e.g. `tokenizer.pad_token = tokenizer.eos_token` (and the model's config.pad_token_id)."
+        )
+
+
+class KnowledgeIntegrationCollator:
+    """Turn dataset rows ``{text_column: str, label_column: label?, ...}`` into a KI batch.
+
+    The batch holds the student's inputs (``input_ids``, ``attention_mask`` ...), ``labels`` (union
+    ids) when every row carries a gold label, and under ``"teacher_inputs"`` one encoding per
+    distinct teacher tokenization. :meth:`teacher_input_key` says where teacher ``t`` reads.
+
+    Args:
+        tokenizer: the student's tokenizer.
+        teacher_tokenizers: per teacher, its own tokenizer or ``None`` to read the student's encoding.
+        label_space: maps gold label names/ids to union ids.
+        max_length: student truncation length.
+        teacher_max_lengths: per teacher truncation length (``None``: same as the student's).
+        pad_to_multiple_of: e.g. 8 for tensor cores under mixed precision.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        label_space: LabelSpace,
+        teacher_tokenizers: Optional[Sequence[Optional[PreTrainedTokenizerBase]]] = None,
+        text_column: str = "text",
+        label_column: Optional[str] = "label",
+        max_length: Optional[int] = None,
+        teacher_max_lengths: Optional[Sequence[Optional[int]]] = None,
+        pad_to_multiple_of: Optional[int] = None,
+    ) -> None:
+        check_can_pad(tokenizer, "student")
+        num_teachers = label_space.num_teachers
+        teacher_tokenizers = list(teacher_tokenizers) if teacher_tokenizers is not None else [None] * num_teachers
+        teacher_max_lengths = list(teacher_max_lengths) if teacher_max_lengths is not None else [None] * num_teachers
+        if len(teacher_tokenizers) != num_teachers or len(teacher_max_lengths) != num_teachers:
+            raise ValueError(f"Expected one tokenizer and max length per teacher ({num_teachers}).")
+        self.tokenizer = tokenizer
+        self.label_space = label_space
+        self.text_column = text_column
+        self.label_column = label_column
+        self.max_length = max_length
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+        # Group teachers by (tokenizer object, length); the student's own encoding is group None.
+        self.groups: dict[str, tuple[PreTrainedTokenizerBase, Optional[int]]] = {}
+        self._teacher_keys: list[Optional[str]] = []
+        for t, (tok, length) in enumerate(zip(teacher_tokenizers, teacher_max_lengths)):
+            length = length if length is not None else max_length
+            if (tok is None or tok is tokenizer) and length == max_length:
+                self._teacher_keys.append(None)
+                continue
+            tok = tok if tok is not None else tokenizer
+            check_can_pad(tok, f"teacher {label_space.teacher_names[t]!r}")
+            key = next((k for k, (gt, gl) in self.groups.items() if gt is tok and gl == length), None)
+            if key is None:
+                key = f"group_{len(self.groups)}"
+                self.groups[key] = (tok, length)
+            self._teacher_keys.append(key)
+
+    def teacher_input_key(self, teacher: int) -> Optional[str]:
+        """Key under ``batch["teacher_inputs"]`` teacher ``teacher`` reads, or ``None`` for the student's inputs."""
+        return self._teacher_keys[teacher]
+
+    def _encode(self, tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: Optional[int]) -> dict:
+        return dict(
+            tokenizer(
+                texts,
+                padding=True,
+                truncation=max_length is not None,
+                max_length=max_length,
+                pad_to_multiple_of=self.pad_to_multiple_of,
+                return_tensors="pt",
+            )
+        )
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        if not features:
+            raise ValueError("Cannot collate an empty batch.")
+        if self.text_column not in features[0]:
+            raise KeyError(
+                f"Rows have no text column {self.text_column!r} (columns: {sorted(features[0])}). "
+                "Set text_column= in KnowledgeIntegrationConfig."
+            )
+        texts = [row[self.text_column] for row in features]
+        bad = [type(text).__name__ for text in texts if not isinstance(text, str)]
+        if bad:
+            raise TypeError(f"Column {self.text_column!r} must hold strings; found {sorted(set(bad))}.")
+
+        batch = self._encode(self.tokenizer, texts, self.max_length)
+        if self.label_column and all(row.get(self.label_column) is not None for row in features):
+            labels = self.label_space.encode(row[self.label_column] for row in features)
+            batch["labels"] = torch.tensor(labels, dtype=torch.long)
+        if self.groups:
+            batch[TEACHER_INPUTS_KEY] = {
+                key: self._encode(tok, texts, length) for key, (tok, length) in self.groups.items()
+            }
+        return batch

@@ -1,0 +1,139 @@
+"""``KnowledgeIntegrationConfig``: ``TrainingArguments`` plus the knobs of knowledge integration."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from transformers import TrainingArguments
+
+from .strategies import StrategyOptions, get_strategy, list_strategies
+
+TEACHER_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class KnowledgeIntegrationConfig(TrainingArguments):
+    """Training arguments for :class:`~ki_trainer.KnowledgeIntegrationTrainer`.
+
+    Every ``TrainingArguments`` field works as usual (batch size, learning rate, ``bf16``,
+    ``report_to``, checkpointing, ``push_to_hub`` ...). The fields below configure how the teachers
+    are queried and how their predictions are integrated. All of them can be given on the command
+    line through ``HfArgumentParser``.
+    """
+
+    strategy: str = field(
+        default="muki",
+        metadata={"help": f"Integration strategy, one of {list_strategies()}."},
+    )
+    selection: str = field(
+        default="soft",
+        metadata={
+            "help": "For certainty-based strategies (muki, entropy): 'hard' takes the most certain teacher's "
+            "prediction, 'soft' mixes the teachers by softmax(certainty / teacher_score_temperature).",
+            "choices": ["hard", "soft"],
+        },
+    )
+    mc_samples: int = field(
+        default=16,
+        metadata={"help": "Monte-Carlo dropout passes per teacher and example used to score certainty (muki)."},
+    )
+    kd_temperature: float = field(
+        default=1.0,
+        metadata={"help": "Softmax temperature of teacher targets and student; losses are scaled by T^2."},
+    )
+    teacher_score_temperature: float = field(
+        default=0.2,
+        metadata={"help": "Temperature T_s of the softmax over teacher certainties in soft selection."},
+    )
+    margin_reweighting: bool = field(
+        default=True,
+        metadata={"help": "Weight each example by the margin between the top-2 teacher certainties."},
+    )
+    normalize_margin_weights: bool = field(
+        default=False,
+        metadata={
+            "help": "Divide the margin weights by their batch mean (keeps the effective learning rate). "
+            "The MUKI authors do not; off by default."
+        },
+    )
+    text_column: str = field(default="text", metadata={"help": "Dataset column holding the raw text."})
+    label_column: str = field(
+        default="label",
+        metadata={"help": "Dataset column with gold labels (names or union ids). Used for evaluation ONLY."},
+    )
+    max_length: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Truncation length for the student and the teachers (default: the smaller of each model's "
+            "position limit and its tokenizer's model_max_length)."
+        },
+    )
+    teacher_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Precision teachers are held in: 'auto' follows bf16/fp16 mixed precision, else float32.",
+            "choices": list(TEACHER_DTYPES),
+        },
+    )
+    mc_chunk_size: int = field(
+        default=512,
+        metadata={
+            "help": "Maximum rows (examples x mc_samples) per teacher forward during MC dropout; bounds memory."
+        },
+    )
+    check_teacher_outputs: bool = field(
+        default=True,
+        metadata={
+            "help": "Raise if a teacher returns NaN/inf logits. Costs one device sync per step; "
+            "disable for peak throughput once your teachers are known to be sane."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        get_strategy(self.strategy)  # raises with the list of known strategies
+        if self.selection not in ("hard", "soft"):
+            raise ValueError(f"selection must be 'hard' or 'soft', got {self.selection!r}.")
+        if self.mc_samples < 1:
+            raise ValueError(f"mc_samples must be >= 1, got {self.mc_samples}.")
+        if self.kd_temperature <= 0:
+            raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}.")
+        if self.teacher_score_temperature <= 0:
+            raise ValueError(f"teacher_score_temperature must be > 0, got {self.teacher_score_temperature}.")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(f"teacher_dtype must be one of {list(TEACHER_DTYPES)}, got {self.teacher_dtype!r}.")
+        if self.mc_chunk_size < 1:
+            raise ValueError(f"mc_chunk_size must be >= 1, got {self.mc_chunk_size}.")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}.")
+
+    # ------------------------------------------------------------------ helpers
+    def strategy_options(self) -> StrategyOptions:
+        return StrategyOptions(
+            temperature=self.kd_temperature,
+            selection=self.selection,
+            score_temperature=self.teacher_score_temperature,
+            margin_reweighting=self.margin_reweighting,
+            normalize_weights=self.normalize_margin_weights,
+        )
+
+    def resolved_teacher_dtype(self) -> torch.dtype:
+        """The dtype teachers are cast to: explicit choice, else the mixed-precision dtype, else fp32."""
+        explicit = TEACHER_DTYPES[self.teacher_dtype]
+        if explicit is not None:
+            return explicit
+        if self.bf16:
+            return torch.bfloat16
+        if self.fp16 and not self.use_cpu:
+            return torch.float16
+        return torch.float32
+
+    @classmethod
+    def from_training_arguments(cls, args: TrainingArguments, **overrides) -> "KnowledgeIntegrationConfig":
+        """Upgrade plain ``TrainingArguments`` (from an existing script) with default KI settings."""
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init and hasattr(args, f.name)}
+        values.update(overrides)
+        return cls(**values)

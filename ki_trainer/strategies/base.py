@@ -1,0 +1,108 @@
+"""The interface every integration strategy implements, and the registry that names them.
+
+An integration strategy turns the teachers' signals for a batch into a training loss for the
+student. Adding a strategy means adding one subclass decorated with :func:`register_strategy`;
+the trainer, config validation and ``list_strategies()`` pick it up from the registry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+
+from ..label_space import LabelSpace
+
+
+@dataclass
+class TeacherSignals:
+    """What the teachers say about one batch.
+
+    Attributes:
+        logits: one ``[B, C_t]`` tensor per teacher: deterministic (eval-mode) logits, fp32.
+        certainty: ``[B, N]`` certainty scores in [0, 1] (``1 - H(p)/log C_t``), or ``None`` when
+            the strategy does not use them.
+    """
+
+    logits: list[torch.Tensor]
+    certainty: Optional[torch.Tensor] = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.logits[0].shape[0]
+
+
+@dataclass
+class StrategyOptions:
+    """Hyper-parameters shared by the strategies (each strategy reads the ones it needs)."""
+
+    temperature: float = 1.0
+    selection: str = "soft"
+    score_temperature: float = 0.2
+    margin_reweighting: bool = True
+    normalize_weights: bool = False
+
+
+@dataclass
+class IntegrationOutput:
+    """A strategy's result for one batch.
+
+    Attributes:
+        loss: scalar fp32 training loss (already weighted and averaged over the batch).
+        divergence: ``[B]`` unweighted per-example divergence (for logging).
+        weights: ``[B]`` instance weights actually applied, or ``None``.
+        selected: ``[B]`` index of the most certain teacher, or ``None``.
+    """
+
+    loss: torch.Tensor
+    divergence: torch.Tensor
+    weights: Optional[torch.Tensor] = None
+    selected: Optional[torch.Tensor] = None
+
+
+class IntegrationStrategy:
+    """Base class. Subclasses set ``name``, ``certainty_source`` and implement :meth:`compute`.
+
+    ``certainty_source`` tells the trainer which teacher signals to produce:
+    ``None`` (logits only), ``"deterministic"`` (certainty from the eval-mode pass) or ``"mc"``
+    (certainty from the mean of K Monte-Carlo-dropout passes).
+    """
+
+    name: ClassVar[str] = ""
+    certainty_source: ClassVar[Optional[str]] = None
+
+    def __init__(self, label_space: LabelSpace, options: Optional[StrategyOptions] = None) -> None:
+        self.label_space = label_space
+        self.options = options or StrategyOptions()
+
+    def compute(self, student_logits: torch.Tensor, signals: TeacherSignals) -> IntegrationOutput:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, options={self.options})"
+
+
+STRATEGIES: dict[str, type[IntegrationStrategy]] = {}
+
+
+def register_strategy(cls: type[IntegrationStrategy]) -> type[IntegrationStrategy]:
+    """Class decorator: make ``cls`` available under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} must set a non-empty `name` to be registered.")
+    if cls.name in STRATEGIES and STRATEGIES[cls.name] is not cls:
+        raise ValueError(f"A strategy named {cls.name!r} is already registered ({STRATEGIES[cls.name].__name__}).")
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+def list_strategies() -> list[str]:
+    """Names of all registered integration strategies."""
+    return sorted(STRATEGIES)
+
+
+def get_strategy(name: str) -> type[IntegrationStrategy]:
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"Unknown integration strategy {name!r}; available: {list_strategies()}.") from None

@@ -1,0 +1,74 @@
+"""Certainty-based integration: MUKI (Monte-Carlo-dropout certainty) and its entropy ablation.
+
+Each teacher's certainty on an example is ``s_t = 1 - H(p_t) / log C_t``. The target is the padded
+prediction of the most certain teacher (``selection="hard"``) or the certainty-softmax mixture
+``sum_t softmax(s / T_s)_t * pad(p_t)`` (``selection="soft"``). With margin re-weighting, each
+example counts ``w = s_(1) - s_(2) + 1e-6``: examples where teachers disagree about who is
+competent count less. The authors do not renormalise ``w`` (which shrinks the effective learning
+rate by ``mean(w)``); ``normalize_weights=True`` divides by the batch mean instead.
+
+``muki`` scores certainty with the mean of K stochastic (dropout-on) passes, because fine-tuned
+teachers are over-confident on out-of-domain text and dropout sampling exposes it; ``entropy`` is
+the same integration scored from one deterministic pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..numerics import kl_from_log_probs
+from .base import IntegrationOutput, IntegrationStrategy, TeacherSignals, register_strategy
+
+MARGIN_EPSILON = 1e-6
+
+
+def margin_weights(certainty: torch.Tensor) -> torch.Tensor:
+    """Top-1 minus top-2 certainty per example (+1e-6); all ones for a single teacher."""
+    if certainty.shape[1] < 2:
+        return torch.ones_like(certainty[:, 0])
+    top2 = certainty.topk(2, dim=1).values
+    return top2[:, 0] - top2[:, 1] + MARGIN_EPSILON
+
+
+class CertaintyIntegration(IntegrationStrategy):
+    """Shared implementation; subclasses only choose where the certainty comes from."""
+
+    def teacher_weights(self, certainty: torch.Tensor) -> torch.Tensor:
+        """``[B, N]`` mixture weights over teachers (one-hot for hard selection)."""
+        if self.options.selection == "hard":
+            return torch.nn.functional.one_hot(certainty.argmax(1), certainty.shape[1]).float()
+        return torch.softmax(certainty / self.options.score_temperature, dim=1)
+
+    def compute(self, student_logits: torch.Tensor, signals: TeacherSignals) -> IntegrationOutput:
+        if signals.certainty is None:
+            raise ValueError(f"Strategy {self.name!r} needs teacher certainty scores; the signals carry none.")
+        tau = self.options.temperature
+        certainty = signals.certainty.float()
+        alpha = self.teacher_weights(certainty)
+        target = sum(
+            alpha[:, t : t + 1] * self.label_space.pad(torch.softmax(logits.float() / tau, dim=-1), t)
+            for t, logits in enumerate(signals.logits)
+        )
+        log_probs = torch.log_softmax(student_logits.float() / tau, dim=-1)
+        divergence = kl_from_log_probs(target, log_probs) * tau**2
+        weights = None
+        if self.options.margin_reweighting:
+            weights = margin_weights(certainty)
+            if self.options.normalize_weights:
+                weights = weights / weights.mean()
+            loss = (weights * divergence).mean()
+        else:
+            loss = divergence.mean()
+        return IntegrationOutput(loss=loss, divergence=divergence, weights=weights, selected=certainty.argmax(1))
+
+
+@register_strategy
+class MUKI(CertaintyIntegration):
+    name = "muki"
+    certainty_source = "mc"
+
+
+@register_strategy
+class EntropySelection(CertaintyIntegration):
+    name = "entropy"
+    certainty_source = "deterministic"

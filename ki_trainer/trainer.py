@@ -1,0 +1,342 @@
+"""``KnowledgeIntegrationTrainer``: a drop-in ``transformers.Trainer`` that learns from a teacher ensemble.
+
+Only ``compute_loss`` (and the evaluation step that reuses it) changes: the student's gold-label loss
+is replaced by the integration strategy's loss against the teachers' predictions. Everything else
+(optimisation, gradient accumulation, mixed precision, DDP through Accelerate, checkpoints and
+resuming, ``report_to`` logging, ``push_to_hub``) is the stock Trainer.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+from datasets import Value
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    EvalPrediction,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+)
+from transformers.utils import logging
+
+from .collator import TEACHER_INPUTS_KEY, KnowledgeIntegrationCollator
+from .config import KnowledgeIntegrationConfig
+from .label_space import LabelSpace
+from .metrics import integration_metrics
+from .querying import query_teachers
+from .strategies import IntegrationOutput, TeacherSignals, get_strategy
+from .teacher import Teacher, model_position_limit
+
+logger = logging.get_logger(__name__)
+
+_UNBOUNDED_TOKENIZER_LENGTH = 1_000_000
+
+
+def _unique_names(teachers: Sequence[Teacher]) -> list[str]:
+    names, seen = [], set()
+    for i, teacher in enumerate(teachers):
+        name = teacher.name or f"teacher_{i}"
+        if name in seen:
+            name = f"{name}_{i}"
+        seen.add(name)
+        names.append(name)
+    return names
+
+
+def _max_length(tokenizer: PreTrainedTokenizerBase, config, requested: Optional[int], who: str) -> int:
+    """The truncation length for one model: the request, checked against the model's limit."""
+    limits = [limit for limit in (model_position_limit(config), tokenizer.model_max_length) if limit]
+    limits = [int(limit) for limit in limits if limit < _UNBOUNDED_TOKENIZER_LENGTH]
+    limit = min(limits) if limits else None
+    if requested is None:
+        return limit if limit is not None else 512
+    if limit is not None and requested > limit:
+        raise ValueError(f"max_length={requested} exceeds what the {who} can read ({limit} tokens).")
+    return requested
+
+
+class KnowledgeIntegrationTrainer(Trainer):
+    """Merge several fine-tuned classifiers (teachers) into one student over the union of their labels.
+
+    Args:
+        model: the student: a ``*ForSequenceClassification`` instance whose ``num_labels`` equals the
+            union size, or a directory / Hub id from which one is built with the union labels.
+        args: a :class:`KnowledgeIntegrationConfig` (plain ``TrainingArguments`` are upgraded with
+            default KI settings).
+        data_collator: defaults to :class:`KnowledgeIntegrationCollator` (tokenizes raw text per model).
+        train_dataset: rows with raw text in ``args.text_column``; gold labels, if any, are ignored.
+        eval_dataset: rows with raw text and, for metrics, gold labels (names or union ids).
+        processing_class: the student's tokenizer (loaded from ``model`` when that is a path/id).
+        teachers: the :class:`Teacher` ensemble (paths/ids/models are wrapped into ``Teacher``).
+        compute_metrics: extra metrics; they are merged with the built-in integration metrics.
+        **kwargs: any other ``Trainer`` argument (callbacks, optimizers, ...).
+    """
+
+    def __init__(
+        self,
+        model: Union[PreTrainedModel, torch.nn.Module, str, os.PathLike, None] = None,
+        args: Optional[TrainingArguments] = None,
+        data_collator: Optional[Callable] = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class: Optional[PreTrainedTokenizerBase] = None,
+        teachers: Optional[Sequence[Union[Teacher, PreTrainedModel, str]]] = None,
+        compute_metrics: Optional[Callable[[EvalPrediction], dict]] = None,
+        **kwargs: Any,
+    ) -> None:
+        if not teachers:
+            raise ValueError("KnowledgeIntegrationTrainer needs at least one teacher (teachers=[Teacher(...), ...]).")
+        if model is None:
+            raise ValueError("Pass the student as `model=` (an instance, a directory or a Hub id); model_init is not supported.")
+        if args is None:
+            args = KnowledgeIntegrationConfig(output_dir="ki_trainer_output")
+        elif not isinstance(args, KnowledgeIntegrationConfig):
+            args = KnowledgeIntegrationConfig.from_training_arguments(args)
+
+        teachers = [t if isinstance(t, Teacher) else Teacher(t) for t in teachers]
+        for teacher, name in zip(teachers, _unique_names(teachers)):
+            teacher.name = name
+        self.teachers: list[Teacher] = teachers
+        self.label_space = LabelSpace([t.labels for t in teachers], [t.name for t in teachers])
+
+        if isinstance(model, (str, os.PathLike)):
+            if processing_class is None and data_collator is None:
+                processing_class = AutoTokenizer.from_pretrained(str(model))
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(model),
+                num_labels=self.label_space.num_labels,
+                id2label=self.label_space.id2label,
+                label2id=self.label_space.label2id,
+                ignore_mismatched_sizes=True,
+            )
+        else:
+            self._adopt_union_labels(model)
+
+        train_dataset = self._check_dataset(train_dataset, "train", args)
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {k: self._check_dataset(v, f"eval[{k!r}]", args) for k, v in eval_dataset.items()}
+        else:
+            eval_dataset = self._check_dataset(eval_dataset, "eval", args)
+
+        if data_collator is None:
+            if processing_class is None:
+                raise ValueError(
+                    "KnowledgeIntegrationTrainer tokenizes raw text itself: pass the student's tokenizer as "
+                    "`processing_class=` (or your own `data_collator=`)."
+                )
+            data_collator = self._default_collator(model, processing_class, args)
+
+        self.strategy = get_strategy(args.strategy)(self.label_space, args.strategy_options())
+        self._user_compute_metrics = compute_metrics
+        self._eval_certainty: list[torch.Tensor] = []
+        self._last_signals: Optional[TeacherSignals] = None
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=self._compute_metrics,
+            **kwargs,
+        )
+        # The KI loss is a per-example mean; let the Trainer divide by gradient accumulation itself.
+        self.model_accepts_loss_kwargs = False
+        teacher_dtype = self.args.resolved_teacher_dtype()
+        for teacher in self.teachers:
+            teacher.prepare(self.accelerator.device, teacher_dtype)
+        self._teacher_keys = [teacher.accepted_inputs() for teacher in self.teachers]
+        self._reset_stats()
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _adopt_union_labels(self, model: torch.nn.Module) -> None:
+        config = getattr(model, "config", None)
+        num_labels = getattr(config, "num_labels", None)
+        if num_labels != self.label_space.num_labels:
+            raise ValueError(
+                f"The student has {num_labels} output classes but the teachers' union has "
+                f"{self.label_space.num_labels}: {self.label_space.labels}. Build it with "
+                f"num_labels={self.label_space.num_labels}, or pass a path/Hub id and let the trainer build it."
+            )
+        config.id2label = dict(self.label_space.id2label)
+        config.label2id = dict(self.label_space.label2id)
+
+    def _check_dataset(self, dataset, split: str, args: KnowledgeIntegrationConfig):
+        if dataset is None:
+            return None
+        if hasattr(dataset, "__len__") and len(dataset) == 0:
+            raise ValueError(f"The {split} dataset is empty.")
+        columns = getattr(dataset, "column_names", None)
+        if columns is not None and args.text_column not in columns:
+            raise ValueError(
+                f"The {split} dataset has no text column {args.text_column!r} (columns: {columns}). "
+                "Set text_column= in KnowledgeIntegrationConfig."
+            )
+        feature = (getattr(dataset, "features", None) or {}).get(args.label_column)
+        names = getattr(feature, "names", None)
+        if names is not None and names != self.label_space.labels:
+            # A ClassLabel column numbers classes in ITS order: translate ids to names, never reuse them.
+            # (`features=` matters: without it `map` re-encodes the names into the old ClassLabel.)
+            column = args.label_column
+            features = dataset.features.copy()
+            features[column] = Value("string")
+            dataset = dataset.map(
+                lambda batch: {column: [names[i] if i is not None and i >= 0 else None for i in batch[column]]},
+                batched=True,
+                features=features,
+                desc=f"Mapping {split} ClassLabel ids to label names",
+            )
+        return dataset
+
+    def _default_collator(self, model, tokenizer, args: KnowledgeIntegrationConfig) -> KnowledgeIntegrationCollator:
+        student_length = _max_length(tokenizer, model.config, args.max_length, "student")
+        teacher_lengths = []
+        for teacher in self.teachers:
+            own_tokenizer = teacher.tokenizer or tokenizer
+            requested = teacher.max_length or args.max_length
+            length = _max_length(own_tokenizer, teacher.model.config, requested, f"teacher {teacher.name!r}")
+            teacher_lengths.append(min(length, student_length) if teacher.tokenizer is None and requested is None else length)
+        return KnowledgeIntegrationCollator(
+            tokenizer,
+            self.label_space,
+            teacher_tokenizers=[t.tokenizer for t in self.teachers],
+            text_column=args.text_column,
+            label_column=args.label_column,
+            max_length=student_length,
+            teacher_max_lengths=teacher_lengths,
+            pad_to_multiple_of=8 if (args.bf16 or args.fp16) else None,
+        )
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # Keep the raw text and gold labels: the collator needs them, the student's forward does not take them.
+        super()._set_signature_columns_if_needed()
+        for column in (self.args.text_column, self.args.label_column):
+            if column and column not in self._signature_columns:
+                self._signature_columns.append(column)
+
+    # ------------------------------------------------------------------ the KI step
+    def _teacher_inputs(self, student_inputs: dict, teacher_batches: dict) -> list[dict]:
+        key_of = getattr(self.data_collator, "teacher_input_key", lambda t: None)
+        per_teacher = []
+        for t, accepted in enumerate(self._teacher_keys):
+            key = key_of(t)
+            source = student_inputs if key is None else teacher_batches[key]
+            per_teacher.append({k: v for k, v in source.items() if k in accepted})
+        return per_teacher
+
+    def teacher_signals(self, student_inputs: dict, teacher_batches: Optional[dict] = None) -> TeacherSignals:
+        """Query the ensemble for the signals the strategy needs (no gradients)."""
+        return query_teachers(
+            self.teachers,
+            self._teacher_inputs(student_inputs, teacher_batches or {}),
+            certainty_source=self.strategy.certainty_source,
+            mc_samples=self.args.mc_samples,
+            chunk_size=self.args.mc_chunk_size,
+            autocast=self.accelerator.autocast,
+            check_finite=self.args.check_teacher_outputs,
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        student_inputs = dict(inputs)
+        teacher_batches = student_inputs.pop(TEACHER_INPUTS_KEY, {})
+        student_inputs.pop("labels", None)  # gold labels never enter the training loss
+        outputs = model(**student_inputs)
+        student_logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        signals = self.teacher_signals(student_inputs, teacher_batches)
+        result = self.strategy.compute(student_logits, signals)
+        if model.training:
+            self._accumulate_stats(result, signals)
+        self._last_signals = signals
+        return (result.loss, outputs) if return_outputs else result.loss
+
+    # ------------------------------------------------------------------ evaluation
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluate through ``compute_loss`` even without gold labels (eval_loss is the KI loss)."""
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.get("labels")
+        with torch.no_grad():
+            with self.compute_loss_context_manager():
+                loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+            loss = loss.detach().mean()
+        if prediction_loss_only:
+            return loss, None, None
+        certainty = self._last_signals.certainty if self._last_signals is not None else None
+        if certainty is not None and labels is not None:
+            self._eval_certainty.append(self.accelerator.gather_for_metrics(certainty).cpu())
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        return loss, logits.detach(), labels
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        if eval_dataset is not None and not isinstance(eval_dataset, (str, dict)):
+            eval_dataset = self._check_dataset(eval_dataset, metric_key_prefix, self.args)
+        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        test_dataset = self._check_dataset(test_dataset, metric_key_prefix, self.args)
+        return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def evaluation_loop(self, *args, **kwargs):
+        self._eval_certainty = []
+        try:
+            return super().evaluation_loop(*args, **kwargs)
+        finally:
+            self._eval_certainty = []
+
+    def _compute_metrics(self, eval_pred: EvalPrediction) -> dict[str, float]:
+        logits, labels = eval_pred.predictions, eval_pred.label_ids
+        certainty = torch.cat(self._eval_certainty).numpy() if self._eval_certainty else None
+        if certainty is not None and len(certainty) != len(labels):
+            logger.warning("Teacher certainty was not gathered for every eval example; skipping selection accuracy.")
+            certainty = None
+        metrics = integration_metrics(logits, labels, self.label_space, certainty)
+        if self._user_compute_metrics is not None:
+            metrics.update(self._user_compute_metrics(eval_pred))
+        return metrics
+
+    # ------------------------------------------------------------------ logging
+    def _reset_stats(self) -> None:
+        device = self.accelerator.device
+        n = self.label_space.num_teachers
+        self._stats = {
+            "divergence": torch.zeros((), device=device),
+            "margin": torch.zeros((), device=device),
+            "certainty": torch.zeros(n, device=device),
+            "selected": torch.zeros(n, device=device),
+            "rows": torch.zeros((), device=device),
+        }
+        self._stats_pending = False
+
+    def _accumulate_stats(self, result: IntegrationOutput, signals: TeacherSignals) -> None:
+        """Accumulate on device (no host sync); :meth:`log` reduces and reports them."""
+        stats = self._stats
+        stats["divergence"] += result.divergence.detach().sum()
+        stats["rows"] += result.divergence.shape[0]
+        if result.weights is not None:
+            stats["margin"] += result.weights.detach().sum()
+        if signals.certainty is not None:
+            stats["certainty"] += signals.certainty.detach().float().sum(0)
+            stats["selected"] += torch.bincount(
+                signals.certainty.argmax(1), minlength=self.label_space.num_teachers
+            ).float()
+        self._stats_pending = True
+
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        if "loss" in logs and self._stats_pending:
+            stats = {k: self.accelerator.reduce(v, reduction="sum") for k, v in self._stats.items()}
+            rows = max(float(stats["rows"]), 1.0)
+            logs["kd_divergence"] = round(float(stats["divergence"]) / rows, 6)
+            if self.strategy.certainty_source is not None:
+                if self.args.margin_reweighting and self.label_space.num_teachers > 1:
+                    logs["mean_margin"] = round(float(stats["margin"]) / rows, 6)
+                for name, certainty, selected in zip(
+                    self.label_space.teacher_names, stats["certainty"].tolist(), stats["selected"].tolist()
+                ):
+                    logs[f"certainty_{name}"] = round(certainty / rows, 6)
+                    logs[f"selection_share_{name}"] = round(selected / rows, 6)
+            self._reset_stats()
+        super().log(logs, start_time)

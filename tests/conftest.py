@@ -1,0 +1,159 @@
+"""Tiny, offline building blocks for the tests: a WordPiece tokenizer trained in-process, tiny BERT
+classifiers built from configs, and a small learnable task whose classes are split across teachers."""
+
+from __future__ import annotations
+
+import os
+import random
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+import pytest
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+
+CLASS_WORDS = {
+    "alpha": ["apple", "apricot", "avocado", "almond", "anise", "acorn"],
+    "beta": ["banana", "basil", "bean", "berry", "barley", "beet"],
+    "gamma": ["grape", "garlic", "ginger", "guava", "gourd", "gram"],
+    "delta": ["date", "dill", "durian", "daikon", "dulse", "damson"],
+}
+FILLER = "the a of and to in is it that with on for as at by from or this be".split()
+TEACHER_SPLIT = [["alpha", "beta"], ["gamma", "delta"]]
+
+
+def make_text(label: str, rng: random.Random) -> str:
+    words = rng.sample(CLASS_WORDS[label], 2) + rng.sample(FILLER, 4)
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def make_rows(n_per_class: int, seed: int, labels=None) -> list[dict]:
+    rng = random.Random(seed)
+    rows = [{"text": make_text(label, rng), "label": label} for label in (labels or CLASS_WORDS) for _ in range(n_per_class)]
+    rng.shuffle(rows)
+    return rows
+
+
+def build_tokenizer(words=None) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer trained in-process with `tokenizers` (no files, no Hub).
+
+    Words outside ``words`` (default: every word of the task) become ``[UNK]``: a teacher with its own
+    tokenizer has never seen the other teachers' class words, as with real specialised teachers.
+    """
+    words = list(words) if words is not None else [w for ws in CLASS_WORDS.values() for w in ws] + FILLER
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator([" ".join(words)], trainers.WordLevelTrainer(special_tokens=specials))
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B [SEP]",
+        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        model_max_length=64,
+    )
+
+
+def teacher_words(labels) -> list[str]:
+    return [w for label in labels for w in CLASS_WORDS[label]] + FILLER
+
+
+def tiny_bert(num_labels: int, vocab_size: int, labels=None, dropout: float = 0.1, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+        num_labels=num_labels,
+        **overrides,
+    )
+    if labels is not None:
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {label: i for i, label in enumerate(labels)}
+    return BertForSequenceClassification(config)
+
+
+def filler_rows(n: int, seed: int) -> list[dict]:
+    """Texts without class evidence (filler and unknown words); teachers learn to answer them uniformly."""
+    rng = random.Random(seed)
+    return [{"text": " ".join(rng.sample(FILLER, 4) + ["zzz", "qqq"]), "label": None} for _ in range(n)]
+
+
+def fit_classifier(model, tokenizer, rows, labels, epochs: int = 10, lr: float = 3e-3, seed: int = 0):
+    """Supervised fine-tuning of a tiny teacher (small, fast, deterministic).
+
+    Rows whose label is ``None`` get a uniform target. Without them, a tiny teacher learns a
+    shortcut ("no beta word -> alpha") and is confidently wrong on every other teacher's text,
+    which no label-free method can undo; with them, it says "I don't know" when it has no evidence
+    (measured: routing by certainty is then near perfect, see test_end_to_end.py).
+    """
+    torch.manual_seed(seed)
+    num_labels = len(labels)
+    label2id = {label: i for i, label in enumerate(labels)}
+    enc = tokenizer([r["text"] for r in rows], padding=True, return_tensors="pt")
+    targets = torch.stack(
+        [
+            torch.full((num_labels,), 1.0 / num_labels)
+            if r["label"] is None
+            else torch.nn.functional.one_hot(torch.tensor(label2id[r["label"]]), num_labels).float()
+            for r in rows
+        ]
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        for idx in torch.randperm(len(rows)).split(32):
+            logits = model(input_ids=enc["input_ids"][idx], attention_mask=enc["attention_mask"][idx]).logits
+            loss = torch.nn.functional.cross_entropy(logits, targets[idx])
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    model.eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def trained_teachers():
+    """Two tiny teachers trained on disjoint halves of the task (the KI setting), each with its own
+    word-level tokenizer. Returns ``[(model, tokenizer), ...]``."""
+    teachers = []
+    for i, labels in enumerate(TEACHER_SPLIT):
+        tok = build_tokenizer(teacher_words(labels))
+        model = tiny_bert(len(labels), len(tok), labels=labels, seed=10 + i, dropout=0.3)
+        rows = make_rows(40, seed=100 + i, labels=labels) + filler_rows(40, seed=200 + i)
+        fit_classifier(model, tok, rows, labels, seed=i)
+        teachers.append((model, tok))
+    return teachers
+
+
+@pytest.fixture
+def unlabeled_train():
+    return Dataset.from_list([{"text": r["text"]} for r in make_rows(48, seed=7)])
+
+
+@pytest.fixture
+def labeled_eval():
+    return Dataset.from_list(make_rows(20, seed=8))
