@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from .label_space import LabelSpace
 
 TEACHER_INPUTS_KEY = "teacher_inputs"
+EXAMPLE_IDS_KEY = "example_ids"
 
 
 def check_can_pad(tokenizer: PreTrainedTokenizerBase, who: str) -> None:
@@ -40,6 +41,8 @@ class KnowledgeIntegrationCollator:
         max_length: student truncation length.
         teacher_max_lengths: per teacher truncation length (``None``: same as the student's).
         pad_to_multiple_of: e.g. 8 for tensor cores under mixed precision.
+        id_column: when set and present, the rows' ids are passed along as ``batch["example_ids"]``
+            (a list of strings) so cached teacher signals can be looked up.
     """
 
     def __init__(
@@ -52,6 +55,7 @@ class KnowledgeIntegrationCollator:
         max_length: Optional[int] = None,
         teacher_max_lengths: Optional[Sequence[Optional[int]]] = None,
         pad_to_multiple_of: Optional[int] = None,
+        id_column: Optional[str] = None,
     ) -> None:
         check_can_pad(tokenizer, "student")
         num_teachers = label_space.num_teachers
@@ -65,6 +69,7 @@ class KnowledgeIntegrationCollator:
         self.label_column = label_column
         self.max_length = max_length
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.id_column = id_column
 
         # Group teachers by (tokenizer object, length); the student's own encoding is group None.
         self.groups: dict[str, tuple[PreTrainedTokenizerBase, Optional[int]]] = {}
@@ -115,6 +120,8 @@ class KnowledgeIntegrationCollator:
         if self.label_column and all(row.get(self.label_column) is not None for row in features):
             labels = self.label_space.encode(row[self.label_column] for row in features)
             batch["labels"] = torch.tensor(labels, dtype=torch.long)
+        if self.id_column and self.id_column in features[0]:
+            batch[EXAMPLE_IDS_KEY] = [str(row[self.id_column]) for row in features]
         if self.groups:
             batch[TEACHER_INPUTS_KEY] = {
                 key: self._encode(tok, texts, length) for key, (tok, length) in self.groups.items()

@@ -84,6 +84,23 @@ class KnowledgeIntegrationConfig(TrainingArguments):
             "help": "Maximum rows (examples x mc_samples) per teacher forward during MC dropout; bounds memory."
         },
     )
+    teacher_signals: str = field(
+        default="on_the_fly",
+        metadata={
+            "help": "'on_the_fly' queries the teachers every step (fresh MC samples each epoch); 'cached' computes "
+            "each training example's signals once, keyed by example id, and reuses them across epochs, runs "
+            "and strategies.",
+            "choices": ["on_the_fly", "cached"],
+        },
+    )
+    signal_cache_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Where cached teacher signals live (default: <output_dir>/teacher_signals)."},
+    )
+    id_column: str = field(
+        default="id",
+        metadata={"help": "Dataset column with unique example ids (needed for cached teacher signals)."},
+    )
     check_teacher_outputs: bool = field(
         default=True,
         metadata={
@@ -107,6 +124,8 @@ class KnowledgeIntegrationConfig(TrainingArguments):
             raise ValueError(f"teacher_dtype must be one of {list(TEACHER_DTYPES)}, got {self.teacher_dtype!r}.")
         if self.mc_chunk_size < 1:
             raise ValueError(f"mc_chunk_size must be >= 1, got {self.mc_chunk_size}.")
+        if self.teacher_signals not in ("on_the_fly", "cached"):
+            raise ValueError(f"teacher_signals must be 'on_the_fly' or 'cached', got {self.teacher_signals!r}.")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}.")
 

@@ -24,11 +24,12 @@ from transformers import (
 )
 from transformers.utils import logging
 
-from .collator import TEACHER_INPUTS_KEY, KnowledgeIntegrationCollator
+from .collator import EXAMPLE_IDS_KEY, TEACHER_INPUTS_KEY, KnowledgeIntegrationCollator
 from .config import KnowledgeIntegrationConfig
 from .label_space import LabelSpace
 from .metrics import integration_metrics
 from .querying import query_teachers
+from .signal_cache import TeacherSignalCache, build_or_update_cache, teachers_fingerprint
 from .strategies import IntegrationOutput, TeacherSignals, get_strategy
 from .teacher import Teacher, model_position_limit
 
@@ -135,6 +136,7 @@ class KnowledgeIntegrationTrainer(Trainer):
         self._user_compute_metrics = compute_metrics
         self._eval_certainty: list[torch.Tensor] = []
         self._last_signals: Optional[TeacherSignals] = None
+        self.signal_cache: Optional[TeacherSignalCache] = None
         super().__init__(
             model=model,
             args=args,
@@ -210,12 +212,13 @@ class KnowledgeIntegrationTrainer(Trainer):
             max_length=student_length,
             teacher_max_lengths=teacher_lengths,
             pad_to_multiple_of=8 if (args.bf16 or args.fp16) else None,
+            id_column=args.id_column if args.teacher_signals == "cached" else None,
         )
 
     def _set_signature_columns_if_needed(self) -> None:
         # Keep the raw text and gold labels: the collator needs them, the student's forward does not take them.
         super()._set_signature_columns_if_needed()
-        for column in (self.args.text_column, self.args.label_column):
+        for column in (self.args.text_column, self.args.label_column, self.args.id_column):
             if column and column not in self._signature_columns:
                 self._signature_columns.append(column)
 
@@ -244,15 +247,90 @@ class KnowledgeIntegrationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         student_inputs = dict(inputs)
         teacher_batches = student_inputs.pop(TEACHER_INPUTS_KEY, {})
+        example_ids = student_inputs.pop(EXAMPLE_IDS_KEY, None)
         student_inputs.pop("labels", None)  # gold labels never enter the training loss
         outputs = model(**student_inputs)
         student_logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        signals = self.teacher_signals(student_inputs, teacher_batches)
+        if model.training and self.signal_cache is not None and example_ids is not None:
+            signals = self.signal_cache.lookup(example_ids, self.strategy.certainty_source)
+        else:
+            signals = self.teacher_signals(student_inputs, teacher_batches)
         result = self.strategy.compute(student_logits, signals)
         if model.training:
             self._accumulate_stats(result, signals)
         self._last_signals = signals
         return (result.loss, outputs) if return_outputs else result.loss
+
+    # ------------------------------------------------------------------ cached signals
+    def signal_fingerprint(self) -> str:
+        """Hash of teacher weights, labels, tokenization, truncation, MC samples and dtype."""
+        collator = self.data_collator
+        lengths = [
+            collator.groups[key][1] if key is not None else collator.max_length
+            for key in (collator.teacher_input_key(t) for t in range(len(self.teachers)))
+        ] if isinstance(collator, KnowledgeIntegrationCollator) else [None] * len(self.teachers)
+        return teachers_fingerprint(
+            self.teachers, self.processing_class, lengths, self.args.mc_samples, self.args.resolved_teacher_dtype()
+        )
+
+    def precompute_teacher_signals(self, dataset=None) -> TeacherSignalCache:
+        """Compute (or load) the teacher signals of every row of ``dataset`` (default: the train set).
+
+        The cache file is ``<signal_cache_dir>/<fingerprint>.pt``; rows already cached are reused, new
+        ids are added. Under several processes the main process computes and saves first, the others
+        then load the file.
+        """
+        dataset = dataset if dataset is not None else self.train_dataset
+        fingerprint = self.signal_fingerprint()
+        directory = self.args.signal_cache_dir or os.path.join(self.args.output_dir, "teacher_signals")
+        path = os.path.join(directory, f"{fingerprint}.pt")
+        sizes = [len(t.labels) for t in self.teachers]
+        device = self.accelerator.device
+        rng_devices = [device.index or 0] if device.type == "cuda" else []
+        # fork_rng: the MC draws here must not shift the data order or dropout of the training run.
+        with self.accelerator.main_process_first(), torch.random.fork_rng(devices=rng_devices):
+            if self.signal_cache is not None and self.signal_cache.fingerprint == fingerprint:
+                cache = self.signal_cache
+            elif os.path.exists(path):
+                cache = TeacherSignalCache.load(path, fingerprint, sizes)
+            else:
+                cache = TeacherSignalCache(fingerprint, sizes, path)
+            computed = build_or_update_cache(
+                cache, dataset, self.args.id_column, self.args.text_column, lambda todo: self._signal_batches(dataset, todo)
+            )
+            cache.finalize(self.accelerator.device)
+            if computed and self.accelerator.is_main_process:
+                cache.save(path)
+        logger.info(f"Teacher signals: {computed} computed, {len(cache) - computed} reused from {path}.")
+        self.signal_cache = cache
+        return cache
+
+    def _signal_batches(self, dataset, positions: list[int]):
+        from tqdm.auto import tqdm
+
+        size = self.args.per_device_eval_batch_size
+        for start in tqdm(
+            range(0, len(positions), size), desc="Teacher signals", disable=self.args.disable_tqdm or not positions
+        ):
+            chunk = positions[start : start + size]
+            batch = self._prepare_inputs(self.data_collator([dataset[p] for p in chunk]))
+            teacher_batches = batch.pop(TEACHER_INPUTS_KEY, {})
+            student_inputs = {k: v for k, v in batch.items() if k not in ("labels", EXAMPLE_IDS_KEY)}
+            signals = query_teachers(
+                self.teachers,
+                self._teacher_inputs(student_inputs, teacher_batches),
+                certainty_source="mc",
+                mc_samples=self.args.mc_samples,
+                chunk_size=self.args.mc_chunk_size,
+                autocast=self.accelerator.autocast,
+                check_finite=self.args.check_teacher_outputs,
+            )
+            yield chunk, signals
+
+    def train(self, *args, **kwargs):
+        if self.args.teacher_signals == "cached":
+            self.precompute_teacher_signals()
+        return super().train(*args, **kwargs)
 
     # ------------------------------------------------------------------ evaluation
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

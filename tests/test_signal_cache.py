@@ -1,0 +1,129 @@
+"""Cached teacher signals: same result as on the fly, order-independent, reused, never stale."""
+
+import os
+
+import pytest
+import torch
+from conftest import build_tokenizer, make_rows, tiny_bert
+from datasets import Dataset
+
+from ki_trainer import KnowledgeIntegrationConfig, KnowledgeIntegrationTrainer, Teacher
+from ki_trainer.signal_cache import StaleSignalCacheError, TeacherSignalCache
+
+
+@pytest.fixture
+def data():
+    rows = make_rows(6, seed=4)
+    return Dataset.from_list([{"id": f"ex{i}", "text": r["text"]} for i, r in enumerate(rows)])
+
+
+def trainer_for(tmp_path, trained_teachers, dataset, mode, strategy="entropy", cache_dir=None, mc_samples=4, **kw):
+    tok = build_tokenizer()
+    teachers = [Teacher(model, tokenizer=own, name=f"t{i}") for i, (model, own) in enumerate(trained_teachers)]
+    args = KnowledgeIntegrationConfig(
+        output_dir=str(tmp_path / mode),
+        strategy=strategy,
+        teacher_signals=mode,
+        signal_cache_dir=str(cache_dir or tmp_path / "cache"),
+        max_steps=3,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=5,
+        learning_rate=1e-3,
+        mc_samples=mc_samples,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+        seed=0,
+        **kw,
+    )
+    return KnowledgeIntegrationTrainer(
+        model=tiny_bert(4, len(tok), seed=3), args=args, teachers=teachers, train_dataset=dataset, processing_class=tok
+    )
+
+
+def weights(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_cached_training_equals_on_the_fly_for_deterministic_signals(tmp_path, trained_teachers, data):
+    fly = trainer_for(tmp_path, trained_teachers, data, "on_the_fly")
+    fly.train()
+    cached = trainer_for(tmp_path, trained_teachers, data, "cached")
+    cached.train()
+    assert len(cached.signal_cache) == len(data)
+    torch.testing.assert_close(weights(cached.model), weights(fly.model), atol=1e-6, rtol=1e-5)
+
+
+def test_lookup_is_by_id_whatever_the_order(tmp_path, trained_teachers, data):
+    trainer = trainer_for(tmp_path, trained_teachers, data.shuffle(seed=1), "cached")
+    cache = trainer.precompute_teacher_signals()
+    rows = [data[i] for i in (5, 0, 17)]
+    batch = trainer._prepare_inputs(trainer.data_collator(rows))
+    teacher_batches = batch.pop("teacher_inputs", {})
+    ids = batch.pop("example_ids")
+    assert ids == ["ex5", "ex0", "ex17"]
+    fresh = trainer.teacher_signals({k: v for k, v in batch.items()}, teacher_batches)
+    looked_up = cache.lookup(ids, "deterministic")
+    for a, b in zip(looked_up.logits, fresh.logits):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(looked_up.certainty, fresh.certainty)
+    assert cache.lookup(ids, "mc").certainty.shape == (3, 2)
+
+
+def test_cache_file_is_reused_and_extended(tmp_path, trained_teachers, data):
+    first = trainer_for(tmp_path, trained_teachers, data.select(range(10)), "cached")
+    first.precompute_teacher_signals()
+    path = first.signal_cache.path
+    assert os.path.exists(path)
+    second = trainer_for(tmp_path, trained_teachers, data, "cached")
+    calls = []
+    original = second._signal_batches
+    second._signal_batches = lambda ds, todo: (calls.append(len(todo)), original(ds, todo))[1]
+    cache = second.precompute_teacher_signals()
+    assert calls == [len(data) - 10]  # only the new ids were computed
+    assert len(cache) == len(data) and second.signal_cache.path == path
+
+
+def test_other_teachers_never_use_the_cache(tmp_path, trained_teachers, data):
+    first = trainer_for(tmp_path, trained_teachers, data, "cached")
+    first.precompute_teacher_signals()
+    before = first.signal_fingerprint()
+    other = trainer_for(tmp_path, trained_teachers, data, "cached", mc_samples=8)  # other MC settings
+    assert other.signal_fingerprint() != before
+    with torch.no_grad():
+        trained_teachers[0][0].classifier.bias.add_(0.5)
+    try:
+        third = trainer_for(tmp_path, trained_teachers, data, "cached")
+        assert third.signal_fingerprint() != before  # other teacher weights
+    finally:
+        with torch.no_grad():
+            trained_teachers[0][0].classifier.bias.sub_(0.5)
+
+
+def test_changed_text_under_the_same_id_is_a_stale_cache(tmp_path, trained_teachers, data):
+    trainer_for(tmp_path, trained_teachers, data, "cached").precompute_teacher_signals()
+    edited = data.map(lambda row: {"text": row["text"] + " extra" if row["id"] == "ex3" else row["text"]})
+    with pytest.raises(StaleSignalCacheError, match="'ex3' is cached with a different text"):
+        trainer_for(tmp_path, trained_teachers, edited, "cached").precompute_teacher_signals()
+
+
+def test_a_cache_file_with_another_fingerprint_is_refused(tmp_path, trained_teachers, data):
+    trainer = trainer_for(tmp_path, trained_teachers, data, "cached")
+    cache = trainer.precompute_teacher_signals()
+    with pytest.raises(StaleSignalCacheError, match="computed for other teachers or settings"):
+        TeacherSignalCache.load(cache.path, "somethingelse", cache.label_sizes)
+
+
+def test_ids_are_required_and_unique(tmp_path, trained_teachers, data):
+    with pytest.raises(ValueError, match="need an example id column 'id'"):
+        trainer_for(tmp_path, trained_teachers, data.remove_columns("id"), "cached").precompute_teacher_signals()
+    duplicated = data.map(lambda row: {"id": "same"})
+    with pytest.raises(ValueError, match="duplicate ids"):
+        trainer_for(tmp_path, trained_teachers, duplicated, "cached").precompute_teacher_signals()
+
+
+def test_unknown_id_at_lookup_is_an_error(tmp_path, trained_teachers, data):
+    cache = trainer_for(tmp_path, trained_teachers, data, "cached").precompute_teacher_signals()
+    with pytest.raises(StaleSignalCacheError, match="'nope' has no cached teacher signals"):
+        cache.lookup(["nope"], "mc")
