@@ -84,6 +84,13 @@ class KnowledgeIntegrationConfig(TrainingArguments):
             "help": "Maximum rows (examples x mc_samples) per teacher forward during MC dropout; bounds memory."
         },
     )
+    mc_top_layers: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Sample dropout only in each teacher's last m transformer layers (and head); the lower layers "
+            "run once and are shared by the K samples. Faster; changes the certainty estimate (measure it)."
+        },
+    )
     teacher_signals: str = field(
         default="on_the_fly",
         metadata={
@@ -124,6 +131,8 @@ class KnowledgeIntegrationConfig(TrainingArguments):
             raise ValueError(f"teacher_dtype must be one of {list(TEACHER_DTYPES)}, got {self.teacher_dtype!r}.")
         if self.mc_chunk_size < 1:
             raise ValueError(f"mc_chunk_size must be >= 1, got {self.mc_chunk_size}.")
+        if self.mc_top_layers is not None and self.mc_top_layers < 1:
+            raise ValueError(f"mc_top_layers must be >= 1 or None, got {self.mc_top_layers}.")
         if self.teacher_signals not in ("on_the_fly", "cached"):
             raise ValueError(f"teacher_signals must be 'on_the_fly' or 'cached', got {self.teacher_signals!r}.")
         if self.max_length is not None and self.max_length < 2:

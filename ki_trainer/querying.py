@@ -12,7 +12,7 @@ Why it is built this way:
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Callable, ContextManager, Mapping, Optional, Sequence
 
 import torch
@@ -40,27 +40,86 @@ def deterministic_logits(teacher: Teacher, inputs: Inputs, chunk_size: int = 512
     return _forward_in_chunks(teacher.model, inputs, chunk_size)
 
 
+_LAYER_STACKS = ("encoder.layer", "encoder.layers", "layers", "layer", "transformer.layer", "h")
+
+
+def find_layer_stack(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The list of transformer blocks (``encoder.layer`` for BERT, RoBERTa, XLM-R, MPNet ...)."""
+    base = getattr(model, "base_model", model)
+    for path in _LAYER_STACKS:
+        found = base
+        for part in path.split("."):
+            found = getattr(found, part, None)
+        if isinstance(found, torch.nn.ModuleList) and len(found) > 0:
+            return found
+    raise ValueError(
+        f"Cannot find the transformer layers of {type(model).__name__} (looked for {_LAYER_STACKS}); "
+        "top-layer MC dropout needs them. Use mc_top_layers=None (full MC dropout)."
+    )
+
+
+@contextmanager
+def _stochastic_top(model: torch.nn.Module, top_layers: Optional[int], num_samples: int, batch_size: Callable[[], int]):
+    """Dropout on, except (with ``top_layers``) in the embeddings and lower layers, which then run once
+    per example: pre-hooks on the sampled layers repeat every tensor argument with one row per
+    example (hidden states entering the first one, attention masks, position biases) ``num_samples``
+    times. Requires ``num_samples > 1`` to tell repeated from unrepeated rows."""
+    model.train()
+    handles = []
+    try:
+        if top_layers is not None:
+            layers = find_layer_stack(model)
+            if not 1 <= top_layers <= len(layers):
+                raise ValueError(f"mc_top_layers={top_layers} but the teacher has {len(layers)} layers.")
+            lower = list(layers)[: len(layers) - top_layers]
+            for module in lower + [getattr(model.base_model, "embeddings", torch.nn.Identity())]:
+                module.eval()
+
+            def expand(module, args, kwargs):
+                rows = batch_size()
+
+                def repeat(x):
+                    is_batch = torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == rows
+                    return x.repeat_interleave(num_samples, dim=0) if is_batch else x
+
+                return tuple(repeat(a) for a in args), {k: repeat(v) for k, v in kwargs.items()}
+
+            # Every sampled layer gets the hook: the encoder hands each layer its ORIGINAL mask, while
+            # hidden states are already repeated after the first one (and are then left alone).
+            handles = [layer.register_forward_pre_hook(expand, with_kwargs=True) for layer in layers[len(lower) :]]
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.eval()
+
+
 @torch.no_grad()
-def mc_dropout_probs(teacher: Teacher, inputs: Inputs, num_samples: int, chunk_size: int = 512) -> torch.Tensor:
+def mc_dropout_probs(
+    teacher: Teacher, inputs: Inputs, num_samples: int, chunk_size: int = 512, top_layers: Optional[int] = None
+) -> torch.Tensor:
     """Mean of ``num_samples`` dropout-on softmax outputs, ``[B, C_t]`` in fp32.
 
     The batch is repeated ``num_samples`` times row-wise; each chunk holds whole examples (all K
-    copies) so the per-example mean never straddles two forwards.
+    copies) so the per-example mean never straddles two forwards. With ``top_layers=m`` only the
+    last m transformer layers (and the head) are sampled: the rows are repeated just before them,
+    so the lower layers are computed once per example.
     """
     batch = next(iter(inputs.values())).shape[0]
     examples_per_chunk = max(1, chunk_size // num_samples)
-    model = teacher.model
-    model.train()
-    try:
-        means = []
+    if num_samples == 1:
+        top_layers = None  # one sample: nothing to share
+    current = [0]
+    repeat_inputs = 1 if top_layers is not None else num_samples
+    means = []
+    with _stochastic_top(teacher.model, top_layers, num_samples, lambda: current[0]):
         for start in range(0, batch, examples_per_chunk):
             chunk = {
-                key: value[start : start + examples_per_chunk].repeat_interleave(num_samples, dim=0)
+                key: value[start : start + examples_per_chunk].repeat_interleave(repeat_inputs, dim=0)
                 for key, value in inputs.items()
             }
-            means.append(mc_mean_probs(model(**chunk).logits, num_samples))
-    finally:
-        model.eval()
+            current[0] = next(iter(chunk.values())).shape[0]
+            means.append(mc_mean_probs(teacher.model(**chunk).logits, num_samples))
     return means[0] if len(means) == 1 else torch.cat(means)
 
 
@@ -76,6 +135,7 @@ def query_teachers(
     chunk_size: int = 512,
     autocast: Callable[[], ContextManager] = nullcontext,
     check_finite: bool = True,
+    mc_top_layers: Optional[int] = None,
 ) -> TeacherSignals:
     """Compute the :class:`TeacherSignals` a strategy asks for.
 
@@ -85,6 +145,7 @@ def query_teachers(
         certainty_source: ``None``, ``"deterministic"`` or ``"mc"``.
         autocast: context manager factory wrapping the teacher forwards (e.g. Accelerate's autocast).
         check_finite: raise :class:`TeacherNaNError` on NaN/inf logits (one device sync).
+        mc_top_layers: sample dropout only in the last m layers (lower layers computed once).
     """
     if certainty_source not in (None, "deterministic", "mc"):
         raise ValueError(f"Unknown certainty source {certainty_source!r}.")
@@ -94,7 +155,8 @@ def query_teachers(
             teacher_logits = deterministic_logits(teacher, inputs, chunk_size)
             logits.append(teacher_logits)
             if certainty_source == "mc":
-                certainty.append(certainty_from_probs(mc_dropout_probs(teacher, inputs, mc_samples, chunk_size)))
+                probs = mc_dropout_probs(teacher, inputs, mc_samples, chunk_size, top_layers=mc_top_layers)
+                certainty.append(certainty_from_probs(probs))
             elif certainty_source == "deterministic":
                 certainty.append(certainty_from_probs(torch.softmax(teacher_logits, dim=-1)))
     if check_finite:

@@ -53,9 +53,11 @@ def teachers_fingerprint(
     max_lengths: Sequence[Optional[int]],
     mc_samples: int,
     dtype: torch.dtype,
+    mc_top_layers: Optional[int] = None,
 ) -> str:
     """A short hash of everything that determines the teachers' signals for a given text."""
-    hasher = hashlib.sha256(f"ki-signals-v{CACHE_FORMAT_VERSION}|K={mc_samples}|{dtype}".encode())
+    settings = f"ki-signals-v{CACHE_FORMAT_VERSION}|K={mc_samples}|top={mc_top_layers}|{dtype}"
+    hasher = hashlib.sha256(settings.encode())
     for teacher, length in zip(teachers, max_lengths):
         hasher.update(json.dumps([teacher.labels, length, tokenizer_fingerprint(teacher.tokenizer or student_tokenizer)]).encode())
         for name, tensor in sorted(teacher.model.state_dict().items()):

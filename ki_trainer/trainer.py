@@ -242,6 +242,7 @@ class KnowledgeIntegrationTrainer(Trainer):
             chunk_size=self.args.mc_chunk_size,
             autocast=self.accelerator.autocast,
             check_finite=self.args.check_teacher_outputs,
+            mc_top_layers=self.args.mc_top_layers,
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -270,7 +271,12 @@ class KnowledgeIntegrationTrainer(Trainer):
             for key in (collator.teacher_input_key(t) for t in range(len(self.teachers)))
         ] if isinstance(collator, KnowledgeIntegrationCollator) else [None] * len(self.teachers)
         return teachers_fingerprint(
-            self.teachers, self.processing_class, lengths, self.args.mc_samples, self.args.resolved_teacher_dtype()
+            self.teachers,
+            self.processing_class,
+            lengths,
+            self.args.mc_samples,
+            self.args.resolved_teacher_dtype(),
+            mc_top_layers=self.args.mc_top_layers,
         )
 
     def precompute_teacher_signals(self, dataset=None) -> TeacherSignalCache:
@@ -324,6 +330,7 @@ class KnowledgeIntegrationTrainer(Trainer):
                 chunk_size=self.args.mc_chunk_size,
                 autocast=self.accelerator.autocast,
                 check_finite=self.args.check_teacher_outputs,
+                mc_top_layers=self.args.mc_top_layers,
             )
             yield chunk, signals
 

@@ -73,10 +73,10 @@ def teacher_words(labels) -> list[str]:
 
 def tiny_bert(num_labels: int, vocab_size: int, labels=None, dropout: float = 0.1, seed: int = 0, **overrides):
     torch.manual_seed(seed)
+    overrides.setdefault("num_hidden_layers", 2)
     config = BertConfig(
         vocab_size=vocab_size,
         hidden_size=32,
-        num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=64,

@@ -83,3 +83,47 @@ def test_signals_shapes(teacher):
     assert [x.shape for x in signals.logits] == [(2, 3), (2, 3)]
     assert signals.certainty.shape == (2, 2)
     assert query_teachers([t], [inputs], certainty_source=None).certainty is None
+
+
+def _no_dropout(model):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for layer in model.bert.encoder.layer:
+        layer.attention.self.dropout_prob = 0.0
+
+
+def test_top_layer_mc_runs_lower_layers_once_per_example(teacher, tokenizer):
+    model = tiny_bert(3, len(tokenizer), labels=["x", "y", "z"], dropout=0.3, num_hidden_layers=3)
+    t = Teacher(model).prepare(torch.device("cpu"), torch.float32)
+    inputs = dict(tokenizer(["apple the banana", "grape of dill date"], padding=True, return_tensors="pt"))
+    seen = {}
+    hooks = [
+        layer.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, (o[0] if isinstance(o, tuple) else o).shape[0]))
+        for i, layer in enumerate(t.model.bert.encoder.layer)
+    ]
+    probs = mc_dropout_probs(t, inputs, num_samples=5, top_layers=2)
+    for hook in hooks:
+        hook.remove()
+    assert seen == {0: 2, 1: 10, 2: 10}  # layer 0 once per example, layers 1-2 on 2 x 5 samples
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2))
+    assert not t.model.training and not any(m.training for m in t.model.modules())
+
+
+def test_top_layer_mc_samples_vary_and_match_deterministic_without_dropout(teacher):
+    t, inputs = teacher
+    a = mc_dropout_probs(t, inputs, num_samples=4, top_layers=1)
+    b = mc_dropout_probs(t, inputs, num_samples=4, top_layers=1)
+    assert not torch.allclose(a, b)
+    _no_dropout(t.model)
+    torch.testing.assert_close(
+        mc_dropout_probs(t, inputs, num_samples=4, top_layers=1, chunk_size=6),
+        torch.softmax(deterministic_logits(t, inputs), -1),
+    )
+
+
+def test_top_layer_count_is_checked(teacher):
+    t, inputs = teacher
+    with pytest.raises(ValueError, match="mc_top_layers=3 but the teacher has 2 layers"):
+        mc_dropout_probs(t, inputs, num_samples=2, top_layers=3)
+    assert not t.model.training
