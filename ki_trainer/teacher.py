@@ -50,6 +50,7 @@ class Teacher:
 
         self.model: PreTrainedModel = model
         self.tokenizer: Optional[PreTrainedTokenizerBase] = tokenizer
+        self.source: str = source
         self.name: str = name or (os.path.basename(os.path.normpath(source)) if source else "")
         self.max_length = max_length
         self.labels: list[str] = self._resolve_labels(labels)
@@ -86,6 +87,28 @@ class Teacher:
         """Names the teacher's forward accepts, so a student's extra keys (e.g. token_type_ids) are dropped."""
         return set(inspect.signature(self.model.forward).parameters)
 
+    def check_reads(self, student_tokenizer: PreTrainedTokenizerBase) -> None:
+        """Fail early if this teacher cannot read the student's tokenization (``tokenizer=None``).
+
+        Two mistakes are caught: ids beyond the teacher's embedding table (an index error deep in
+        the forward otherwise), and a teacher directory saved with a different vocabulary (which would
+        silently feed it the wrong tokens).
+        """
+        if self.tokenizer is not None:
+            return
+        vocab_rows = getattr(self.model.config, "vocab_size", None)
+        if vocab_rows is not None and len(student_tokenizer) > vocab_rows:
+            raise ValueError(
+                f"Teacher {self.name!r} has {vocab_rows} token embeddings but would read the student's tokenizer "
+                f"({len(student_tokenizer)} tokens). Give it its own tokenizer: Teacher(..., tokenizer=...)."
+            )
+        own = _saved_tokenizer(self.source)
+        if own is not None and own.get_vocab() != student_tokenizer.get_vocab():
+            raise ValueError(
+                f"Teacher {self.name!r} was saved with its own tokenizer ({type(own).__name__}, {len(own)} tokens), "
+                f"which differs from the student's. Pass Teacher({self.source!r}, tokenizer={self.source!r})."
+            )
+
     def position_limit(self) -> Optional[int]:
         """Longest sequence the teacher's position embeddings support, if the config says."""
         return model_position_limit(self.model.config)
@@ -93,6 +116,13 @@ class Teacher:
     def __repr__(self) -> str:
         kind = type(self.model).__name__
         return f"Teacher(name={self.name!r}, model={kind}, labels={self.labels})"
+
+
+def _saved_tokenizer(source: str) -> Optional[PreTrainedTokenizerBase]:
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "sentencepiece.bpe.model")
+    if not source or not os.path.isdir(source) or not any(os.path.exists(os.path.join(source, n)) for n in names):
+        return None
+    return AutoTokenizer.from_pretrained(source)
 
 
 def model_position_limit(config) -> Optional[int]:

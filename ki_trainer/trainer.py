@@ -12,7 +12,6 @@ import os
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
-from datasets import Value
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -184,6 +183,8 @@ class KnowledgeIntegrationTrainer(Trainer):
         if names is not None and names != self.label_space.labels:
             # A ClassLabel column numbers classes in ITS order: translate ids to names, never reuse them.
             # (`features=` matters: without it `map` re-encodes the names into the old ClassLabel.)
+            from datasets import Value  # lazy: only datasets.Dataset inputs get here (GPU images may lack it)
+
             column = args.label_column
             features = dataset.features.copy()
             features[column] = Value("string")
@@ -196,6 +197,8 @@ class KnowledgeIntegrationTrainer(Trainer):
         return dataset
 
     def _default_collator(self, model, tokenizer, args: KnowledgeIntegrationConfig) -> KnowledgeIntegrationCollator:
+        for teacher in self.teachers:
+            teacher.check_reads(tokenizer)
         student_length = _max_length(tokenizer, model.config, args.max_length, "student")
         teacher_lengths = []
         for teacher in self.teachers:
