@@ -27,6 +27,7 @@ from .collator import EXAMPLE_IDS_KEY, TEACHER_INPUTS_KEY, KnowledgeIntegrationC
 from .config import KnowledgeIntegrationConfig
 from .label_space import LabelSpace
 from .metrics import integration_metrics
+from .model_card import MODEL_CARD_TAGS, integration_section
 from .querying import query_teachers
 from .signal_cache import TeacherSignalCache, build_or_update_cache, teachers_fingerprint
 from .strategies import IntegrationOutput, TeacherSignals, get_strategy
@@ -385,6 +386,18 @@ class KnowledgeIntegrationTrainer(Trainer):
         if self._user_compute_metrics is not None:
             metrics.update(self._user_compute_metrics(eval_pred))
         return metrics
+
+    # ------------------------------------------------------------------ model card
+    def create_model_card(self, *args, tags=None, **kwargs) -> None:
+        """The Trainer's card plus the teachers, their labels and the integration settings."""
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        tags += [tag for tag in MODEL_CARD_TAGS + [self.args.strategy] if tag not in tags]
+        super().create_model_card(*args, tags=tags, **kwargs)
+        if not self.is_world_process_zero():
+            return
+        path = os.path.join(self.args.output_dir, "README.md")
+        with open(path, "a", encoding="utf-8") as card:
+            card.write("\n" + integration_section(self.teachers, self.args))
 
     # ------------------------------------------------------------------ logging
     def _reset_stats(self) -> None:

@@ -245,3 +245,13 @@ def test_saved_student_reloads_with_plain_transformers_and_pipeline(tmp_path, to
     assert result[0]["label"] in UNION
     config = json.loads((tmp_path / "student" / "config.json").read_text())
     assert config["id2label"]["3"] == "delta"
+
+
+def test_model_card_names_teachers_labels_and_settings(tmp_path, tok, teachers, unlabeled_train):
+    trainer = make_trainer(tmp_path, tok, teachers, unlabeled_train, max_steps=1, strategy="muki", selection="hard")
+    trainer.train()
+    trainer.create_model_card(model_name="merged-student")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "knowledge-integration" in card and "- muki" in card  # tags in the metadata header
+    assert "| t0 |" in card and "alpha, beta" in card and "gamma, delta" in card
+    assert "`selection`: hard" in card and "without gold labels" in card
