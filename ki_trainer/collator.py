@@ -8,6 +8,8 @@ teachers sharing one tokenizer share one encoding.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any, Optional, Sequence
 
 import torch
@@ -17,6 +19,26 @@ from .label_space import LabelSpace
 
 TEACHER_INPUTS_KEY = "teacher_inputs"
 EXAMPLE_IDS_KEY = "example_ids"
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Equal fingerprints mean identical encodings: the full serialized fast tokenizer (normalizer,
+    pre-tokenizer, vocabulary, post-processor), or the vocabulary and class for slow ones."""
+    cached = getattr(tokenizer, "_ki_fingerprint", None)
+    if cached is not None:
+        return cached
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        text = backend.to_str()
+    else:
+        text = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    text = f"{type(tokenizer).__name__}|{tokenizer.padding_side}|{tokenizer.pad_token}|{text}"
+    fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
+    try:
+        tokenizer._ki_fingerprint = fingerprint
+    except AttributeError:
+        pass
+    return fingerprint
 
 
 def check_can_pad(tokenizer: PreTrainedTokenizerBase, who: str) -> None:
@@ -71,19 +93,23 @@ class KnowledgeIntegrationCollator:
         self.pad_to_multiple_of = pad_to_multiple_of
         self.id_column = id_column
 
-        # Group teachers by (tokenizer object, length); the student's own encoding is group None.
+        # Group teachers by (tokenization, length): equal tokenizers share one encoding, and teachers
+        # tokenizing exactly like the student read the student's (group None).
         self.groups: dict[str, tuple[PreTrainedTokenizerBase, Optional[int]]] = {}
         self._teacher_keys: list[Optional[str]] = []
+        student_print = tokenizer_fingerprint(tokenizer)
+        group_prints: dict[tuple[str, Optional[int]], str] = {}
         for t, (tok, length) in enumerate(zip(teacher_tokenizers, teacher_max_lengths)):
             length = length if length is not None else max_length
-            if (tok is None or tok is tokenizer) and length == max_length:
+            tok = tok if tok is not None else tokenizer
+            fingerprint = tokenizer_fingerprint(tok)
+            if fingerprint == student_print and length == max_length:
                 self._teacher_keys.append(None)
                 continue
-            tok = tok if tok is not None else tokenizer
             check_can_pad(tok, f"teacher {label_space.teacher_names[t]!r}")
-            key = next((k for k, (gt, gl) in self.groups.items() if gt is tok and gl == length), None)
+            key = group_prints.get((fingerprint, length))
             if key is None:
-                key = f"group_{len(self.groups)}"
+                key = group_prints[(fingerprint, length)] = f"group_{len(self.groups)}"
                 self.groups[key] = (tok, length)
             self._teacher_keys.append(key)
 

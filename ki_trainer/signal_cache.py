@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+from .collator import tokenizer_fingerprint
 from .numerics import certainty_from_probs
 from .strategies import TeacherSignals
 from .teacher import Teacher
@@ -40,13 +41,6 @@ def _hash_tensor(hasher, tensor: torch.Tensor) -> None:
     hasher.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    if tokenizer is None:
-        return "student"
-    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
-    return hashlib.sha256(f"{type(tokenizer).__name__}|{vocab}".encode()).hexdigest()[:16]
-
-
 def teachers_fingerprint(
     teachers: Sequence[Teacher],
     student_tokenizer,
@@ -59,7 +53,8 @@ def teachers_fingerprint(
     settings = f"ki-signals-v{CACHE_FORMAT_VERSION}|K={mc_samples}|top={mc_top_layers}|{dtype}"
     hasher = hashlib.sha256(settings.encode())
     for teacher, length in zip(teachers, max_lengths):
-        hasher.update(json.dumps([teacher.labels, length, tokenizer_fingerprint(teacher.tokenizer or student_tokenizer)]).encode())
+        tokenizer = teacher.tokenizer or student_tokenizer
+        hasher.update(json.dumps([teacher.labels, length, tokenizer_fingerprint(tokenizer)]).encode())
         for name, tensor in sorted(teacher.model.state_dict().items()):
             hasher.update(name.encode())
             _hash_tensor(hasher, tensor)

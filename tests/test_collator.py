@@ -60,3 +60,16 @@ def test_truncation_per_model():
     batch = collator([{"text": "the a of and to in is it"}])
     assert batch["input_ids"].shape[1] == 4
     assert batch["teacher_inputs"][collator.teacher_input_key(1)]["input_ids"].shape[1] == 6
+
+
+def test_equal_tokenizers_share_an_encoding_even_as_separate_objects():
+    student = build_tokenizer()
+    copy_of_student = build_tokenizer()  # same words, same settings, another object
+    other = build_tokenizer(teacher_words(["gamma", "delta"]))
+    other_copy = build_tokenizer(teacher_words(["gamma", "delta"]))
+    collator = KnowledgeIntegrationCollator(student, SPACE, teacher_tokenizers=[copy_of_student, other])
+    assert collator.teacher_input_key(0) is None and collator.teacher_input_key(1) == "group_0"
+    collator = KnowledgeIntegrationCollator(student, LabelSpace([["a", "b"], ["c", "d"], ["e", "f"]]),
+                                            teacher_tokenizers=[other, other_copy, None])
+    assert collator.teacher_input_key(0) == collator.teacher_input_key(1) == "group_0"
+    assert collator.teacher_input_key(2) is None
