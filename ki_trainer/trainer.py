@@ -236,12 +236,14 @@ class KnowledgeIntegrationTrainer(Trainer):
             per_teacher.append({k: v for k, v in source.items() if k in accepted})
         return per_teacher
 
-    def teacher_signals(self, student_inputs: dict, teacher_batches: Optional[dict] = None) -> TeacherSignals:
-        """Query the ensemble for the signals the strategy needs (no gradients)."""
+    def teacher_signals(
+        self, student_inputs: dict, teacher_batches: Optional[dict] = None, certainty_source: Optional[str] = "strategy"
+    ) -> TeacherSignals:
+        """Query the ensemble (no gradients) for the signals the strategy needs, or for ``certainty_source``."""
         return query_teachers(
             self.teachers,
             self._teacher_inputs(student_inputs, teacher_batches or {}),
-            certainty_source=self.strategy.certainty_source,
+            certainty_source=self.strategy.certainty_source if certainty_source == "strategy" else certainty_source,
             mc_samples=self.args.mc_samples,
             chunk_size=self.args.mc_chunk_size,
             autocast=self.accelerator.autocast,
@@ -326,17 +328,7 @@ class KnowledgeIntegrationTrainer(Trainer):
             batch = self._prepare_inputs(self.data_collator([dataset[p] for p in chunk]))
             teacher_batches = batch.pop(TEACHER_INPUTS_KEY, {})
             student_inputs = {k: v for k, v in batch.items() if k not in ("labels", EXAMPLE_IDS_KEY)}
-            signals = query_teachers(
-                self.teachers,
-                self._teacher_inputs(student_inputs, teacher_batches),
-                certainty_source="mc",
-                mc_samples=self.args.mc_samples,
-                chunk_size=self.args.mc_chunk_size,
-                autocast=self.accelerator.autocast,
-                check_finite=self.args.check_teacher_outputs,
-                mc_top_layers=self.args.mc_top_layers,
-            )
-            yield chunk, signals
+            yield chunk, self.teacher_signals(student_inputs, teacher_batches, certainty_source="mc")
 
     def train(self, *args, **kwargs):
         if self.args.teacher_signals == "cached":
