@@ -54,7 +54,8 @@ def teachers_fingerprint(
     hasher = hashlib.sha256(settings.encode())
     for teacher, length in zip(teachers, max_lengths):
         tokenizer = teacher.tokenizer or student_tokenizer
-        hasher.update(json.dumps([teacher.labels, length, tokenizer_fingerprint(tokenizer)]).encode())
+        tokenization = tokenizer_fingerprint(tokenizer) if tokenizer is not None else "custom-collator"
+        hasher.update(json.dumps([teacher.labels, length, tokenization]).encode())
         for name, tensor in sorted(teacher.model.state_dict().items()):
             hasher.update(name.encode())
             _hash_tensor(hasher, tensor)
@@ -179,16 +180,17 @@ def build_or_update_cache(
     ``batches(positions)`` yields ``(positions, signals)`` for the requested dataset positions
     (signals carrying MC certainty).
     """
-    if id_column not in dataset.column_names:
+    columns = _columns(dataset)
+    if id_column not in columns:
         raise ValueError(
             f"Cached teacher signals need an example id column {id_column!r}; the dataset has "
-            f"{dataset.column_names}. Add one (e.g. dataset.map(lambda r, i: {{'id': str(i)}}, with_indices=True)) "
+            f"{columns}. Add one (e.g. dataset.map(lambda r, i: {{'id': str(i)}}, with_indices=True)) "
             "or set id_column=."
         )
-    ids = [str(x) for x in dataset[id_column]]
+    ids = [str(x) for x in _column(dataset, id_column)]
     if len(set(ids)) != len(ids):
         raise ValueError(f"Column {id_column!r} has duplicate ids; cached signals need unique ids.")
-    texts = dataset[text_column]
+    texts = _column(dataset, text_column)
     todo = cache.missing(ids, texts)
     for positions, signals in batches(todo):
         deterministic = torch.stack(
@@ -197,3 +199,15 @@ def build_or_update_cache(
         cache.add([ids[p] for p in positions], [texts[p] for p in positions], signals, deterministic)
     return len(todo)
 
+
+def _columns(dataset) -> list[str]:
+    """Column names of a ``datasets.Dataset``, or the keys of the first row of any indexable dataset."""
+    names = getattr(dataset, "column_names", None)
+    return list(names) if names is not None else (list(dataset[0]) if len(dataset) else [])
+
+
+def _column(dataset, name: str) -> list:
+    """One column as a list; works without ``datasets`` (lists of dicts, torch Datasets of dicts)."""
+    if getattr(dataset, "column_names", None) is not None:
+        return list(dataset[name])
+    return [dataset[i][name] for i in range(len(dataset))]

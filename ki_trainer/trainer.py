@@ -220,9 +220,11 @@ class KnowledgeIntegrationTrainer(Trainer):
         )
 
     def _set_signature_columns_if_needed(self) -> None:
-        # Keep the raw text and gold labels: the collator needs them, the student's forward does not take them.
+        # Keep raw text, gold labels, ids and lengths: the collator and the length-grouped sampler need
+        # them, the student's forward does not take them.
         super()._set_signature_columns_if_needed()
-        for column in (self.args.text_column, self.args.label_column, self.args.id_column):
+        keep = (self.args.text_column, self.args.label_column, self.args.id_column, self.args.length_column_name)
+        for column in keep:
             if column and column not in self._signature_columns:
                 self._signature_columns.append(column)
 

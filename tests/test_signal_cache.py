@@ -127,3 +127,15 @@ def test_unknown_id_at_lookup_is_an_error(tmp_path, trained_teachers, data):
     cache = trainer_for(tmp_path, trained_teachers, data, "cached").precompute_teacher_signals()
     with pytest.raises(StaleSignalCacheError, match="'nope' has no cached teacher signals"):
         cache.lookup(["nope"], "mc")
+
+
+def test_cached_mode_works_without_datasets_and_with_a_custom_collator(tmp_path, trained_teachers, data):
+    """A plain list of dict rows (no `datasets`, as on a bare GPU image) and no processing_class."""
+    trainer = trainer_for(tmp_path, trained_teachers, data, "cached")
+    rows = [data[i] for i in range(len(data))]
+    custom = KnowledgeIntegrationTrainer(
+        model=tiny_bert(4, 60, seed=3), args=trainer.args, teachers=trainer.teachers, train_dataset=rows,
+        data_collator=trainer.data_collator,
+    )
+    cache = custom.precompute_teacher_signals()
+    assert len(cache) == len(data)

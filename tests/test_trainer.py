@@ -255,3 +255,11 @@ def test_model_card_names_teachers_labels_and_settings(tmp_path, tok, teachers, 
     assert "knowledge-integration" in card and "- muki" in card  # tags in the metadata header
     assert "| t0 |" in card and "alpha, beta" in card and "gamma, delta" in card
     assert "`selection`: hard" in card and "without gold labels" in card
+
+
+def test_length_grouped_sampling_keeps_its_length_column(tmp_path, tok, teachers):
+    rows = make_rows(6, seed=5)
+    data = Dataset.from_list([{"text": r["text"], "length": len(r["text"].split())} for r in rows])
+    trainer = make_trainer(tmp_path, tok, teachers, data, max_steps=2, train_sampling_strategy="group_by_length")
+    trainer.train()
+    assert trainer.state.global_step == 2
