@@ -6,11 +6,13 @@ option of :class:`ki_trainer.KnowledgeIntegrationConfig` is a command-line flag.
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python examples/integrate.py \
         --teachers outputs/teachers/teachers.json \
         --student sentence-transformers/paraphrase-MiniLM-L3-v2 \
-        --strategy muki --selection soft --mc_samples 16 --max_length 64 \
+        --strategy muki --selection soft --mc_samples 16 --teacher_signals cached --max_length 64 \
         --num_train_epochs 2 --per_device_train_batch_size 16 --learning_rate 1e-4 \
         --eval_strategy epoch --save_strategy no --report_to none --output_dir outputs/student
 
-It runs unchanged under ``accelerate launch examples/integrate.py ...`` (DDP, mixed precision).
+It runs unchanged under ``accelerate launch examples/integrate.py ...`` (DDP, mixed precision). On a
+CPU-only machine, several processes need ``accelerate launch --multi_gpu --num_processes 2 ... --use_cpu true``:
+without ``--use_cpu`` every process trains on its own (transformers does not enter DDP on CPU).
 
 --teachers takes model directories / Hub ids (each with its label names in config.id2label), or the
 teachers.json written by examples/train_teachers.py. --dataset defaults to the embedded
@@ -83,7 +85,6 @@ def subset(dataset: datasets.Dataset, size: Optional[int], seed: int) -> dataset
 def main(argv: Optional[list[str]] = None) -> dict[str, float]:
     parser = HfArgumentParser((ScriptArguments, KnowledgeIntegrationConfig))
     script_args, args = parser.parse_args_into_dataclasses(args=argv)
-    set_seed(args.seed)
 
     data = load_splits(script_args)
     train = subset(data["train"], script_args.max_train_samples, args.seed)
@@ -94,6 +95,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, float]:
 
     # Each teacher reads the text with its own tokenizer (shared automatically where they are equal).
     teachers = [Teacher(path, tokenizer=path) for path in teacher_paths(script_args.teachers)]
+    set_seed(args.seed)  # the trainer initialises the student's new classification head below
     trainer = KnowledgeIntegrationTrainer(
         model=str(resolve_model(script_args.student)),  # the tokenizer is loaded from the same place
         args=args,

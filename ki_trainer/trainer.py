@@ -20,6 +20,8 @@ from transformers import (
     PreTrainedTokenizerBase,
     Trainer,
     TrainingArguments,
+    enable_full_determinism,
+    set_seed,
 )
 from transformers.utils import logging
 
@@ -108,6 +110,8 @@ class KnowledgeIntegrationTrainer(Trainer):
         if isinstance(model, (str, os.PathLike)):
             if processing_class is None and data_collator is None:
                 processing_class = AutoTokenizer.from_pretrained(str(model))
+            # The new head is initialised here, before Trainer.__init__ seeds: seed it ourselves.
+            enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
             model = AutoModelForSequenceClassification.from_pretrained(
                 str(model),
                 num_labels=self.label_space.num_labels,

@@ -113,6 +113,11 @@ def test_student_from_path_gets_union_labels(tmp_path, tok, teachers, unlabeled_
     assert [trainer.model.config.id2label[i] for i in range(4)] == UNION
     assert not any(p.requires_grad for t in trainer.teachers for p in t.model.parameters())
     assert all(not t.model.training for t in trainer.teachers)
+    torch.manual_seed(12345)  # whatever the ambient RNG state, args.seed decides the new head
+    again = KnowledgeIntegrationTrainer(
+        model=str(path), args=config(tmp_path), teachers=teachers, train_dataset=unlabeled_train
+    )
+    torch.testing.assert_close(again.model.classifier.weight, trainer.model.classifier.weight)
 
 
 # ---------------------------------------------------------------- gradient accumulation
