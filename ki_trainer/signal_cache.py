@@ -103,7 +103,6 @@ class TeacherSignalCache:
         self._rows["logits"].append(torch.cat(signals.logits, dim=1).float().cpu())
         self._rows["deterministic"].append(deterministic.float().cpu())
         self._rows["mc"].append(signals.certainty.float().cpu())
-        self.tensors = {}
 
     def finalize(self, device: torch.device) -> "TeacherSignalCache":
         parts = {k: v for k, v in self._rows.items() if v}

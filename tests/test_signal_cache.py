@@ -75,6 +75,8 @@ def test_cache_file_is_reused_and_extended(tmp_path, trained_teachers, data):
     first = trainer_for(tmp_path, trained_teachers, data.select(range(10)), "cached")
     first.precompute_teacher_signals()
     path = first.signal_cache.path
+    old_ids = [f"ex{i}" for i in range(10)]
+    before = first.signal_cache.lookup(old_ids, "mc")
     assert os.path.exists(path)
     second = trainer_for(tmp_path, trained_teachers, data, "cached")
     calls = []
@@ -83,6 +85,11 @@ def test_cache_file_is_reused_and_extended(tmp_path, trained_teachers, data):
     cache = second.precompute_teacher_signals()
     assert calls == [len(data) - 10]  # only the new ids were computed
     assert len(cache) == len(data) and second.signal_cache.path == path
+    after = cache.lookup(old_ids, "mc")  # the reused rows still hold their own signals
+    for a, b in zip(after.logits, before.logits):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(after.certainty, before.certainty)
+    assert cache.lookup([f"ex{len(data) - 1}"], "mc").certainty.shape == (1, 2)
 
 
 def test_other_teachers_never_use_the_cache(tmp_path, trained_teachers, data):
