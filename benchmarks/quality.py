@@ -57,7 +57,7 @@ sys.path.insert(0, str(REPO))
 from ki_trainer import KnowledgeIntegrationConfig, KnowledgeIntegrationTrainer, LabelSpace, Teacher  # noqa: E402
 from ki_trainer.data import cap_per_class, filter_by_labels, load_debian_sections, partition_labels  # noqa: E402
 from ki_trainer.metrics import accuracy, integration_metrics, macro_f1, selection_accuracy  # noqa: E402
-from ki_trainer.numerics import certainty_from_probs  # noqa: E402
+from ki_trainer.numerics import certainty_from_logits  # noqa: E402
 from ki_trainer.pretrained import resolve_model  # noqa: E402
 from ki_trainer.querying import query_teachers  # noqa: E402
 
@@ -220,7 +220,7 @@ def job_signals(cfg, out: Path, split: str, teacher_seed: int, index: int) -> di
         logits.append(signals.logits[0].cpu())
         mc.append(signals.certainty[:, 0].cpu())
     logits = torch.cat(logits)
-    deterministic = certainty_from_probs(torch.softmax(logits, dim=-1))
+    deterministic = certainty_from_logits(logits)
     path = teacher_dir.parent / f"test_signals_{index}.npz"
     np.savez(path, logits=logits.numpy(), mc=torch.cat(mc).numpy(), deterministic=deterministic.numpy())
     return {"path": str(path.relative_to(out))}

@@ -28,6 +28,11 @@ def certainty_from_probs(probs: torch.Tensor) -> torch.Tensor:
     return 1.0 - normalized_entropy(probs)
 
 
+def certainty_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Certainty of one deterministic pass: ``certainty_from_probs(softmax(logits))`` in fp32."""
+    return certainty_from_probs(torch.softmax(logits.float(), dim=-1))
+
+
 def kl_from_log_probs(target: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
     """Per-row ``KL(target || exp(log_probs))`` with exact zeros where the target is zero.
 

@@ -17,7 +17,7 @@ from typing import Callable, ContextManager, Mapping, Optional, Sequence
 
 import torch
 
-from .numerics import certainty_from_probs, mc_mean_probs
+from .numerics import certainty_from_logits, certainty_from_probs, mc_mean_probs
 from .strategies import TeacherSignals
 from .teacher import Teacher
 
@@ -158,7 +158,7 @@ def query_teachers(
                 probs = mc_dropout_probs(teacher, inputs, mc_samples, chunk_size, top_layers=mc_top_layers)
                 certainty.append(certainty_from_probs(probs))
             elif certainty_source == "deterministic":
-                certainty.append(certainty_from_probs(torch.softmax(teacher_logits, dim=-1)))
+                certainty.append(certainty_from_logits(teacher_logits))
     if check_finite:
         finite = torch.stack([torch.isfinite(x).all() for x in logits + certainty]).all()
         if not bool(finite):

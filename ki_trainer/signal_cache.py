@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 
 from .collator import tokenizer_fingerprint
-from .numerics import certainty_from_probs
+from .numerics import certainty_from_logits
 from .strategies import TeacherSignals
 from .teacher import Teacher
 
@@ -192,9 +192,7 @@ def build_or_update_cache(
     texts = _column(dataset, text_column)
     todo = cache.missing(ids, texts)
     for positions, signals in batches(todo):
-        deterministic = torch.stack(
-            [certainty_from_probs(torch.softmax(logits.float(), dim=-1)) for logits in signals.logits], dim=1
-        )
+        deterministic = torch.stack([certainty_from_logits(logits) for logits in signals.logits], dim=1)
         cache.add([ids[p] for p in positions], [texts[p] for p in positions], signals, deterministic)
     return len(todo)
 
