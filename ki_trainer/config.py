@@ -96,7 +96,7 @@ class KnowledgeIntegrationConfig(TrainingArguments):
         metadata={
             "help": "'on_the_fly' queries the teachers every step (fresh MC samples each epoch); 'cached' computes "
             "each training example's signals once, keyed by example id, and reuses them across epochs, runs "
-            "and strategies.",
+            "and strategies (evaluation sets with ids too, one cache file per metric_key_prefix).",
             "choices": ["on_the_fly", "cached"],
         },
     )

@@ -8,7 +8,9 @@ resuming, ``report_to`` logging, ``push_to_hub``) is the stock Trainer.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -140,7 +142,9 @@ class KnowledgeIntegrationTrainer(Trainer):
         self._user_compute_metrics = compute_metrics
         self._eval_certainty: list[torch.Tensor] = []
         self._last_signals: Optional[TeacherSignals] = None
-        self.signal_cache: Optional[TeacherSignalCache] = None
+        self.signal_cache: Optional[TeacherSignalCache] = None  # the training rows' cached signals
+        self._eval_signal_cache: Optional[TeacherSignalCache] = None  # set while evaluating from cached signals
+        self._signal_caches: dict[str, TeacherSignalCache] = {}  # every cache loaded, by file
         super().__init__(
             model=model,
             args=args,
@@ -264,8 +268,9 @@ class KnowledgeIntegrationTrainer(Trainer):
         student_inputs.pop("labels", None)  # gold labels never enter the training loss
         outputs = model(**student_inputs)
         student_logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        if model.training and self.signal_cache is not None and example_ids is not None:
-            signals = self.signal_cache.lookup(example_ids, self.strategy.certainty_source)
+        cache = self.signal_cache if model.training else self._eval_signal_cache
+        if cache is not None and example_ids is not None:
+            signals = cache.lookup(example_ids, self.strategy.certainty_source)
         else:
             signals = self.teacher_signals(student_inputs, teacher_batches)
         result = self.strategy.compute(student_logits, signals)
@@ -299,16 +304,22 @@ class KnowledgeIntegrationTrainer(Trainer):
         then load the file.
         """
         dataset = dataset if dataset is not None else self.train_dataset
+        self.signal_cache = self._cached_signals(dataset, file_stem=self.signal_fingerprint())
+        return self.signal_cache
+
+    def _cached_signals(self, dataset, file_stem: str) -> TeacherSignalCache:
+        """The cache in ``<signal_cache_dir>/<file_stem>.pt``, extended with ``dataset``'s missing rows."""
         fingerprint = self.signal_fingerprint()
         directory = self.args.signal_cache_dir or os.path.join(self.args.output_dir, "teacher_signals")
-        path = os.path.join(directory, f"{fingerprint}.pt")
+        path = os.path.join(directory, f"{file_stem}.pt")
         sizes = [len(t.labels) for t in self.teachers]
         device = self.accelerator.device
         rng_devices = [device.index or 0] if device.type == "cuda" else []
         # fork_rng: the MC draws here must not shift the data order or dropout of the training run.
         with self.accelerator.main_process_first(), torch.random.fork_rng(devices=rng_devices):
-            if self.signal_cache is not None and self.signal_cache.fingerprint == fingerprint:
-                cache = self.signal_cache
+            known = self._signal_caches.get(path)
+            if known is not None and known.fingerprint == fingerprint:
+                cache = known
             elif os.path.exists(path):
                 cache = TeacherSignalCache.load(path, fingerprint, sizes)
             else:
@@ -320,7 +331,7 @@ class KnowledgeIntegrationTrainer(Trainer):
             if computed and self.accelerator.is_main_process:
                 cache.save(path)
         logger.info(f"Teacher signals: {computed} computed, {len(cache) - computed} reused from {path}.")
-        self.signal_cache = cache
+        self._signal_caches[path] = cache
         return cache
 
     def _signal_batches(self, dataset, positions: list[int]):
@@ -361,11 +372,39 @@ class KnowledgeIntegrationTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         if eval_dataset is not None and not isinstance(eval_dataset, (str, dict)):
             eval_dataset = self._check_dataset(eval_dataset, metric_key_prefix, self.args)
-        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(dataset, str):
+            dataset = self.eval_dataset[dataset]
+        with self._evaluation_signals(None if isinstance(dataset, dict) else dataset, metric_key_prefix):
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
         test_dataset = self._check_dataset(test_dataset, metric_key_prefix, self.args)
-        return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        with self._evaluation_signals(test_dataset, metric_key_prefix):
+            return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    @contextlib.contextmanager
+    def _evaluation_signals(self, dataset, metric_key_prefix: str):
+        """With ``teacher_signals="cached"``, evaluate from cached signals of ``dataset``'s rows.
+
+        Each ``metric_key_prefix`` gets its own file (``<fingerprint>.<prefix>.pt``), so evaluation sets
+        that reuse ids of other splits (row numbers, or translations sharing ids) never collide; the
+        first evaluation computes the signals (MC dropout), later ones reuse them, so repeated
+        evaluations score the same teacher draws. Rows without ids fall back to live queries.
+        """
+        usable = (
+            self.args.teacher_signals == "cached"
+            and dataset is not None
+            and self.args.id_column in (getattr(dataset, "column_names", None) or [])
+        )
+        previous = self._eval_signal_cache
+        if usable:
+            stem = f"{self.signal_fingerprint()}.{re.sub(r'[^A-Za-z0-9_-]', '_', metric_key_prefix)}"
+            self._eval_signal_cache = self._cached_signals(dataset, file_stem=stem)
+        try:
+            yield
+        finally:
+            self._eval_signal_cache = previous
 
     def evaluation_loop(self, *args, **kwargs):
         self._eval_certainty = []

@@ -146,3 +146,47 @@ def test_cached_mode_works_without_datasets_and_with_a_custom_collator(tmp_path,
     )
     cache = custom.precompute_teacher_signals()
     assert len(cache) == len(data)
+
+
+@pytest.fixture
+def eval_rows():
+    """Labeled evaluation rows whose ids REUSE the training ids ("ex0", ...) with other texts."""
+    rows = make_rows(3, seed=9)
+    return Dataset.from_list([{"id": f"ex{i}", "text": r["text"], "label": r["label"]} for i, r in enumerate(rows)])
+
+
+def count_teacher_forwards(trainer):
+    calls = []
+    for teacher in trainer.teachers:
+        teacher.model.register_forward_hook(lambda *args: calls.append(1))
+    return calls
+
+
+def test_cached_evaluation_equals_live_evaluation_for_deterministic_signals(tmp_path, trained_teachers, data, eval_rows):
+    live = trainer_for(tmp_path, trained_teachers, data, "on_the_fly").evaluate(eval_rows)
+    cached = trainer_for(tmp_path, trained_teachers, data, "cached").evaluate(eval_rows)
+    for key in ("eval_loss", "eval_accuracy", "eval_macro_f1", "eval_teacher_selection_accuracy"):
+        assert cached[key] == pytest.approx(live[key], rel=1e-5, abs=1e-6), key
+
+
+def test_cached_evaluation_queries_teachers_once_and_keeps_its_own_file(tmp_path, trained_teachers, data, eval_rows):
+    trainer = trainer_for(tmp_path, trained_teachers, data, "cached", strategy="muki")
+    trainer.train()  # the training rows' cache: ids ex0.. with OTHER texts than the eval rows
+    calls = count_teacher_forwards(trainer)
+    first = trainer.evaluate(eval_rows, metric_key_prefix="test")
+    assert len(calls) > 0  # MC signals of the eval rows computed once...
+    calls.clear()
+    second = trainer.evaluate(eval_rows, metric_key_prefix="test")
+    assert calls == []  # ...and reused: no teacher forward at all
+    assert second == pytest.approx({**first, **{k: second[k] for k in second if "runtime" in k or "per_second" in k}})
+    fingerprint = trainer.signal_fingerprint()
+    assert sorted(os.listdir(tmp_path / "cache")) == sorted([f"{fingerprint}.pt", f"{fingerprint}.test.pt"])
+    assert trainer._eval_signal_cache is None  # training never reads the evaluation cache
+
+
+def test_evaluation_rows_without_ids_are_queried_live(tmp_path, trained_teachers, data, eval_rows):
+    trainer = trainer_for(tmp_path, trained_teachers, data, "cached")
+    calls = count_teacher_forwards(trainer)
+    metrics = trainer.evaluate(eval_rows.remove_columns("id"))
+    assert len(calls) > 0 and "eval_accuracy" in metrics
+    assert not os.path.exists(tmp_path / "cache")
