@@ -190,3 +190,12 @@ def test_evaluation_rows_without_ids_are_queried_live(tmp_path, trained_teachers
     metrics = trainer.evaluate(eval_rows.remove_columns("id"))
     assert len(calls) > 0 and "eval_accuracy" in metrics
     assert not os.path.exists(tmp_path / "cache")
+
+
+def test_each_named_eval_dataset_gets_its_own_cache(tmp_path, trained_teachers, data, eval_rows):
+    trainer = trainer_for(tmp_path, trained_teachers, data, "cached")
+    trainer.eval_dataset = {"en": eval_rows, "other": eval_rows.map(lambda row: {"text": row["text"] + " extra"})}
+    metrics = trainer.evaluate()  # Trainer calls evaluate("en") and evaluate("other"): same ids, other texts
+    assert "eval_en_accuracy" in metrics and "eval_other_accuracy" in metrics
+    fingerprint = trainer.signal_fingerprint()
+    assert {f"{fingerprint}.eval_en.pt", f"{fingerprint}.eval_other.pt"} <= set(os.listdir(tmp_path / "cache"))
