@@ -122,15 +122,16 @@ def homogeneous_settings(model: str) -> dict[str, Setting]:
     return {split: Setting(split, ((model, "en"),) * int(split.split("x")[0]), model) for split in ("2x10", "4x5")}
 
 
-_KD_BASELINES_AND_MUKI = ("vanilla_kd", "uhc", "muki_hard", "muki_soft")
+_KD_BASELINES_AND_MUKI = ("vanilla_kd", "uhc", "muki_hard", "muki_soft", "muki_hard+std", "muki_soft+std")
+_CROSS_LINGUAL_METHODS = ("vanilla_kd", "uhc", "muki_soft", "muki_hard+std")  # e5 students cost ~3x: fewer rows
 MIXED_SETTINGS: dict[str, Setting] = {
     "homogeneous": Setting("2x10", ((MINILM_L6, "en"), (MINILM_L6, "en")), MINILM_L6, methods=_KD_BASELINES_AND_MUKI),
     "heterogeneous": Setting("2x10", ((MINILM_L6, "en"), (MPNET, "en")), MINILM_L6, methods=_KD_BASELINES_AND_MUKI),
     "cross-lingual-halves": Setting(
-        "2x10", ((MINILM_L6, "en"), (E5_SMALL, "it")), E5_SMALL, ("en", "it"), methods=("vanilla_kd", "uhc", "muki_soft")
+        "2x10", ((MINILM_L6, "en"), (E5_SMALL, "it")), E5_SMALL, ("en", "it"), methods=_CROSS_LINGUAL_METHODS
     ),
     "cross-lingual-languages": Setting(
-        "1x20", ((MINILM_L6, "en"), (E5_SMALL, "it")), E5_SMALL, ("en", "it"), methods=("vanilla_kd", "uhc", "muki_soft")
+        "1x20", ((MINILM_L6, "en"), (E5_SMALL, "it")), E5_SMALL, ("en", "it"), methods=_CROSS_LINGUAL_METHODS
     ),
 }
 
@@ -197,20 +198,25 @@ CONFIGS["mixed-smoke"] = dict(CONFIGS["mixed"], max_length=24, train_per_class=3
 SEEDS = (0, 1, 2)
 DATA_SEED = 0  # which rows the per-class caps keep: fixed, so every run sees the same data
 
-# name -> (strategy, selection, margin re-weighting, margin weights divided by their batch mean)
-STUDENTS: dict[str, tuple[str, str, bool, bool]] = {
-    "vanilla_kd": ("vanilla_kd", "soft", False, False),
-    "uhc": ("uhc", "soft", False, False),
-    "entropy_soft": ("entropy", "soft", False, False),
-    "entropy_soft+margin": ("entropy", "soft", True, False),
-    "muki_hard": ("muki", "hard", False, False),
-    "muki_hard+margin": ("muki", "hard", True, False),
-    "muki_soft": ("muki", "soft", False, False),
-    "muki_soft+margin": ("muki", "soft", True, False),
+# name -> (strategy, selection, margin re-weighting, margin weights divided by their batch mean,
+#          certainty_normalization)
+STUDENTS: dict[str, tuple[str, str, bool, bool, str]] = {
+    "vanilla_kd": ("vanilla_kd", "soft", False, False, "none"),
+    "uhc": ("uhc", "soft", False, False, "none"),
+    "entropy_soft": ("entropy", "soft", False, False, "none"),
+    "entropy_soft+margin": ("entropy", "soft", True, False, "none"),
+    "muki_hard": ("muki", "hard", False, False, "none"),
+    "muki_hard+margin": ("muki", "hard", True, False, "none"),
+    "muki_soft": ("muki", "soft", False, False, "none"),
+    "muki_soft+margin": ("muki", "soft", True, False, "none"),
     # not in the paper: the same margin weights renormalised to mean 1 per batch (normalize_margin_weights)
-    "muki_soft+margin_norm": ("muki", "soft", True, True),
+    "muki_soft+margin_norm": ("muki", "soft", True, True, "none"),
+    # not in the paper: each teacher's certainty standardized over the training rows (certainty_normalization)
+    "muki_hard+std": ("muki", "hard", False, False, "standardize"),
+    "muki_soft+std": ("muki", "soft", False, False, "standardize"),
 }
 ROUTING_OF = {"entropy": "deterministic", "muki": "mc"}
+STANDARDIZED_ENSEMBLE = "ensemble routed by standardized MC certainty"
 HAS_SIGNAL_CACHE = "teacher_signals" in {f.name for f in dataclasses.fields(KnowledgeIntegrationConfig)}
 
 
@@ -413,7 +419,7 @@ def job_student(cfg, out: Path, setting: str, seed: int, teacher_seed: int, meth
     from transformers import set_seed
 
     spec = settings_of(cfg)[setting]
-    strategy, selection, margin, normalize = STUDENTS[method]
+    strategy, selection, margin, normalize, certainty_normalization = STUDENTS[method]
     teachers = load_teachers(out, setting, teacher_seed)
     run_dir = out / "students" / setting / method / f"seed{seed}"
     extra = {}
@@ -425,6 +431,7 @@ def job_student(cfg, out: Path, setting: str, seed: int, teacher_seed: int, meth
         selection=selection,
         margin_reweighting=margin,
         normalize_margin_weights=normalize,
+        certainty_normalization=certainty_normalization,
         mc_samples=cfg["mc_samples"],
         mc_top_layers=cfg.get("mc_top_layers"),
         max_length=cfg["max_length"],
@@ -439,6 +446,9 @@ def job_student(cfg, out: Path, setting: str, seed: int, teacher_seed: int, meth
     train_seconds = time.perf_counter() - start
     metrics = evaluate_per_language(cfg, trainer.model, trainer.processing_class, trainer.label_space, spec.transfer)
     shutil.rmtree(run_dir, ignore_errors=True)
+    stats = getattr(trainer, "certainty_statistics", None)  # the standardization fitted on the training rows
+    if stats is not None:
+        metrics["certainty_statistics"] = {"mean": stats[0].tolist(), "std": stats[1].tolist()}
     return {**metrics, "train_seconds": train_seconds, "signal_cache": HAS_SIGNAL_CACHE}
 
 
@@ -481,8 +491,14 @@ def flat_metrics(metrics: dict[str, Any], languages) -> dict[str, float]:
     return flat
 
 
-def teacher_and_ensemble_rows(cfg, out: Path, setting: str, teacher_seed: int) -> dict[str, dict[str, float]]:
-    """Rows for each teacher alone and for the ensemble routed by each certainty score."""
+def teacher_and_ensemble_rows(cfg, out: Path, setting: str, teacher_seed: int,
+                              standardization: Optional[dict[str, list[float]]] = None) -> dict[str, dict[str, float]]:
+    """Rows for each teacher alone and for the ensemble routed by each certainty score.
+
+    ``standardization`` (per-teacher mean/std of MC certainty over the TRAINING rows, as a student
+    with ``certainty_normalization="standardize"`` fitted them) adds the ensemble routed by
+    standardized MC certainty.
+    """
     spec = settings_of(cfg)[setting]
     tests = {language: load_data(cfg, language)[2] for language in spec.transfer}
     subsets = teacher_labels(spec, tests[spec.transfer[0]]["label"])
@@ -508,15 +524,22 @@ def teacher_and_ensemble_rows(cfg, out: Path, setting: str, teacher_seed: int) -
         rows[f"teacher {t + 1}/{n}: {short(model)} trained on {language} (own {len(own)} classes)"] = scores(predicted, masks)
     disjoint = sum(len(s) for s in subsets) == space.num_labels
     languages_differ = len({language for _, language in spec.teachers}) > 1
-    for source, name in (("mc", f"ensemble routed by MC certainty (K={cfg['mc_samples']})"),
-                         ("deterministic", "ensemble routed by entropy certainty")):
-        chosen = {lang: np.stack([s[source] for s in signals[lang]], axis=1).argmax(1) for lang in gold}
+    routings = [("mc", f"ensemble routed by MC certainty (K={cfg['mc_samples']})", None),
+                ("deterministic", "ensemble routed by entropy certainty", None)]
+    if standardization is not None:
+        stats = (np.array(standardization["mean"]), np.array(standardization["std"]))
+        routings.append(("mc", STANDARDIZED_ENSEMBLE, stats))
+    for source, name, stats in routings:
+        certainty = {lang: np.stack([s[source] for s in signals[lang]], axis=1) for lang in gold}
+        if stats is not None:
+            certainty = {lang: (c - stats[0]) / stats[1] for lang, c in certainty.items()}
+        chosen = {lang: c.argmax(1) for lang, c in certainty.items()}
         predicted = {lang: np.array([to_union[t][signals[lang][t]["logits"][i].argmax()] for i, t in enumerate(chosen[lang])])
                      for lang in gold}
         rows[name] = scores(predicted)
         if disjoint:
-            certainty = np.concatenate([np.stack([s[source] for s in signals[lang]], axis=1) for lang in gold])
-            rows[name]["routing_accuracy"] = selection_accuracy(certainty, np.concatenate(list(gold.values())), space)
+            pooled = np.concatenate([certainty[lang] for lang in gold])
+            rows[name]["routing_accuracy"] = selection_accuracy(pooled, np.concatenate(list(gold.values())), space)
         if languages_differ:
             own_language = np.concatenate([[spec.teachers[t][1] == lang for t in chosen[lang]] for lang in gold])
             rows[name]["language_routing"] = float(own_language.mean())
@@ -557,7 +580,9 @@ def aggregate(cfg, out: Path, records: list[dict[str, Any]], seeds, settings, re
                 rows.setdefault(name, {}).setdefault(key, []).append(value)
 
         teacher_seeds = sorted({teacher_seed_of(cfg, s, seeds) for s in seeds})
-        reference_rows = [teacher_and_ensemble_rows(cfg, out, setting, ts) for ts in teacher_seeds]
+        fitted = {r["teacher_seed"]: r["certainty_statistics"] for r in records
+                  if r["kind"] == "student" and r["setting"] == setting and "certainty_statistics" in r}
+        reference_rows = [teacher_and_ensemble_rows(cfg, out, setting, ts, fitted.get(ts)) for ts in teacher_seeds]
         for name in [n for n in reference_rows[0] if n.startswith("teacher ")]:
             for found in reference_rows:
                 add(name, found[name])
@@ -566,19 +591,20 @@ def aggregate(cfg, out: Path, records: list[dict[str, Any]], seeds, settings, re
                 add("oracle (student fine-tuned WITH all labels)", flat_metrics(r, spec.transfer))
         routing: dict[str, dict[str, list[float]]] = {}
         for name in [n for n in reference_rows[0] if not n.startswith("teacher ")]:
-            source = "mc" if "MC" in name else "deterministic"
+            source = "standardized" if name == STANDARDIZED_ENSEMBLE else "mc" if "MC" in name else "deterministic"
             for found in reference_rows:
                 add(name, found[name])
                 for key in ("routing_accuracy", "language_routing"):
                     if key in found[name]:
                         routing.setdefault(source, {}).setdefault(key, []).append(found[name][key])
         for method in methods_of(spec, requested_methods):
-            strategy = STUDENTS[method][0]
+            strategy, standardized = STUDENTS[method][0], STUDENTS[method][4] == "standardize"
             for r in records:
                 if r["kind"] == "student" and r["setting"] == setting and r["method"] == method:
                     add(f"student: {method}", flat_metrics(r, spec.transfer))
             if strategy in ROUTING_OF and f"student: {method}" in rows:
-                rows[f"student: {method}"].update(routing.get(ROUTING_OF[strategy], {}))
+                source = "standardized" if standardized else ROUTING_OF[strategy]
+                rows[f"student: {method}"].update(routing.get(source, {}))
         table[setting] = {name: {k: summarize(v) for k, v in metrics.items()} for name, metrics in rows.items()}
     return table
 

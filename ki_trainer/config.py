@@ -48,6 +48,16 @@ class KnowledgeIntegrationConfig(TrainingArguments):
         default=0.2,
         metadata={"help": "Temperature T_s of the softmax over teacher certainties in soft selection."},
     )
+    certainty_normalization: str = field(
+        default="none",
+        metadata={
+            "help": "'standardize' rescales each teacher's certainty to zero mean and unit variance over the "
+            "training rows before teachers are compared (label-free). Teachers of different architectures, sizes "
+            "or languages are calibrated differently, so raw certainties can favour one teacher everywhere; "
+            "standardizing compares each teacher with itself. Needs teacher_signals='cached'.",
+            "choices": ["none", "standardize"],
+        },
+    )
     margin_reweighting: bool = field(
         default=True,
         metadata={"help": "Weight each example by the margin between the top-2 teacher certainties."},
@@ -135,6 +145,15 @@ class KnowledgeIntegrationConfig(TrainingArguments):
             raise ValueError(f"mc_top_layers must be >= 1 or None, got {self.mc_top_layers}.")
         if self.teacher_signals not in ("on_the_fly", "cached"):
             raise ValueError(f"teacher_signals must be 'on_the_fly' or 'cached', got {self.teacher_signals!r}.")
+        if self.certainty_normalization not in ("none", "standardize"):
+            raise ValueError(
+                f"certainty_normalization must be 'none' or 'standardize', got {self.certainty_normalization!r}."
+            )
+        if self.certainty_normalization == "standardize" and self.teacher_signals != "cached":
+            raise ValueError(
+                "certainty_normalization='standardize' needs every training row's certainty before training starts: "
+                "set teacher_signals='cached'."
+            )
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}.")
 

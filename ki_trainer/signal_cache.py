@@ -186,10 +186,10 @@ def build_or_update_cache(
             f"{columns}. Add one (e.g. dataset.map(lambda r, i: {{'id': str(i)}}, with_indices=True)) "
             "or set id_column=."
         )
-    ids = [str(x) for x in _column(dataset, id_column)]
+    ids = [str(x) for x in column_values(dataset, id_column)]
     if len(set(ids)) != len(ids):
         raise ValueError(f"Column {id_column!r} has duplicate ids; cached signals need unique ids.")
-    texts = _column(dataset, text_column)
+    texts = column_values(dataset, text_column)
     todo = cache.missing(ids, texts)
     for positions, signals in batches(todo):
         deterministic = torch.stack([certainty_from_logits(logits) for logits in signals.logits], dim=1)
@@ -203,7 +203,7 @@ def _columns(dataset) -> list[str]:
     return list(names) if names is not None else (list(dataset[0]) if len(dataset) else [])
 
 
-def _column(dataset, name: str) -> list:
+def column_values(dataset, name: str) -> list:
     """One column as a list; works without ``datasets`` (lists of dicts, torch Datasets of dicts)."""
     if getattr(dataset, "column_names", None) is not None:
         return list(dataset[name])

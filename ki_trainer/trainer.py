@@ -9,6 +9,7 @@ resuming, ``report_to`` logging, ``push_to_hub``) is the stock Trainer.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 from typing import Any, Callable, Optional, Sequence, Union
@@ -33,7 +34,7 @@ from .label_space import LabelSpace
 from .metrics import integration_metrics
 from .model_card import MODEL_CARD_TAGS, integration_section
 from .querying import query_teachers
-from .signal_cache import TeacherSignalCache, build_or_update_cache, teachers_fingerprint
+from .signal_cache import TeacherSignalCache, build_or_update_cache, column_values, teachers_fingerprint
 from .strategies import IntegrationOutput, TeacherSignals, get_strategy
 from .teacher import Teacher, model_position_limit
 
@@ -145,6 +146,7 @@ class KnowledgeIntegrationTrainer(Trainer):
         self.signal_cache: Optional[TeacherSignalCache] = None  # the training rows' cached signals
         self._eval_signal_cache: Optional[TeacherSignalCache] = None  # set while evaluating from cached signals
         self._signal_caches: dict[str, TeacherSignalCache] = {}  # every cache loaded, by file
+        self.certainty_statistics: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # per-teacher mean, std
         super().__init__(
             model=model,
             args=args,
@@ -273,6 +275,7 @@ class KnowledgeIntegrationTrainer(Trainer):
             signals = cache.lookup(example_ids, self.strategy.certainty_source)
         else:
             signals = self.teacher_signals(student_inputs, teacher_batches)
+        signals = self.normalize_certainty(signals)
         result = self.strategy.compute(student_logits, signals)
         if model.training:
             self._accumulate_stats(result, signals)
@@ -305,7 +308,29 @@ class KnowledgeIntegrationTrainer(Trainer):
         """
         dataset = dataset if dataset is not None else self.train_dataset
         self.signal_cache = self._cached_signals(dataset, file_stem=self.signal_fingerprint())
+        self._fit_certainty_normalization(dataset)
         return self.signal_cache
+
+    # ------------------------------------------------------------------ certainty normalization
+    def _fit_certainty_normalization(self, dataset) -> None:
+        """Per-teacher mean and std of the strategy's certainty over ``dataset``'s cached rows."""
+        source = self.strategy.certainty_source
+        if self.args.certainty_normalization == "none" or source is None:
+            return
+        ids = [str(x) for x in column_values(dataset, self.args.id_column)]
+        certainty = self.signal_cache.lookup(ids, source).certainty.float()
+        self.certainty_statistics = (certainty.mean(0), certainty.std(0, unbiased=False).clamp_min(1e-6))
+        logger.info(f"Certainty standardization ({source}): mean {certainty.mean(0).tolist()}, std "
+                    f"{self.certainty_statistics[1].tolist()} over {len(ids)} training rows.")
+
+    def normalize_certainty(self, signals: TeacherSignals) -> TeacherSignals:
+        """Apply ``certainty_normalization`` (identity for 'none' or signals without certainty)."""
+        if self.args.certainty_normalization == "none" or signals.certainty is None:
+            return signals
+        if self.certainty_statistics is None:
+            self.precompute_teacher_signals()
+        mean, std = (t.to(signals.certainty.device) for t in self.certainty_statistics)
+        return dataclasses.replace(signals, certainty=(signals.certainty.float() - mean) / std)
 
     def _cached_signals(self, dataset, file_stem: str) -> TeacherSignalCache:
         """The cache in ``<signal_cache_dir>/<file_stem>.pt``, extended with ``dataset``'s missing rows."""

@@ -110,6 +110,11 @@ def test_ensemble_rows_score_class_and_language_routing(tmp_path: Path):
     assert mc["language_routing"] == 1.0
     assert mc["accuracy_en"] == pytest.approx(expected_en) and mc["accuracy_it"] == pytest.approx(expected_it)
     assert mc["routing_accuracy"] == pytest.approx((expected_en + expected_it) / 2)  # equal row counts per language
+    # standardized by statistics under which teacher 0 always looks LESS certain than usual: all rows go to teacher 1
+    rows = quality.teacher_and_ensemble_rows(cfg, tmp_path, setting, 0, {"mean": [2.0, 0.0], "std": [1.0, 1.0]})
+    standardized = rows[quality.STANDARDIZED_ENSEMBLE]
+    assert standardized["language_routing"] == pytest.approx(0.5)
+    assert standardized["accuracy_en"] == pytest.approx(1 - expected_en) and standardized["accuracy_it"] == pytest.approx(expected_it)
     for t in (0, 1):  # alone, each teacher is right on every row of its own classes, in both languages
         teacher_row = next(v for k, v in rows.items() if k.startswith(f"teacher {t + 1}/2"))
         assert teacher_row["accuracy_en"] == teacher_row["accuracy_it"] == 1.0

@@ -199,3 +199,33 @@ def test_each_named_eval_dataset_gets_its_own_cache(tmp_path, trained_teachers, 
     assert "eval_en_accuracy" in metrics and "eval_other_accuracy" in metrics
     fingerprint = trainer.signal_fingerprint()
     assert {f"{fingerprint}.eval_en.pt", f"{fingerprint}.eval_other.pt"} <= set(os.listdir(tmp_path / "cache"))
+
+
+def test_standardized_certainty_needs_cached_signals():
+    with pytest.raises(ValueError, match="set teacher_signals='cached'"):
+        KnowledgeIntegrationConfig(output_dir="x", certainty_normalization="standardize", report_to=[])
+    with pytest.raises(ValueError, match="'none' or 'standardize'"):
+        KnowledgeIntegrationConfig(output_dir="x", certainty_normalization="zscore", report_to=[])
+
+
+def test_standardized_certainty_compares_each_teacher_with_itself(tmp_path, trained_teachers, data, eval_rows):
+    trainer = trainer_for(tmp_path, trained_teachers, data, "cached", strategy="muki", certainty_normalization="standardize")
+    cache = trainer.precompute_teacher_signals()
+    raw = cache.lookup(list(data["id"]), "mc")
+    z = trainer.normalize_certainty(raw).certainty
+    torch.testing.assert_close(z.mean(0), torch.zeros(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std(0, unbiased=False), torch.ones(2), atol=1e-4, rtol=0)
+    # a teacher that is raw-less-certain but unusually certain FOR ITSELF wins after standardizing
+    trainer.certainty_statistics = (torch.tensor([0.5, 0.1]), torch.tensor([0.1, 0.01]))
+    picked = trainer.normalize_certainty(type(raw)(logits=raw.logits[:1], certainty=torch.tensor([[0.55, 0.12]])))
+    torch.testing.assert_close(picked.certainty, torch.tensor([[0.5, 2.0]]))
+    assert picked.certainty.argmax(1).item() == 1  # raw certainty would pick teacher 0
+
+
+def test_standardized_training_and_evaluation_run(tmp_path, trained_teachers, data, eval_rows):
+    trainer = trainer_for(tmp_path, trained_teachers, data, "cached", strategy="muki", selection="hard",
+                          certainty_normalization="standardize")
+    metrics = trainer.evaluate(eval_rows)  # before train(): the statistics are fitted on the training rows first
+    assert trainer.certainty_statistics is not None and 0.0 <= metrics["eval_teacher_selection_accuracy"] <= 1.0
+    trainer.train()
+    assert torch.isfinite(weights(trainer.model)).all()
