@@ -36,6 +36,7 @@ def integration_section(teachers: Sequence[Teacher], args: KnowledgeIntegrationC
         "teacher_score_temperature": args.teacher_score_temperature,
         "margin_reweighting": args.margin_reweighting,
         "normalize_margin_weights": args.normalize_margin_weights,
+        "certainty_normalization": args.certainty_normalization,
         "teacher_signals": args.teacher_signals,
     }
     lines += ["", "Integration settings:", ""] + [f"- `{k}`: {v}" for k, v in settings.items()]

@@ -260,6 +260,7 @@ def test_model_card_names_teachers_labels_and_settings(tmp_path, tok, teachers, 
     assert "knowledge-integration" in card and "- muki" in card  # tags in the metadata header
     assert "| t0 |" in card and "alpha, beta" in card and "gamma, delta" in card
     assert "`selection`: hard" in card and "without gold labels" in card
+    assert "`certainty_normalization`: none" in card
 
 
 def test_length_grouped_sampling_keeps_its_length_column(tmp_path, tok, teachers):
