@@ -195,6 +195,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
 # the mixed settings at smoke size: checks the heterogeneous / cross-lingual code paths in ~6 CPU minutes
 CONFIGS["mixed-smoke"] = dict(CONFIGS["mixed"], max_length=24, train_per_class=3, test_per_class=2, teacher_epochs=1,
                               epochs=1, mc_samples=2, mc_top_layers=1)
+# the mixed settings with teachers trained 3x longer: are the students weak because the teachers are flat?
+CONFIGS["mixed-long-teachers"] = dict(CONFIGS["mixed"], teacher_epochs=12)
 SEEDS = (0, 1, 2)
 DATA_SEED = 0  # which rows the per-class caps keep: fixed, so every run sees the same data
 
