@@ -179,7 +179,7 @@ def build_or_update_cache(
     ``batches(positions)`` yields ``(positions, signals)`` for the requested dataset positions
     (signals carrying MC certainty).
     """
-    columns = _columns(dataset)
+    columns = column_names(dataset)
     if id_column not in columns:
         raise ValueError(
             f"Cached teacher signals need an example id column {id_column!r}; the dataset has "
@@ -197,7 +197,7 @@ def build_or_update_cache(
     return len(todo)
 
 
-def _columns(dataset) -> list[str]:
+def column_names(dataset) -> list[str]:
     """Column names of a ``datasets.Dataset``, or the keys of the first row of any indexable dataset."""
     names = getattr(dataset, "column_names", None)
     return list(names) if names is not None else (list(dataset[0]) if len(dataset) else [])

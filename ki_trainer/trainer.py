@@ -34,7 +34,7 @@ from .label_space import LabelSpace
 from .metrics import integration_metrics
 from .model_card import MODEL_CARD_TAGS, integration_section
 from .querying import query_teachers
-from .signal_cache import TeacherSignalCache, build_or_update_cache, column_values, teachers_fingerprint
+from .signal_cache import TeacherSignalCache, build_or_update_cache, column_names, column_values, teachers_fingerprint
 from .strategies import IntegrationOutput, TeacherSignals, get_strategy
 from .teacher import Teacher, model_position_limit
 
@@ -307,7 +307,7 @@ class KnowledgeIntegrationTrainer(Trainer):
         then load the file.
         """
         dataset = dataset if dataset is not None else self.train_dataset
-        self.signal_cache = self._cached_signals(dataset, file_stem=self.signal_fingerprint())
+        self.signal_cache = self._cached_signals(dataset)
         self._fit_certainty_normalization(dataset)
         return self.signal_cache
 
@@ -332,11 +332,11 @@ class KnowledgeIntegrationTrainer(Trainer):
         mean, std = (t.to(signals.certainty.device) for t in self.certainty_statistics)
         return dataclasses.replace(signals, certainty=(signals.certainty.float() - mean) / std)
 
-    def _cached_signals(self, dataset, file_stem: str) -> TeacherSignalCache:
-        """The cache in ``<signal_cache_dir>/<file_stem>.pt``, extended with ``dataset``'s missing rows."""
-        fingerprint = self.signal_fingerprint()
+    def _cached_signals(self, dataset, file_suffix: str = "") -> TeacherSignalCache:
+        """The cache in ``<signal_cache_dir>/<fingerprint><file_suffix>.pt``, extended with ``dataset``'s missing rows."""
+        fingerprint = self.signal_fingerprint()  # hashes every teacher weight: computed once per call
         directory = self.args.signal_cache_dir or os.path.join(self.args.output_dir, "teacher_signals")
-        path = os.path.join(directory, f"{file_stem}.pt")
+        path = os.path.join(directory, f"{fingerprint}{file_suffix}.pt")
         sizes = [len(t.labels) for t in self.teachers]
         device = self.accelerator.device
         rng_devices = [device.index or 0] if device.type == "cuda" else []
@@ -418,14 +418,12 @@ class KnowledgeIntegrationTrainer(Trainer):
         evaluations score the same teacher draws. Rows without ids fall back to live queries.
         """
         usable = (
-            self.args.teacher_signals == "cached"
-            and dataset is not None
-            and self.args.id_column in (getattr(dataset, "column_names", None) or [])
+            self.args.teacher_signals == "cached" and dataset is not None and self.args.id_column in column_names(dataset)
         )
         previous = self._eval_signal_cache
         if usable:
-            stem = f"{self.signal_fingerprint()}.{re.sub(r'[^A-Za-z0-9_-]', '_', metric_key_prefix)}"
-            self._eval_signal_cache = self._cached_signals(dataset, file_stem=stem)
+            suffix = "." + re.sub(r"[^A-Za-z0-9_-]", "_", metric_key_prefix)
+            self._eval_signal_cache = self._cached_signals(dataset, file_suffix=suffix)
         try:
             yield
         finally:

@@ -229,3 +229,11 @@ def test_standardized_training_and_evaluation_run(tmp_path, trained_teachers, da
     assert trainer.certainty_statistics is not None and 0.0 <= metrics["eval_teacher_selection_accuracy"] <= 1.0
     trainer.train()
     assert torch.isfinite(weights(trainer.model)).all()
+
+
+def test_cached_evaluation_works_without_datasets(tmp_path, trained_teachers, data, eval_rows):
+    """Plain lists of dict rows are cached for evaluation as they are for training."""
+    trainer = trainer_for(tmp_path, trained_teachers, data, "cached")
+    rows = [eval_rows[i] for i in range(len(eval_rows))]
+    assert "eval_accuracy" in trainer.evaluate(rows)
+    assert f"{trainer.signal_fingerprint()}.eval.pt" in os.listdir(tmp_path / "cache")
