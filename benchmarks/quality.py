@@ -323,18 +323,22 @@ def predict_logits(model, tokenizer, texts: list[str], max_length: int, batch_si
     return torch.cat(out).numpy()
 
 
+def score_by_language(predicted: dict[str, np.ndarray], gold: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Accuracy and macro-F1 per language and pooled over all languages' rows."""
+    per_language = {lang: {"accuracy": accuracy(predicted[lang], gold[lang]), "macro_f1": macro_f1(predicted[lang], gold[lang])}
+                    for lang in gold}
+    p, g = np.concatenate([predicted[lang] for lang in gold]), np.concatenate(list(gold.values()))
+    return {"accuracy": accuracy(p, g), "macro_f1": macro_f1(p, g), "per_language": per_language}
+
+
 def evaluate_per_language(cfg, model, tokenizer, space: LabelSpace, languages) -> dict[str, Any]:
-    """Accuracy and macro-F1 on the test rows of each language, and pooled over all of them."""
-    predicted, gold, per_language = [], [], {}
+    """A classifier's accuracy and macro-F1 on the test rows of each language, and pooled."""
+    predicted, gold = {}, {}
     for language in languages:
         test = load_data(cfg, language)[2]
-        logits = predict_logits(model, tokenizer, test["text"], cfg["max_length"])
-        labels = np.array(space.encode(test["label"]))
-        per_language[language] = {"accuracy": accuracy(logits.argmax(1), labels), "macro_f1": macro_f1(logits.argmax(1), labels)}
-        predicted.append(logits.argmax(1))
-        gold.append(labels)
-    predicted, gold = np.concatenate(predicted), np.concatenate(gold)
-    return {"accuracy": accuracy(predicted, gold), "macro_f1": macro_f1(predicted, gold), "per_language": per_language}
+        predicted[language] = predict_logits(model, tokenizer, test["text"], cfg["max_length"]).argmax(1)
+        gold[language] = np.array(space.encode(test["label"]))
+    return score_by_language(predicted, gold)
 
 
 # ---------------------------------------------------------------------------------------- jobs
@@ -511,12 +515,10 @@ def teacher_and_ensemble_rows(cfg, out: Path, setting: str, teacher_seed: int,
     gold = {lang: np.array(space.encode(test["label"])) for lang, test in tests.items()}
 
     def scores(predicted: dict[str, np.ndarray], masks: Optional[dict[str, np.ndarray]] = None) -> dict[str, float]:
-        masks = masks or {lang: np.ones(len(gold[lang]), bool) for lang in gold}
-        per_language = {lang: {"accuracy": accuracy(predicted[lang][masks[lang]], gold[lang][masks[lang]]),
-                               "macro_f1": macro_f1(predicted[lang][masks[lang]], gold[lang][masks[lang]])} for lang in gold}
-        p = np.concatenate([predicted[lang][masks[lang]] for lang in gold])
-        g = np.concatenate([gold[lang][masks[lang]] for lang in gold])
-        return flat_metrics({"accuracy": accuracy(p, g), "macro_f1": macro_f1(p, g), "per_language": per_language}, spec.transfer)
+        masks = masks or {lang: slice(None) for lang in gold}
+        kept = score_by_language({lang: predicted[lang][masks[lang]] for lang in gold},
+                                 {lang: gold[lang][masks[lang]] for lang in gold})
+        return flat_metrics(kept, spec.transfer)
 
     rows = {}
     for t, own in enumerate(subsets):
