@@ -19,6 +19,17 @@ from .label_space import LabelSpace
 
 TEACHER_INPUTS_KEY = "teacher_inputs"
 EXAMPLE_IDS_KEY = "example_ids"
+IGNORED_LABEL = -100  # a row without a gold label (skipped by the metrics)
+
+
+def _missing_label(value: Any) -> bool:
+    """None, NaN, or a negative id (``datasets`` marks unlabeled rows with -1)."""
+    if value is None or isinstance(value, str):
+        return value is None
+    try:
+        return bool(value != value) or value < 0
+    except TypeError:
+        return False
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -143,8 +154,14 @@ class KnowledgeIntegrationCollator:
             raise TypeError(f"Column {self.text_column!r} must hold strings; found {sorted(set(bad))}.")
 
         batch = self._encode(self.tokenizer, texts, self.max_length)
-        if self.label_column and all(row.get(self.label_column) is not None for row in features):
-            labels = self.label_space.encode(row[self.label_column] for row in features)
+        if self.label_column and any(self.label_column in row for row in features):
+            # Rows without a gold label (None or a negative id, the datasets convention) get -100, which the
+            # metrics skip: the labels of every batch then line up with its predictions.
+            values = [row.get(self.label_column) for row in features]
+            known = [i for i, value in enumerate(values) if not _missing_label(value)]
+            labels = [IGNORED_LABEL] * len(values)
+            for i, encoded in zip(known, self.label_space.encode(values[i] for i in known)):
+                labels[i] = encoded
             batch["labels"] = torch.tensor(labels, dtype=torch.long)
         if self.id_column and self.id_column in features[0]:
             batch[EXAMPLE_IDS_KEY] = [str(row[self.id_column]) for row in features]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -12,6 +13,24 @@ from transformers import TrainingArguments
 from .strategies import StrategyOptions, get_strategy, list_strategies
 
 TEACHER_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Float fields where +inf has a meaning (no gradient clipping); NaN is never valid anywhere.
+_INFINITY_ALLOWED = frozenset({"max_grad_norm"})
+
+
+def check_finite_fields(args) -> None:
+    """Reject NaN (anywhere) and +-inf (except where it has a meaning) in every float field.
+
+    A NaN temperature passes ``<= 0`` checks and turns every student weight into NaN while the
+    Trainer logs the loss as 0.0: it must fail here, by name.
+    """
+    for f in dataclasses.fields(args):
+        value = getattr(args, f.name, None)
+        if not isinstance(value, float) or math.isfinite(value):
+            continue
+        if math.isinf(value) and value > 0 and f.name in _INFINITY_ALLOWED:
+            continue
+        raise ValueError(f"{f.name} must be a finite number, got {value}.")
 
 
 @dataclass
@@ -127,8 +146,9 @@ class KnowledgeIntegrationConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        check_finite_fields(self)
         super().__post_init__()
-        get_strategy(self.strategy)  # raises with the list of known strategies
+        strategy = get_strategy(self.strategy)  # raises with the list of known strategies
         if self.selection not in ("hard", "soft"):
             raise ValueError(f"selection must be 'hard' or 'soft', got {self.selection!r}.")
         if self.mc_samples < 1:
@@ -153,6 +173,12 @@ class KnowledgeIntegrationConfig(TrainingArguments):
             raise ValueError(
                 "certainty_normalization='standardize' needs every training row's certainty before training starts: "
                 "set teacher_signals='cached'."
+            )
+        if self.certainty_normalization != "none" and strategy.certainty_source is None:
+            raise ValueError(
+                f"certainty_normalization={self.certainty_normalization!r} rescales teacher certainty, but strategy "
+                f"{self.strategy!r} uses none; set certainty_normalization='none' or a certainty strategy "
+                "(muki, entropy)."
             )
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}.")

@@ -11,6 +11,9 @@ from __future__ import annotations
 from typing import Iterable, Optional, Sequence
 
 import torch
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 
 class LabelSpace:
@@ -70,6 +73,14 @@ class LabelSpace:
                     f"missing {missing}, not owned by any teacher {extra}."
                 )
             self.labels = labels
+        variants: dict[str, list[str]] = {}
+        for label in self.labels:
+            variants.setdefault(" ".join(label.split()).casefold(), []).append(label)
+        for group in (g for g in variants.values() if len(g) > 1):
+            logger.warning(
+                f"Labels {group} differ only by case or whitespace; they are DIFFERENT union classes. If they mean "
+                "the same class, rename them (Teacher(..., labels=[...])) so the teachers agree."
+            )
         self.label2id: dict[str, int] = {label: i for i, label in enumerate(self.labels)}
         self.id2label: dict[int, str] = dict(enumerate(self.labels))
         self._teacher_index = [
@@ -117,7 +128,12 @@ class LabelSpace:
                     )
                 ids.append(self.label2id[label])
             else:
-                value = int(label)
+                try:
+                    value = int(label)
+                except (TypeError, ValueError):
+                    raise ValueError(f"Gold label {label!r} is neither a label name nor a union id.") from None
+                if value != label:
+                    raise ValueError(f"Gold label {label!r} is not a whole number; union ids are integers.")
                 if not 0 <= value < self.num_labels:
                     raise ValueError(f"Gold label id {value} is outside the union label space [0, {self.num_labels}).")
                 ids.append(value)

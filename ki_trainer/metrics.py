@@ -48,9 +48,16 @@ def integration_metrics(
     label_space: LabelSpace,
     certainty: Optional[np.ndarray] = None,
 ) -> dict[str, float]:
-    """Accuracy, macro-F1, accuracy on each teacher's classes and (with certainty) selection accuracy."""
+    """Accuracy, macro-F1, accuracy on each teacher's classes and (with certainty) selection accuracy.
+
+    Rows whose label is negative (-100: no gold label) are skipped.
+    """
     labels = np.asarray(labels)
-    predictions = np.asarray(logits).argmax(-1)
+    labelled = labels >= 0
+    labels = labels[labelled]
+    predictions = np.asarray(logits)[labelled].argmax(-1)
+    if certainty is not None:
+        certainty = np.asarray(certainty)[labelled]
     metrics = {"accuracy": accuracy(predictions, labels), "macro_f1": macro_f1(predictions, labels)}
     ownership = label_space.ownership().numpy()
     for t, name in enumerate(label_space.teacher_names):

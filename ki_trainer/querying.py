@@ -136,6 +136,7 @@ def query_teachers(
     autocast: Callable[[], ContextManager] = nullcontext,
     check_finite: bool = True,
     mc_top_layers: Optional[int] = None,
+    row_ids: Optional[Sequence[str]] = None,
 ) -> TeacherSignals:
     """Compute the :class:`TeacherSignals` a strategy asks for.
 
@@ -146,6 +147,7 @@ def query_teachers(
         autocast: context manager factory wrapping the teacher forwards (e.g. Accelerate's autocast).
         check_finite: raise :class:`TeacherNaNError` on NaN/inf logits (one device sync).
         mc_top_layers: sample dropout only in the last m layers (lower layers computed once).
+        row_ids: the batch's example ids, named in a NaN/inf error (else the rows' batch positions).
     """
     if certainty_source not in (None, "deterministic", "mc"):
         raise ValueError(f"Unknown certainty source {certainty_source!r}.")
@@ -162,9 +164,29 @@ def query_teachers(
     if check_finite:
         finite = torch.stack([torch.isfinite(x).all() for x in logits + certainty]).all()
         if not bool(finite):
-            bad = [t.name for t, x in zip(teachers, logits) if not torch.isfinite(x).all()]
-            raise TeacherNaNError(
-                f"Teacher(s) {bad or [t.name for t in teachers]} produced NaN/inf outputs. Check their weights "
-                "(e.g. fp16 overflow: try teacher_dtype='bfloat16' or 'float32') and inputs."
-            )
+            raise TeacherNaNError(_non_finite_message(teachers, logits, certainty, row_ids))
     return TeacherSignals(logits=logits, certainty=torch.stack(certainty, dim=1) if certainty else None)
+
+
+def _non_finite_message(
+    teachers: Sequence[Teacher], logits: list, certainty: list, row_ids: Optional[Sequence[str]], shown: int = 10
+) -> str:
+    """Which teacher produced NaN/inf on which rows (example ids when known, else batch positions)."""
+    parts = []
+    for t, teacher in enumerate(teachers):
+        bad = ~torch.isfinite(logits[t]).all(1)
+        if certainty:
+            bad |= ~torch.isfinite(certainty[t])
+        rows = bad.nonzero().flatten().tolist()
+        if not rows:
+            continue
+        if row_ids is not None:
+            where = f"example ids {[row_ids[r] for r in rows[:shown]]}"
+        else:
+            where = f"rows {rows[:shown]} of the batch (no example ids: set teacher_signals='cached' and an id column)"
+        more = f" and {len(rows) - shown} more" if len(rows) > shown else ""
+        parts.append(f"teacher {teacher.name!r} on {where}{more}")
+    return (
+        f"NaN/inf teacher outputs: {'; '.join(parts) or 'unknown rows'}. Check the teachers' weights (e.g. fp16 "
+        "overflow: try teacher_dtype='bfloat16' or 'float32') and these inputs."
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 import re
@@ -9,6 +10,9 @@ from typing import Optional, Sequence, Union
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 _GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
 
@@ -45,6 +49,10 @@ class Teacher:
             source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
         else:
             raise TypeError(f"Teacher model must be a PreTrainedModel, a directory or a Hub id; got {type(model).__name__}.")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2):
+            raise ValueError(
+                f"Teacher max_length must be an int >= 2 (room for the special tokens) or None, got {max_length!r}."
+            )
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
 
@@ -77,7 +85,15 @@ class Teacher:
 
     # ------------------------------------------------------------------ runtime
     def prepare(self, device: torch.device, dtype: torch.dtype) -> "Teacher":
-        """Freeze, move and cast the teacher; keep it in eval mode between MC passes."""
+        """Freeze, move and cast the teacher; keep it in eval mode between MC passes.
+
+        Casting to another dtype (e.g. bf16 mixed precision) works on a COPY: casting in place would
+        round the caller's own module, which stays rounded after training.
+        """
+        current = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
+        if current is not None and current != dtype and not getattr(self.model, "_ki_cast_copy", False):
+            self.model = copy.deepcopy(self.model)
+            self.model._ki_cast_copy = True
         self.model.requires_grad_(False)
         self.model.to(device=device, dtype=dtype)
         self.model.eval()
@@ -102,8 +118,14 @@ class Teacher:
                 f"Teacher {self.name!r} has {vocab_rows} token embeddings but would read the student's tokenizer "
                 f"({len(student_tokenizer)} tokens). Give it its own tokenizer: Teacher(..., tokenizer=...)."
             )
-        own = _saved_tokenizer(self.source)
-        if own is not None and own.get_vocab() != student_tokenizer.get_vocab():
+        own = _known_tokenizer(self.source)
+        if own is None:
+            logger.warning(
+                f"Teacher {self.name!r} reads the student's tokenization, but its own tokenizer is unknown (no saved "
+                f"tokenizer at {self.source!r}), so the vocabularies cannot be compared. If it was fine-tuned with "
+                "another vocabulary its inputs are wrong tokens: pass Teacher(..., tokenizer=...)."
+            )
+        elif own.get_vocab() != student_tokenizer.get_vocab():
             raise ValueError(
                 f"Teacher {self.name!r} was saved with its own tokenizer ({type(own).__name__}, {len(own)} tokens), "
                 f"which differs from the student's. Pass Teacher({self.source!r}, tokenizer={self.source!r})."
@@ -123,6 +145,19 @@ def _saved_tokenizer(source: str) -> Optional[PreTrainedTokenizerBase]:
     if not source or not os.path.isdir(source) or not any(os.path.exists(os.path.join(source, n)) for n in names):
         return None
     return AutoTokenizer.from_pretrained(source)
+
+
+def _known_tokenizer(source: str) -> Optional[PreTrainedTokenizerBase]:
+    """The tokenizer saved with a teacher: in its directory, or in the local Hub cache for a Hub id
+    (never a download)."""
+    if not source:
+        return None
+    if os.path.isdir(source):
+        return _saved_tokenizer(source)
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except Exception:  # not cached locally, or not a Hub id at all
+        return None
 
 
 def model_position_limit(config) -> Optional[int]:

@@ -9,11 +9,16 @@ resuming, ``report_to`` logging, ``push_to_hub``) is the stock Trainer.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import hashlib
+import json
 import os
 import re
+import tempfile
 from typing import Any, Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from transformers import (
     AutoModelForSequenceClassification,
@@ -22,25 +27,97 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     enable_full_determinism,
     set_seed,
 )
 from transformers.utils import logging
 
+from . import checkpoints
 from .collator import EXAMPLE_IDS_KEY, TEACHER_INPUTS_KEY, KnowledgeIntegrationCollator
 from .config import KnowledgeIntegrationConfig
 from .label_space import LabelSpace
 from .metrics import integration_metrics
 from .model_card import MODEL_CARD_TAGS, integration_section
 from .querying import query_teachers
-from .signal_cache import TeacherSignalCache, build_or_update_cache, column_names, column_values, teachers_fingerprint
+from .signal_cache import (
+    TeacherSignalCache,
+    build_or_update_cache,
+    check_texts,
+    column_names,
+    column_values,
+    teachers_fingerprint,
+    text_hash,
+)
 from .strategies import IntegrationOutput, TeacherSignals, get_strategy
 from .teacher import Teacher, model_position_limit
 
 logger = logging.get_logger(__name__)
 
 _UNBOUNDED_TOKENIZER_LENGTH = 1_000_000
+MARGIN_COLLAPSE = 1e-3  # mean top-2 certainty margin below which margin re-weighting stalls learning
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The knowledge-integration loss became NaN/inf: the student's weights are no longer trustworthy."""
+
+
+def check_teachers_distinct(teachers: Sequence[Teacher]) -> None:
+    """Two entries for the same model (the same object, or equal weights in two wrappers) make every
+    certainty margin ~0 and the student silently stops learning: reject them."""
+    for j, b in enumerate(teachers):
+        for i, a in enumerate(teachers[:j]):
+            same = a.model is b.model or _same_weights(a.model, b.model)
+            if same:
+                how = "the same model object" if a.model is b.model else "models with identical weights"
+                raise ValueError(
+                    f"Teachers {i} ({a.name or a.source or '?'}) and {j} ({b.name or b.source or '?'}) are {how}. "
+                    "A duplicate teacher makes every certainty margin ~0 (the student stops learning) and counts "
+                    "one model twice; pass each teacher once."
+                )
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Equal state dicts (cheap when they differ: stops at the first unequal tensor)."""
+    state_a, state_b = a.state_dict(), b.state_dict()
+    if list(state_a) != list(state_b):
+        return False
+    for name, x in state_a.items():
+        y = state_b[name]
+        if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(x, y.to(x.device)):
+            return False
+    return True
+
+
+def check_writable(directory: str, what: str) -> None:
+    """Fail now, not after hours of work, if ``directory`` cannot be written (nothing is created:
+    the probe goes to the directory or, if it does not exist yet, to its nearest existing parent)."""
+    probe = os.path.abspath(directory)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    try:
+        if not os.path.isdir(probe):
+            raise NotADirectoryError(f"{probe} is not a directory")
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".ki-write-test-"):
+            pass
+    except OSError as err:
+        raise PermissionError(f"{what}={directory!r} cannot be written ({err}); choose another directory.") from None
+
+
+class _ResumeGuard(TrainerCallback):
+    """Refuse a resume that would train 0 steps and hand back another (longer) run's model."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step > 0 and state.max_steps > 0 and state.global_step >= state.max_steps:
+            raise ValueError(
+                f"The checkpoint being resumed is at step {state.global_step}, but this run ends at step "
+                f"{state.max_steps}: nothing would be trained and train() would return the checkpoint's model. It "
+                "belongs to a longer run; use another output_dir or a larger max_steps/num_train_epochs."
+            )
 
 
 def _unique_names(teachers: Sequence[Teacher]) -> list[str]:
@@ -105,6 +182,7 @@ class KnowledgeIntegrationTrainer(Trainer):
             args = KnowledgeIntegrationConfig.from_training_arguments(args)
 
         teachers = [t if isinstance(t, Teacher) else Teacher(t) for t in teachers]
+        check_teachers_distinct(teachers)
         for teacher, name in zip(teachers, _unique_names(teachers)):
             teacher.name = name
         self.teachers: list[Teacher] = teachers
@@ -138,6 +216,11 @@ class KnowledgeIntegrationTrainer(Trainer):
                     "`processing_class=` (or your own `data_collator=`)."
                 )
             data_collator = self._default_collator(model, processing_class, args)
+        self._check_student_vocabulary(model, processing_class)
+        if args.should_save:
+            check_writable(args.output_dir, "output_dir")
+        if args.teacher_signals == "cached":
+            check_writable(args.signal_cache_dir or os.path.join(args.output_dir, "teacher_signals"), "signal_cache_dir")
 
         self.strategy = get_strategy(args.strategy)(self.label_space, args.strategy_options())
         self._user_compute_metrics = compute_metrics
@@ -147,6 +230,7 @@ class KnowledgeIntegrationTrainer(Trainer):
         self._eval_signal_cache: Optional[TeacherSignalCache] = None  # set while evaluating from cached signals
         self._signal_caches: dict[str, TeacherSignalCache] = {}  # every cache loaded, by file
         self.certainty_statistics: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # per-teacher mean, std
+        self._margin_warned = False
         super().__init__(
             model=model,
             args=args,
@@ -164,6 +248,9 @@ class KnowledgeIntegrationTrainer(Trainer):
             teacher.prepare(self.accelerator.device, teacher_dtype)
         self._teacher_keys = [teacher.accepted_inputs() for teacher in self.teachers]
         self._reset_stats()
+        self._non_finite_steps = torch.zeros((), dtype=torch.long, device=self.accelerator.device)
+        self._finite_checked_step = 0
+        self.add_callback(_ResumeGuard())
 
     # ------------------------------------------------------------------ set-up helpers
     def _adopt_union_labels(self, model: torch.nn.Module) -> None:
@@ -178,6 +265,20 @@ class KnowledgeIntegrationTrainer(Trainer):
         config.id2label = dict(self.label_space.id2label)
         config.label2id = dict(self.label_space.label2id)
 
+    @staticmethod
+    def _check_student_vocabulary(model, tokenizer) -> None:
+        """A tokenizer with more tokens than the student's embedding table fails deep in torch otherwise."""
+        if not isinstance(tokenizer, PreTrainedTokenizerBase) or not hasattr(model, "get_input_embeddings"):
+            return
+        embeddings = model.get_input_embeddings()
+        rows = getattr(embeddings, "num_embeddings", None)
+        if rows is not None and len(tokenizer) > rows:
+            raise ValueError(
+                f"The student has {rows} token embeddings but its tokenizer has {len(tokenizer)} tokens: ids beyond "
+                f"{rows - 1} would fail inside the forward. Use the student's own tokenizer, or call "
+                "model.resize_token_embeddings(len(tokenizer)) first."
+            )
+
     def _check_dataset(self, dataset, split: str, args: KnowledgeIntegrationConfig):
         if dataset is None:
             return None
@@ -189,6 +290,11 @@ class KnowledgeIntegrationTrainer(Trainer):
                 f"The {split} dataset has no text column {args.text_column!r} (columns: {columns}). "
                 "Set text_column= in KnowledgeIntegrationConfig."
             )
+        if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__") and args.text_column in column_names(dataset):
+            # Cheap scan before any expensive work: a bad row fails here, by position and id, not mid-epoch.
+            texts = column_values(dataset, args.text_column)
+            ids = column_values(dataset, args.id_column) if args.id_column in column_names(dataset) else None
+            check_texts(texts, ids, f"The {split} dataset", args.text_column)
         feature = (getattr(dataset, "features", None) or {}).get(args.label_column)
         names = getattr(feature, "names", None)
         if names is not None and names != self.label_space.labels:
@@ -214,7 +320,7 @@ class KnowledgeIntegrationTrainer(Trainer):
         teacher_lengths = []
         for teacher in self.teachers:
             own_tokenizer = teacher.tokenizer or tokenizer
-            requested = teacher.max_length or args.max_length
+            requested = teacher.max_length if teacher.max_length is not None else args.max_length
             length = _max_length(own_tokenizer, teacher.model.config, requested, f"teacher {teacher.name!r}")
             teacher_lengths.append(min(length, student_length) if teacher.tokenizer is None and requested is None else length)
         return KnowledgeIntegrationCollator(
@@ -249,9 +355,14 @@ class KnowledgeIntegrationTrainer(Trainer):
         return per_teacher
 
     def teacher_signals(
-        self, student_inputs: dict, teacher_batches: Optional[dict] = None, certainty_source: Optional[str] = "strategy"
+        self,
+        student_inputs: dict,
+        teacher_batches: Optional[dict] = None,
+        certainty_source: Optional[str] = "strategy",
+        example_ids: Optional[Sequence[str]] = None,
     ) -> TeacherSignals:
-        """Query the ensemble (no gradients) for the signals the strategy needs, or for ``certainty_source``."""
+        """Query the ensemble (no gradients) for the signals the strategy needs, or for ``certainty_source``.
+        ``example_ids`` are named in a NaN/inf error."""
         return query_teachers(
             self.teachers,
             self._teacher_inputs(student_inputs, teacher_batches or {}),
@@ -261,6 +372,7 @@ class KnowledgeIntegrationTrainer(Trainer):
             autocast=self.accelerator.autocast,
             check_finite=self.args.check_teacher_outputs,
             mc_top_layers=self.args.mc_top_layers,
+            row_ids=example_ids,
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -274,10 +386,11 @@ class KnowledgeIntegrationTrainer(Trainer):
         if cache is not None and example_ids is not None:
             signals = cache.lookup(example_ids, self.strategy.certainty_source)
         else:
-            signals = self.teacher_signals(student_inputs, teacher_batches)
+            signals = self.teacher_signals(student_inputs, teacher_batches, example_ids=example_ids)
         signals = self.normalize_certainty(signals)
         result = self.strategy.compute(student_logits, signals)
         if model.training:
+            self._non_finite_steps += (~torch.isfinite(result.loss.detach())).long()  # no host sync here
             self._accumulate_stats(result, signals)
         self._last_signals = signals
         return (result.loss, outputs) if return_outputs else result.loss
@@ -345,16 +458,16 @@ class KnowledgeIntegrationTrainer(Trainer):
             known = self._signal_caches.get(path)
             if known is not None and known.fingerprint == fingerprint:
                 cache = known
-            elif os.path.exists(path):
-                cache = TeacherSignalCache.load(path, fingerprint, sizes)
+            elif TeacherSignalCache.exists(path):
+                cache = TeacherSignalCache.load(path, fingerprint, sizes)  # main file + shards of earlier writers
             else:
                 cache = TeacherSignalCache(fingerprint, sizes, path)
             computed = build_or_update_cache(
                 cache, dataset, self.args.id_column, self.args.text_column, lambda todo: self._signal_batches(dataset, todo)
             )
             cache.finalize(self.accelerator.device)
-            if computed and self.accelerator.is_main_process:
-                cache.save(path)
+            if (computed or os.path.isdir(path + ".shards")) and self.accelerator.is_main_process:
+                cache.save(path)  # compacts this run's and other writers' shards into the main file
         logger.info(f"Teacher signals: {computed} computed, {len(cache) - computed} reused from {path}.")
         self._signal_caches[path] = cache
         return cache
@@ -367,15 +480,97 @@ class KnowledgeIntegrationTrainer(Trainer):
             range(0, len(positions), size), desc="Teacher signals", disable=self.args.disable_tqdm or not positions
         ):
             chunk = positions[start : start + size]
-            batch = self._prepare_inputs(self.data_collator([dataset[p] for p in chunk]))
+            rows = [dataset[p] for p in chunk]
+            batch = self._prepare_inputs(self.data_collator(rows))
             teacher_batches = batch.pop(TEACHER_INPUTS_KEY, {})
             student_inputs = {k: v for k, v in batch.items() if k not in ("labels", EXAMPLE_IDS_KEY)}
-            yield chunk, self.teacher_signals(student_inputs, teacher_batches, certainty_source="mc")
+            ids = [str(row.get(self.args.id_column)) for row in rows]
+            yield chunk, self.teacher_signals(student_inputs, teacher_batches, certainty_source="mc", example_ids=ids)
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        resume_from_checkpoint = self._checked_resume(resume_from_checkpoint)
         if self.args.teacher_signals == "cached":
             self.precompute_teacher_signals()
-        return super().train(*args, **kwargs)
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        self._check_finite_loss("at the end of training")
+        return output
+
+    def get_train_dataloader(self):
+        """Training batches carry no gold labels: they never enter the loss, so a training label outside the
+        union (or a malformed one) is ignored, as documented, instead of failing mid-epoch."""
+        collator = self.data_collator
+        if not isinstance(collator, KnowledgeIntegrationCollator) or not collator.label_column:
+            return super().get_train_dataloader()
+        self.data_collator = copy.copy(collator)
+        self.data_collator.label_column = None
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = collator
+
+    # ------------------------------------------------------------------ checkpoints and resuming
+    def run_fingerprint(self) -> dict:
+        """What identifies this run in its checkpoints (see :func:`ki_trainer.checkpoints.run_fingerprint`)."""
+        return checkpoints.run_fingerprint(self)
+
+    def _checked_resume(self, resume_from_checkpoint):
+        """Resolve ``True`` to the newest COMPLETE checkpoint (newer cut-off ones are skipped with a warning)
+        and refuse a checkpoint of another run."""
+        if resume_from_checkpoint is None or resume_from_checkpoint is False:
+            return None
+        if resume_from_checkpoint is True:
+            path, skipped = checkpoints.latest_complete_checkpoint(self.args.output_dir)
+            for bad, reason in skipped:
+                logger.warning(f"Not resuming from {bad}: {reason}.")
+            if path is None:
+                raise ValueError(
+                    f"No complete checkpoint to resume in output_dir {self.args.output_dir!r}"
+                    + (f" ({len(skipped)} incomplete skipped)." if skipped else ".")
+                )
+            if skipped:
+                logger.warning(f"Resuming from the previous complete checkpoint {path}.")
+        else:
+            path = str(resume_from_checkpoint)
+            reason = checkpoints.incomplete_reason(path)
+            if reason is not None:
+                raise ValueError(f"Cannot resume from {path}: {reason}.")
+        differences = checkpoints.fingerprint_differences(checkpoints.read_fingerprint(path), self.run_fingerprint())
+        if differences:
+            raise checkpoints.CheckpointMismatchError(
+                f"Checkpoint {path} belongs to another run; resuming it would continue that run: "
+                + "; ".join(differences)
+                + ". Use another output_dir, or resume the run it belongs to."
+            )
+        return path
+
+    def _save_checkpoint(self, model, trial) -> None:
+        self._check_finite_loss("before saving a checkpoint")
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            checkpoints.write_fingerprint(folder, self.run_fingerprint())  # first: trainer_state.json marks "complete"
+        super()._save_checkpoint(model, trial)
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        self._check_finite_loss("before saving the model", collective=False)  # users may call it on one rank
+        super().save_model(output_dir, _internal_call)
+
+    def _check_finite_loss(self, when: str, collective: bool = True) -> None:
+        """Raise if any training step since the last check had a NaN/inf loss (one host sync; summed over
+        processes when ``collective``, so every rank stops together)."""
+        flag = self._non_finite_steps
+        if collective and self.accelerator.num_processes > 1:
+            flag = self.accelerator.reduce(flag.clone(), reduction="sum")
+        count = int(flag.item())
+        step = self.state.global_step if getattr(self, "state", None) is not None else 0
+        if count:
+            since = self._finite_checked_step  # the flag stays set: later saves refuse too
+            raise NonFiniteLossError(
+                f"The knowledge-integration loss was NaN/inf in {count} training step(s) between step {since} and "
+                f"{step} (found {when}); the student's weights are no longer trustworthy, so training stops and "
+                "nothing more is saved. Usual causes: teachers returning NaN/inf (keep check_teacher_outputs=True), "
+                "fp16 overflow (use bf16 or fp32), a too large learning_rate."
+            )
+        self._finite_checked_step = step
 
     # ------------------------------------------------------------------ evaluation
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -422,12 +617,20 @@ class KnowledgeIntegrationTrainer(Trainer):
         )
         previous = self._eval_signal_cache
         if usable:
-            suffix = "." + re.sub(r"[^A-Za-z0-9_-]", "_", metric_key_prefix)
+            # Scoped by prefix AND by the dataset's content: two evaluation sets reusing row-number ids under
+            # one prefix get two files, not a false stale-cache error.
+            suffix = "." + re.sub(r"[^A-Za-z0-9_-]", "_", metric_key_prefix) + "." + self._dataset_digest(dataset)
             self._eval_signal_cache = self._cached_signals(dataset, file_suffix=suffix)
         try:
             yield
         finally:
             self._eval_signal_cache = previous
+
+    def _dataset_digest(self, dataset) -> str:
+        """A short hash of a dataset's ids and texts."""
+        ids = [str(x) for x in column_values(dataset, self.args.id_column)]
+        hashes = [text_hash(t) if isinstance(t, str) else 0 for t in column_values(dataset, self.args.text_column)]
+        return hashlib.blake2b(json.dumps([ids, hashes]).encode(), digest_size=6).hexdigest()
 
     def evaluation_loop(self, *args, **kwargs):
         self._eval_certainty = []
@@ -442,7 +645,16 @@ class KnowledgeIntegrationTrainer(Trainer):
         if certainty is not None and len(certainty) != len(labels):
             logger.warning("Teacher certainty was not gathered for every eval example; skipping selection accuracy.")
             certainty = None
-        metrics = integration_metrics(logits, labels, self.label_space, certainty)
+        labels = np.asarray(labels)
+        unlabelled = int((labels < 0).sum())
+        if unlabelled == len(labels):
+            logger.warning("No evaluation row has a gold label: only the KI loss is reported.")
+            metrics = {}
+        else:
+            if unlabelled:
+                logger.warning(f"{unlabelled} of {len(labels)} evaluation rows have no gold label; metrics skip them.")
+            metrics = integration_metrics(logits, labels, self.label_space, certainty)
+            metrics["labelled_rows"] = len(labels) - unlabelled
         if self._user_compute_metrics is not None:
             metrics.update(self._user_compute_metrics(eval_pred))
         return metrics
@@ -487,6 +699,7 @@ class KnowledgeIntegrationTrainer(Trainer):
         self._stats_pending = True
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        self._check_finite_loss("at a logging step")  # before the Trainer logs a NaN loss as a finite number
         if "loss" in logs and self._stats_pending:
             stats = {k: self.accelerator.reduce(v, reduction="sum") for k, v in self._stats.items()}
             rows = max(float(stats["rows"]), 1.0)
@@ -494,6 +707,7 @@ class KnowledgeIntegrationTrainer(Trainer):
             if self.strategy.certainty_source is not None:
                 if self.args.margin_reweighting and self.label_space.num_teachers > 1:
                     logs["mean_margin"] = round(float(stats["margin"]) / rows, 6)
+                    self._warn_margin_collapse(float(stats["margin"]) / rows)
                 for name, certainty, selected in zip(
                     self.label_space.teacher_names, stats["certainty"].tolist(), stats["selected"].tolist()
                 ):
@@ -501,3 +715,14 @@ class KnowledgeIntegrationTrainer(Trainer):
                     logs[f"selection_share_{name}"] = round(selected / rows, 6)
             self._reset_stats()
         super().log(logs, start_time)
+
+    def _warn_margin_collapse(self, mean_margin: float) -> None:
+        if mean_margin >= MARGIN_COLLAPSE or self._margin_warned or self.args.normalize_margin_weights:
+            return
+        self._margin_warned = True
+        logger.warning(
+            f"The mean margin between the two most certain teachers is {mean_margin:.2g}: the teachers are about "
+            "equally certain everywhere (near-duplicate or uniformly unsure teachers), so margin re-weighting "
+            "shrinks every update to ~0 and the student barely learns. Check the teachers, or set "
+            "normalize_margin_weights=True or margin_reweighting=False."
+        )

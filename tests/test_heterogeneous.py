@@ -88,7 +88,7 @@ def test_each_teacher_reads_its_own_encoding(tmp_path, ensemble):
 def test_teacher_that_cannot_read_the_student_tokens_is_an_early_error(tmp_path):
     student_tok = build_tokenizer()
     small_vocab_teacher = Teacher(tiny_bert(2, 10, labels=["alpha", "beta"]), name="narrow")
-    other = Teacher(tiny_bert(2, len(student_tok), labels=["gamma", "delta"]), name="ok")
+    other = Teacher(tiny_bert(2, len(student_tok), labels=["gamma", "delta"], seed=1), name="ok")
     args = KnowledgeIntegrationConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     data = Dataset.from_list([{"text": "apple"}])
     with pytest.raises(ValueError, match="'narrow' has 10 token embeddings but would read the student's tokenizer"):
@@ -104,7 +104,7 @@ def test_teacher_saved_with_another_vocabulary_must_bring_it(tmp_path):
     own_tok.save_pretrained(tmp_path / "t0")
     args = KnowledgeIntegrationConfig(output_dir=str(tmp_path / "o"), report_to=[], use_cpu=True)
     data = Dataset.from_list([{"text": "apple"}])
-    other = Teacher(tiny_bert(2, len(student_tok), labels=["gamma", "delta"]), name="ok")
+    other = Teacher(tiny_bert(2, len(student_tok), labels=["gamma", "delta"], seed=1), name="ok")
     with pytest.raises(ValueError, match="saved with its own tokenizer"):
         KnowledgeIntegrationTrainer(model=tiny_bert(4, len(student_tok)), args=args,
                                     teachers=[Teacher(str(tmp_path / "t0")), other], train_dataset=data,

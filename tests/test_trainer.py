@@ -162,7 +162,7 @@ def test_extra_columns_survive_and_gold_labels_stay_out_of_the_loss(tmp_path, to
     trainer = make_trainer(tmp_path, tok, teachers, data, max_steps=1)
     train_loader = trainer.get_train_dataloader()
     batch = next(iter(train_loader))
-    assert "input_ids" in batch and "labels" in batch  # text was tokenized, label kept for eval-style use
+    assert "input_ids" in batch and "labels" not in batch  # text was tokenized; gold labels never reach training
     trainer.train()
     # Same teachers and student, wrong gold labels: identical loss, because gold labels are never used.
     shuffled = data.map(lambda row: {"label": "alpha"})

@@ -53,12 +53,14 @@ class IntegrationOutput:
         divergence: ``[B]`` unweighted per-example divergence (for logging).
         weights: ``[B]`` instance weights actually applied, or ``None``.
         selected: ``[B]`` index of the most certain teacher, or ``None``.
+        target: ``[B, C]`` union-space target distribution, for strategies that build one (else ``None``).
     """
 
     loss: torch.Tensor
     divergence: torch.Tensor
     weights: Optional[torch.Tensor] = None
     selected: Optional[torch.Tensor] = None
+    target: Optional[torch.Tensor] = None
 
 
 class IntegrationStrategy:

@@ -36,7 +36,10 @@ class CertaintyIntegration(IntegrationStrategy):
     def teacher_weights(self, certainty: torch.Tensor) -> torch.Tensor:
         """``[B, N]`` mixture weights over teachers (one-hot for hard selection)."""
         if self.options.selection == "hard":
-            return torch.nn.functional.one_hot(certainty.argmax(1), certainty.shape[1]).float()
+            # Exact ties (e.g. two saturated teachers, both certainty 1.0) share the weight: the result then
+            # does not depend on the order the teachers were listed in.
+            top = (certainty == certainty.max(1, keepdim=True).values).float()
+            return top / top.sum(1, keepdim=True)
         return torch.softmax(certainty / self.options.score_temperature, dim=1)
 
     def compute(self, student_logits: torch.Tensor, signals: TeacherSignals) -> IntegrationOutput:
@@ -59,7 +62,9 @@ class CertaintyIntegration(IntegrationStrategy):
             loss = (weights * divergence).mean()
         else:
             loss = divergence.mean()
-        return IntegrationOutput(loss=loss, divergence=divergence, weights=weights, selected=certainty.argmax(1))
+        return IntegrationOutput(
+            loss=loss, divergence=divergence, weights=weights, selected=certainty.argmax(1), target=target
+        )
 
 
 @register_strategy

@@ -26,4 +26,4 @@ class VanillaKD(IntegrationStrategy):
         target.index_add_(1, index.to(probs.device), probs)
         log_probs = torch.log_softmax(student_logits.float() / tau, dim=-1)
         divergence = kl_from_log_probs(target, log_probs) * tau**2
-        return IntegrationOutput(loss=divergence.mean(), divergence=divergence)
+        return IntegrationOutput(loss=divergence.mean(), divergence=divergence, target=target)

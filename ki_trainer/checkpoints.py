@@ -1,0 +1,132 @@
+"""Checkpoints that cannot lie: each one records what run it belongs to, and only complete ones resume.
+
+Why: the stock Trainer resumes ANY ``checkpoint-N`` folder. In an output directory reused by another
+run (other teachers, another strategy or label union) ``resume_from_checkpoint=True`` silently
+continued the other run, and a folder cut off mid-write (a kill while saving) was picked up as the
+latest. Here every checkpoint gets ``ki_fingerprint.json`` (written before the Trainer's own files,
+so ``trainer_state.json``, written near the end, marks a complete checkpoint), a resume checks it,
+and ``resume_from_checkpoint=True`` skips incomplete folders with a warning.
+
+:func:`run_fingerprint` is the one place that says what identifies a run; extend it there (e.g. a
+router's name and fit statistics) and every checkpoint records and checks the new field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from typing import Any, Optional
+
+import torch
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+FINGERPRINT_FILE = "ki_fingerprint.json"
+TRAINER_STATE_FILE = "trainer_state.json"
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+)
+_CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint belongs to another run (other teachers, labels or integration settings)."""
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of a module's state dict (names, shapes, dtypes, bytes)."""
+    hasher = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        data = tensor.detach().to("cpu").contiguous()
+        hasher.update(f"{name}|{tuple(data.shape)}|{data.dtype}".encode())
+        hasher.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return hasher.hexdigest()[:20]
+
+
+def run_fingerprint(trainer) -> dict[str, Any]:
+    """What identifies a knowledge-integration run: the teachers (names, labels, weights), the union
+    label order and the integration settings. Two runs with different fingerprints must never share a
+    checkpoint. Teacher weights are hashed once per trainer (they are frozen)."""
+    digests = getattr(trainer, "_teacher_digests", None)
+    if digests is None:
+        digests = trainer._teacher_digests = [weights_digest(t.model) for t in trainer.teachers]
+    args = trainer.args
+    return {
+        "teachers": [
+            {"name": t.name, "labels": list(t.labels), "weights": digest} for t, digest in zip(trainer.teachers, digests)
+        ],
+        "labels": list(trainer.label_space.labels),
+        "strategy": args.strategy,
+        "strategy_options": dataclasses.asdict(args.strategy_options()),
+        "certainty_normalization": args.certainty_normalization,
+        "mc_samples": args.mc_samples,
+        "mc_top_layers": args.mc_top_layers,
+    }
+
+
+def write_fingerprint(checkpoint_dir: str, fingerprint: dict[str, Any]) -> None:
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    path = os.path.join(checkpoint_dir, FINGERPRINT_FILE)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(fingerprint, handle, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def read_fingerprint(checkpoint_dir: str) -> Optional[dict[str, Any]]:
+    path = os.path.join(checkpoint_dir, FINGERPRINT_FILE)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
+def incomplete_reason(checkpoint_dir: str) -> Optional[str]:
+    """Why ``checkpoint_dir`` cannot be resumed (``None`` when it is complete)."""
+    if not os.path.isdir(checkpoint_dir):
+        return "it does not exist"
+    if read_fingerprint(checkpoint_dir) is None:
+        return f"it has no readable {FINGERPRINT_FILE} (written by another trainer, or cut off while saving)"
+    if not any(os.path.exists(os.path.join(checkpoint_dir, name)) for name in _WEIGHT_FILES):
+        return "it has no model weights (cut off while saving)"
+    try:
+        with open(os.path.join(checkpoint_dir, TRAINER_STATE_FILE), encoding="utf-8") as handle:
+            json.load(handle)
+    except (OSError, ValueError):
+        return f"its {TRAINER_STATE_FILE} is missing or unreadable (cut off while saving)"
+    return None
+
+
+def checkpoints_newest_first(output_dir: str) -> list[str]:
+    if not os.path.isdir(output_dir):
+        return []
+    found = [(int(m.group(1)), name) for name in os.listdir(output_dir) if (m := _CHECKPOINT.match(name))]
+    return [os.path.join(output_dir, name) for _, name in sorted(found, reverse=True)]
+
+
+def latest_complete_checkpoint(output_dir: str) -> tuple[Optional[str], list[tuple[str, str]]]:
+    """The newest complete checkpoint in ``output_dir`` and the newer ones skipped, with the reason."""
+    skipped = []
+    for path in checkpoints_newest_first(output_dir):
+        reason = incomplete_reason(path)
+        if reason is None:
+            return path, skipped
+        skipped.append((path, reason))
+    return None, skipped
+
+
+def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable differences, one per top-level field."""
+    differences = []
+    for key in sorted(set(saved) | set(current)):
+        if saved.get(key) != current.get(key):
+            differences.append(f"{key}: checkpoint {saved.get(key)!r} vs this run {current.get(key)!r}")
+    return differences
