@@ -483,3 +483,43 @@ def test_bf16_does_not_cast_the_users_teacher_modules(tmp_path, tok):
         assert next(model.parameters()).dtype == torch.float32
         assert torch.equal(weights(model), original)
     assert all(next(t.model.parameters()).dtype == torch.bfloat16 for t in trainer.teachers)
+
+
+KILLED_PRECOMPUTE = r"""
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from test_reliability import build_tokenizer, fresh_teachers, make_trainer, rows_with_ids
+from ki_trainer import signal_cache
+import pathlib
+signal_cache.FLUSH_ROWS = 4
+tok = build_tokenizer()
+trainer = make_trainer(pathlib.Path(sys.argv[2]), tok, fresh_teachers(tok), rows_with_ids(), teacher_signals="cached",
+                       per_device_eval_batch_size=4)
+original = trainer._signal_batches
+def killed_after_three_batches(dataset, positions):
+    for n, item in enumerate(original(dataset, positions)):
+        if n == 3:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no except, no finally
+        yield item
+trainer._signal_batches = killed_after_three_batches
+trainer.precompute_teacher_signals()
+"""
+
+
+def test_a_precompute_killed_with_sigkill_keeps_the_flushed_rows(tmp_path, tok):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [
+        os.path.dirname(os.path.dirname(os.path.abspath(signal_cache.__file__))), os.environ.get("PYTHONPATH")]))}
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    done = subprocess.run([sys.executable, "-c", KILLED_PRECOMPUTE, tests_dir, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == -9, done.stderr[-2000:]
+    rows = rows_with_ids()
+    again = make_trainer(tmp_path, tok, fresh_teachers(tok), rows, teacher_signals="cached", per_device_eval_batch_size=4)
+    computed = []
+    original = again._signal_batches
+    again._signal_batches = lambda ds, todo: (computed.append(len(todo)), original(ds, todo))[1]
+    assert len(again.precompute_teacher_signals()) == len(rows)
+    assert computed == [len(rows) - 12]  # the three flushed batches survived the kill
