@@ -5,6 +5,7 @@ comes from an ensemble of :class:`Teacher` models integrated by a registered str
 default: Monte-Carlo-dropout certainty, soft/hard selection, margin re-weighting).
 """
 
+from .checkpoints import CheckpointMismatchError
 from .collator import KnowledgeIntegrationCollator
 from .config import KnowledgeIntegrationConfig
 from .label_space import LabelSpace
@@ -19,18 +20,23 @@ from .strategies import (
     list_strategies,
     register_strategy,
 )
+from .signal_cache import CorruptSignalCacheError, StaleSignalCacheError
 from .teacher import Teacher
-from .trainer import KnowledgeIntegrationTrainer
+from .trainer import KnowledgeIntegrationTrainer, NonFiniteLossError
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointMismatchError",
+    "CorruptSignalCacheError",
     "IntegrationOutput",
     "IntegrationStrategy",
     "KnowledgeIntegrationCollator",
     "KnowledgeIntegrationConfig",
     "KnowledgeIntegrationTrainer",
     "LabelSpace",
+    "NonFiniteLossError",
+    "StaleSignalCacheError",
     "StrategyOptions",
     "Teacher",
     "TeacherNaNError",
