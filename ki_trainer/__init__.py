@@ -9,6 +9,14 @@ from .checkpoints import CheckpointMismatchError
 from .collator import KnowledgeIntegrationCollator
 from .config import KnowledgeIntegrationConfig
 from .label_space import LabelSpace
+from .merge_distill import (
+    MaskedLMTeacher,
+    MergeDistillConfig,
+    MergeDistillTrainer,
+    StudentVocabulary,
+    build_student,
+    select_teachers,
+)
 from .metrics import integration_metrics
 from .querying import TeacherNaNError, mc_dropout_probs, query_teachers
 from .strategies import (
@@ -35,16 +43,22 @@ __all__ = [
     "KnowledgeIntegrationConfig",
     "KnowledgeIntegrationTrainer",
     "LabelSpace",
+    "MaskedLMTeacher",
+    "MergeDistillConfig",
+    "MergeDistillTrainer",
+    "StudentVocabulary",
     "NonFiniteLossError",
     "StaleSignalCacheError",
     "StrategyOptions",
     "Teacher",
     "TeacherNaNError",
     "TeacherSignals",
+    "build_student",
     "get_strategy",
     "integration_metrics",
     "list_strategies",
     "mc_dropout_probs",
     "query_teachers",
     "register_strategy",
+    "select_teachers",
 ]

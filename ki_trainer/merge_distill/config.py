@@ -1,0 +1,110 @@
+"""``MergeDistillConfig``: ``TrainingArguments`` plus the knobs of MergeDistill."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from transformers import TrainingArguments
+
+from ..config import TEACHER_DTYPES
+
+
+@dataclass
+class MergeDistillConfig(TrainingArguments):
+    """Training arguments for :class:`~ki_trainer.merge_distill.MergeDistillTrainer`.
+
+    Every ``TrainingArguments`` field works as usual. The fields below configure the masking, the
+    teachers' top-k signal and the loss ``alpha * KD + (1 - alpha) * MLM``; all can be given on the
+    command line through ``HfArgumentParser``.
+    """
+
+    alpha: float = field(
+        default=0.5,
+        metadata={"help": "Weight of the distillation term: loss = alpha * KD + (1 - alpha) * MLM. 0 = plain MLM."},
+    )
+    kd_temperature: float = field(
+        default=1.0,
+        metadata={"help": "Temperature of the teacher's softmax (before top-k) and the student's; KD is scaled by T^2."},
+    )
+    top_k: int = field(
+        default=8,
+        metadata={"help": "Teacher tokens kept per masked position (mapped to student ids, renormalised)."},
+    )
+    mlm_probability: float = field(
+        default=0.15,
+        metadata={"help": "Share of eligible tokens predicted per text (of them 80% [MASK], 10% random, 10% kept)."},
+    )
+    static_masking: bool = field(
+        default=False,
+        metadata={
+            "help": "Mask each text identically in every epoch (a function of seed and example id). Forced by "
+            "teacher_signals='cached'; evaluation always masks statically."
+        },
+    )
+    max_length: Optional[int] = field(
+        default=None,
+        metadata={"help": "Truncation length in teacher tokens (default: each teacher's and the student's limit)."},
+    )
+    text_column: str = field(default="text", metadata={"help": "Dataset column holding the raw text."})
+    language_column: str = field(
+        default="language",
+        metadata={"help": "Dataset column with each text's language; it picks the teacher (and its tokenization)."},
+    )
+    id_column: str = field(
+        default="id",
+        metadata={"help": "Dataset column with unique example ids (needed for cached teacher signals)."},
+    )
+    teacher_signals: str = field(
+        default="on_the_fly",
+        metadata={
+            "help": "'on_the_fly' queries the teachers every step; 'cached' computes every training row's top-k "
+            "signal once (student ids + fp16 probabilities, static masking) so teachers need not stay in memory.",
+            "choices": ["on_the_fly", "cached"],
+        },
+    )
+    signal_cache_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Where cached top-k signals live (default: <output_dir>/teacher_signals)."},
+    )
+    teacher_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Precision teachers are held in: 'auto' follows bf16/fp16 mixed precision, else float32.",
+            "choices": list(TEACHER_DTYPES),
+        },
+    )
+    release_teachers: bool = field(
+        default=False,
+        metadata={"help": "With cached signals, move the teachers to the CPU once the cache is built."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}.")
+        if self.kd_temperature <= 0:
+            raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}.")
+        if self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {self.top_k}.")
+        if not 0.0 < self.mlm_probability < 1.0:
+            raise ValueError(f"mlm_probability must be in (0, 1), got {self.mlm_probability}.")
+        if self.max_length is not None and self.max_length < 3:
+            raise ValueError(f"max_length must be >= 3 (two special tokens and one text token), got {self.max_length}.")
+        if self.teacher_signals not in ("on_the_fly", "cached"):
+            raise ValueError(f"teacher_signals must be 'on_the_fly' or 'cached', got {self.teacher_signals!r}.")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(f"teacher_dtype must be one of {list(TEACHER_DTYPES)}, got {self.teacher_dtype!r}.")
+        if self.teacher_signals == "cached":
+            self.static_masking = True
+
+    def resolved_teacher_dtype(self) -> torch.dtype:
+        explicit = TEACHER_DTYPES[self.teacher_dtype]
+        if explicit is not None:
+            return explicit
+        if self.bf16:
+            return torch.bfloat16
+        if self.fp16 and not self.use_cpu:
+            return torch.float16
+        return torch.float32

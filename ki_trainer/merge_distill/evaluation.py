@@ -1,0 +1,138 @@
+"""Masked-token accuracy and pseudo-perplexity on held-out text; teacher selection per language.
+
+Scoring masks every eligible token exactly once: the eligible tokens of a text are dealt into
+``groups`` groups round-robin, and each group is replaced by ``[MASK]`` in one pass (``groups=None``
+masks one token per pass, the classic pseudo-perplexity of Salazar et al., at one pass per token).
+Accuracy is top-1 on the gold token; pseudo-perplexity is ``exp(mean -log p(gold))``.
+
+A student is scored on the SAME teacher tokenization mapped to student ids and the same positions
+as that language's teacher, so teacher, student and baseline are compared token for token.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from .signals import masked_lm_logits
+from .teacher import MaskedLMTeacher
+from .vocabulary import StudentVocabulary
+
+
+@torch.no_grad()
+def score_masked_lm(
+    model,
+    teacher: MaskedLMTeacher,
+    texts: Sequence[str],
+    vocabulary: Optional[StudentVocabulary] = None,
+    teacher_index: Optional[int] = None,
+    student: bool = False,
+    groups: Optional[int] = 7,
+    max_length: int = 128,
+    batch_size: int = 32,
+) -> dict:
+    """Score ``model`` on ``texts`` tokenized by ``teacher``.
+
+    Args:
+        model: the teacher's own masked LM, or a student (then ``student=True`` and ``vocabulary``).
+        teacher: whose tokenizer segments the texts.
+        vocabulary, teacher_index: the student vocabulary and ``teacher``'s index in it. Given, only
+            tokens with a student counterpart are scored (so a teacher and a student are scored on the
+            same positions); ``None``: every non-special token is scored.
+        student: ``model`` reads student ids (the teacher's tokens mapped through the vocabulary).
+        groups: tokens masked together per pass (round-robin); ``None`` = one token per pass.
+    """
+    if (vocabulary is None) != (teacher_index is None) or (student and vocabulary is None):
+        raise ValueError("Pass vocabulary and teacher_index together (a student always needs them).")
+    id_map = vocabulary.id_maps[teacher_index] if vocabulary is not None else None
+    tokenizer = teacher.tokenizer
+    model.eval()
+    device = next(model.parameters()).device
+    specials = set(tokenizer.all_special_ids)
+    sequences = []  # (input ids, gold ids, predict mask)
+    unknown = 0
+    for text in texts:
+        ids = torch.tensor(tokenizer(text, truncation=True, max_length=max_length)["input_ids"], dtype=torch.long)
+        unknown += int((ids == tokenizer.unk_token_id).sum()) if tokenizer.unk_token_id is not None else 0
+        eligible = torch.tensor([i not in specials for i in ids.tolist()], dtype=torch.bool)
+        if id_map is not None:
+            eligible &= (ids < len(id_map)) & (id_map[ids.clamp(max=len(id_map) - 1)] >= 0)
+        order = torch.nonzero(eligible).flatten()
+        n_groups = len(order) if groups is None else min(groups, len(order))
+        if student:
+            inputs = vocabulary.map_ids(teacher_index, ids)
+            gold, mask_id = inputs.clone(), vocabulary.special_ids["mask"]
+        else:
+            inputs, gold, mask_id = ids, ids, tokenizer.mask_token_id
+        for g in range(n_groups):
+            predict = torch.zeros_like(eligible)
+            predict[order[g::n_groups]] = True
+            masked = inputs.clone()
+            masked[predict] = mask_id
+            sequences.append((masked, gold, predict))
+    correct, nll, count = 0, 0.0, 0
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start : start + batch_size]
+        width = max(len(s[0]) for s in chunk)
+        input_ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        attention = torch.zeros_like(input_ids)
+        predict = torch.zeros_like(input_ids, dtype=torch.bool)
+        gold = torch.zeros_like(input_ids)
+        for j, (masked, g, p) in enumerate(chunk):
+            input_ids[j, : len(masked)], attention[j, : len(masked)] = masked, 1
+            predict[j, : len(masked)], gold[j, : len(masked)] = p, g
+        logits = masked_lm_logits(model, input_ids.to(device), attention.to(device), predict.to(device)).float()
+        target = gold[predict].to(device)
+        log_probs = torch.log_softmax(logits, dim=-1)
+        nll += float(-log_probs.gather(1, target[:, None]).sum())
+        correct += int((logits.argmax(dim=-1) == target).sum())
+        count += len(target)
+    return {
+        "accuracy": correct / count if count else float("nan"),
+        "pseudo_perplexity": math.exp(nll / count) if count else float("nan"),
+        "tokens": count,
+        "unknown_tokens": unknown,
+        # [UNK] tokens (text the tokenizer cannot represent) counted as misses: what teacher selection uses
+        "accuracy_with_unknown": correct / (count + unknown) if count + unknown else float("nan"),
+    }
+
+
+def select_teachers(
+    teachers: Sequence[MaskedLMTeacher],
+    held_out: dict[str, Sequence[str]],
+    groups: Optional[int] = 7,
+    max_length: int = 128,
+    batch_size: int = 32,
+) -> tuple[dict[str, str], list[dict]]:
+    """Choose, per language, the teacher with the highest masked-token accuracy on held-out text.
+
+    Each teacher is scored in its own tokenization (so the token sets differ between teachers); tokens
+    its tokenizer cannot represent ([UNK]) count as misses, so a teacher that cannot read a language
+    is not chosen for it on the strength of the few tokens it can read (``accuracy_with_unknown``). Sets
+    ``teacher.languages`` accordingly and returns ``(language -> teacher name, table)``; the table has
+    one row per (language, teacher) with accuracy, pseudo-perplexity, tokens and ``chosen``.
+    """
+    if not held_out:
+        raise ValueError("Teacher selection needs held-out text for at least one language.")
+    table, choice = [], {}
+    for language, texts in held_out.items():
+        if not texts:
+            raise ValueError(f"No held-out text for language {language!r}; cannot choose its teacher.")
+        rows = []
+        for teacher in teachers:
+            scores = score_masked_lm(teacher.model, teacher, texts, groups=groups, max_length=max_length, batch_size=batch_size)
+            rows.append({"language": language, "teacher": teacher.name, **scores})
+        def key(row):
+            accuracy = row["accuracy_with_unknown"]
+            return (accuracy if accuracy == accuracy else -1.0, -row["pseudo_perplexity"] if row["tokens"] else -math.inf)
+
+        best = max(rows, key=key)
+        for row in rows:
+            row["chosen"] = row is best
+        choice[language] = best["teacher"]
+        table.extend(rows)
+    for teacher in teachers:
+        teacher.languages = [lang for lang, name in choice.items() if name == teacher.name]
+    return choice, table
