@@ -426,3 +426,50 @@ def test_scores_and_teacher_selection(teachers):
     single = score_masked_lm(teachers[0].model, teachers[0], held_out["en"][:3], groups=None)
     grouped = score_masked_lm(teachers[0].model, teachers[0], held_out["en"][:3], groups=3)
     assert single["tokens"] == grouped["tokens"] == sum(len(s.split()) for s in held_out["en"][:3])
+    # restricted to the tokens the teachers produce on each language's text: the same choice
+    candidates = {
+        lang: StudentVocabulary.union([t.tokenizer for t in teachers], [t.name for t in teachers],
+                                      [count_tokens(t.tokenizer, texts) for t in teachers])
+        for lang, texts in held_out.items()
+    }
+    choice, table = select_teachers(teachers, held_out, candidates=candidates)
+    assert choice == {"en": "en_teacher", "it": "it_teacher"}
+    for teacher, languages in zip(teachers, saved):
+        teacher.languages = languages
+
+
+def test_restricted_output_layer_equals_full_columns(teachers, tmp_path):
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    from ki_trainer.merge_distill import masked_lm_logits
+
+    torch.manual_seed(0)
+    roberta = RobertaForMaskedLM(RobertaConfig(vocab_size=30, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                               intermediate_size=64, max_position_embeddings=40)).eval()
+    import copy
+
+    for model in (copy.deepcopy(teachers[0].model), roberta):
+        with torch.no_grad():
+            model.get_output_embeddings().bias.add_(torch.randn_like(model.get_output_embeddings().bias))  # non-zero bias
+        ids = torch.randint(5, 15, (3, 7))
+        predict = torch.rand(3, 7, generator=torch.Generator().manual_seed(1)) < 0.5
+        columns = torch.tensor([9, 2, 14, 5])
+        with torch.no_grad():
+            full = masked_lm_logits(model, ids, torch.ones_like(ids), predict)
+            restricted = masked_lm_logits(model, ids, torch.ones_like(ids), predict, columns=columns)
+            reference = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[predict]
+        assert torch.allclose(full, reference, atol=1e-5)
+        assert torch.allclose(restricted, reference[:, columns], atol=1e-5)
+    # teacher_output="student_vocabulary": top-k over the representable tokens; a full vocabulary here
+    # (every teacher token maps), so the signal equals the full one
+    full_trainer = make_trainer(teachers, tmp_path / "a")
+    restricted_trainer = make_trainer(teachers, tmp_path / "b", teacher_output="student_vocabulary")
+    batch = full_trainer.data_collator([mixed_dataset()[i] for i in range(8)])
+    a = full_trainer.teacher_signal(batch[TEACHER_BATCHES_KEY], batch["labels"])
+    b = restricted_trainer.teacher_signal(batch[TEACHER_BATCHES_KEY], batch["labels"])
+    assert torch.allclose(a.probs, b.probs, atol=1e-5) and torch.equal(a.ids[a.probs > 0], b.ids[a.probs > 0])
+    scores = [score_masked_lm(teachers[0].model, teachers[0], en_sentences(4, 3), full_trainer.vocabulary, 0, candidates=c)
+              for c in ("all", "student_vocabulary")]
+    # the English teacher's vocabulary maps entirely, so both candidate sets are the same tokens
+    assert scores[0]["accuracy"] == scores[1]["accuracy"]
+    assert math.isclose(scores[0]["pseudo_perplexity"], scores[1]["pseudo_perplexity"], rel_tol=1e-5)

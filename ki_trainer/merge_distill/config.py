@@ -32,6 +32,17 @@ class MergeDistillConfig(TrainingArguments):
         default=8,
         metadata={"help": "Teacher tokens kept per masked position (mapped to student ids, renormalised)."},
     )
+    teacher_output: str = field(
+        default="full",
+        metadata={
+            "help": "'full': the teacher's softmax over its whole vocabulary, top-k, tokens without a student "
+            "counterpart dropped and the rest renormalised. 'student_vocabulary': the teacher's output layer is "
+            "evaluated only on its tokens that map to the student vocabulary (softmax over those, then top-k): the "
+            "same distribution conditioned on being representable, at a fraction of the cost when the teacher's "
+            "vocabulary is much larger than the student's (e.g. 250k vs 20k).",
+            "choices": ["full", "student_vocabulary"],
+        },
+    )
     mlm_probability: float = field(
         default=0.15,
         metadata={"help": "Share of eligible tokens predicted per text (of them 80% [MASK], 10% random, 10% kept)."},
@@ -94,6 +105,8 @@ class MergeDistillConfig(TrainingArguments):
             raise ValueError(f"max_length must be >= 3 (two special tokens and one text token), got {self.max_length}.")
         if self.teacher_signals not in ("on_the_fly", "cached"):
             raise ValueError(f"teacher_signals must be 'on_the_fly' or 'cached', got {self.teacher_signals!r}.")
+        if self.teacher_output not in ("full", "student_vocabulary"):
+            raise ValueError(f"teacher_output must be 'full' or 'student_vocabulary', got {self.teacher_output!r}.")
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {list(TEACHER_DTYPES)}, got {self.teacher_dtype!r}.")
         if self.teacher_signals == "cached":

@@ -29,6 +29,7 @@ def score_masked_lm(
     vocabulary: Optional[StudentVocabulary] = None,
     teacher_index: Optional[int] = None,
     student: bool = False,
+    candidates: str = "all",
     groups: Optional[int] = 7,
     max_length: int = 128,
     batch_size: int = 32,
@@ -42,11 +43,21 @@ def score_masked_lm(
             tokens with a student counterpart are scored (so a teacher and a student are scored on the
             same positions); ``None``: every non-special token is scored.
         student: ``model`` reads student ids (the teacher's tokens mapped through the vocabulary).
+        candidates: for a teacher, ``"all"`` predicts over its whole vocabulary; ``"student_vocabulary"``
+            only over its tokens with a student counterpart (the student's candidate set, and a fraction of
+            the cost for a 250k-token teacher).
         groups: tokens masked together per pass (round-robin); ``None`` = one token per pass.
     """
     if (vocabulary is None) != (teacher_index is None) or (student and vocabulary is None):
         raise ValueError("Pass vocabulary and teacher_index together (a student always needs them).")
+    if candidates not in ("all", "student_vocabulary") or (candidates != "all" and (student or vocabulary is None)):
+        raise ValueError("candidates='student_vocabulary' applies to a teacher scored with a vocabulary.")
     id_map = vocabulary.id_maps[teacher_index] if vocabulary is not None else None
+    columns = inverse = None
+    if candidates == "student_vocabulary":
+        columns = vocabulary.mapped_teacher_ids(teacher_index)
+        inverse = torch.full((len(id_map),), -1, dtype=torch.long)
+        inverse[columns] = torch.arange(len(columns))
     tokenizer = teacher.tokenizer
     model.eval()
     device = next(model.parameters()).device
@@ -83,8 +94,12 @@ def score_masked_lm(
         for j, (masked, g, p) in enumerate(chunk):
             input_ids[j, : len(masked)], attention[j, : len(masked)] = masked, 1
             predict[j, : len(masked)], gold[j, : len(masked)] = p, g
-        logits = masked_lm_logits(model, input_ids.to(device), attention.to(device), predict.to(device)).float()
-        target = gold[predict].to(device)
+        logits = masked_lm_logits(
+            model, input_ids.to(device), attention.to(device), predict.to(device),
+            columns=None if columns is None else columns.to(device),
+        ).float()
+        target = gold[predict] if inverse is None else inverse[gold[predict]]
+        target = target.to(device)
         log_probs = torch.log_softmax(logits, dim=-1)
         nll += float(-log_probs.gather(1, target[:, None]).sum())
         correct += int((logits.argmax(dim=-1) == target).sum())
@@ -105,6 +120,7 @@ def select_teachers(
     groups: Optional[int] = 7,
     max_length: int = 128,
     batch_size: int = 32,
+    candidates: Optional[dict[str, StudentVocabulary]] = None,
 ) -> tuple[dict[str, str], list[dict]]:
     """Choose, per language, the teacher with the highest masked-token accuracy on held-out text.
 
@@ -113,6 +129,11 @@ def select_teachers(
     is not chosen for it on the strength of the few tokens it can read (``accuracy_with_unknown``). Sets
     ``teacher.languages`` accordingly and returns ``(language -> teacher name, table)``; the table has
     one row per (language, teacher) with accuracy, pseudo-perplexity, tokens and ``chosen``.
+
+    ``candidates`` (language -> a vocabulary with one id map per teacher, e.g. the union of the tokens
+    the teachers produce on that language's training text) restricts each teacher's prediction to its
+    tokens in that vocabulary and scores only those positions: much cheaper for 250k-token teachers,
+    and every teacher chooses among the tokens that occur in the language.
     """
     if not held_out:
         raise ValueError("Teacher selection needs held-out text for at least one language.")
@@ -121,8 +142,13 @@ def select_teachers(
         if not texts:
             raise ValueError(f"No held-out text for language {language!r}; cannot choose its teacher.")
         rows = []
-        for teacher in teachers:
-            scores = score_masked_lm(teacher.model, teacher, texts, groups=groups, max_length=max_length, batch_size=batch_size)
+        for t, teacher in enumerate(teachers):
+            restrict = {}
+            if candidates is not None:
+                restrict = dict(vocabulary=candidates[language], teacher_index=t, candidates="student_vocabulary")
+            scores = score_masked_lm(
+                teacher.model, teacher, texts, groups=groups, max_length=max_length, batch_size=batch_size, **restrict
+            )
             rows.append({"language": language, "teacher": teacher.name, **scores})
         def key(row):
             accuracy = row["accuracy_with_unknown"]

@@ -36,6 +36,7 @@ def merge_distill_section(teachers: Sequence, language_teachers: dict, vocabular
         "kd_temperature": args.kd_temperature,
         "mlm_probability": args.mlm_probability,
         "teacher_signals": args.teacher_signals,
+        "teacher_output": args.teacher_output,
     }
     lines += ["", "Settings:", ""] + [f"- {k}: `{v}`" for k, v in settings.items()]
     lines += [

@@ -25,21 +25,53 @@ from ..signal_cache import StaleSignalCacheError, _hash_tensor, text_hash
 CACHE_FORMAT_VERSION = 1
 
 
-def masked_lm_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, predict: torch.Tensor) -> torch.Tensor:
+def masked_lm_logits(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    predict: torch.Tensor,
+    columns: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Logits ``(n_predict, vocab)`` at the ``predict`` positions (row-major order).
 
     BERT-style (``.cls``) and RoBERTa-style (``.lm_head``) masked LMs apply their head to the selected
     hidden states only; any other masked LM falls back to its full forward. A model wrapped for
     distributed training (no ``base_model``/head attributes on the wrapper) takes the full forward too,
     so the wrapper's gradient hooks run.
+
+    ``columns`` (1-D token ids) restricts the output layer to those tokens: logits ``(n_predict,
+    len(columns))`` in that order, computed with only those rows of the decoder (for a 250k-token
+    teacher and a ~10k-token student vocabulary, ~25x less work in the output layer).
     """
     head = getattr(model, "cls", None) or getattr(model, "lm_head", None)
     base = getattr(model, "base_model", None)
     if head is not None and base is not None and base is not model:
-        hidden = base(input_ids=input_ids, attention_mask=attention_mask)[0]
-        return head(hidden[predict])
-    logits = model(input_ids=input_ids, attention_mask=attention_mask)[0]
-    return logits[predict]
+        hidden = base(input_ids=input_ids, attention_mask=attention_mask)[0][predict]
+        if columns is None:
+            return head(hidden)
+        restricted = _restricted_head(head, hidden, columns)
+        if restricted is not None:
+            return restricted
+        return head(hidden)[:, columns]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask)[0][predict]
+    return logits if columns is None else logits[:, columns]
+
+
+def _restricted_head(head, hidden: torch.Tensor, columns: torch.Tensor) -> Optional[torch.Tensor]:
+    """BERT's ``cls.predictions`` (transform + decoder) or RoBERTa's ``lm_head`` (dense, gelu, layer_norm,
+    decoder) evaluated on the ``columns`` rows of the decoder only; ``None`` for other heads."""
+    predictions = getattr(head, "predictions", None)
+    if predictions is not None and hasattr(predictions, "transform") and hasattr(predictions, "decoder"):
+        transformed, decoder = predictions.transform(hidden), predictions.decoder
+        bias = getattr(predictions, "bias", None)
+    elif all(hasattr(head, name) for name in ("dense", "layer_norm", "decoder")):
+        transformed = head.layer_norm(torch.nn.functional.gelu(head.dense(hidden)))
+        decoder, bias = head.decoder, getattr(head, "bias", None)
+    else:
+        return None
+    bias = decoder.bias if decoder.bias is not None else bias  # what the head's forward adds
+    weight = decoder.weight.index_select(0, columns)
+    return torch.nn.functional.linear(transformed, weight, None if bias is None else bias.index_select(0, columns))
 
 
 @dataclass

@@ -206,14 +206,19 @@ class MergeDistillTrainer(Trainer):
         for t, sub in teacher_batches.items():
             teacher = self.teachers[int(t)]
             device = next(teacher.model.parameters()).device
+            id_map, columns = self.vocabulary.id_maps[int(t)], None
+            if self.args.teacher_output == "student_vocabulary":
+                columns = self.vocabulary.mapped_teacher_ids(int(t))
+                id_map, columns = id_map[columns], columns.to(device)
             with self.accelerator.autocast():
                 logits = masked_lm_logits(
                     teacher.model,
                     sub["input_ids"].to(device),
                     sub["attention_mask"].to(device),
                     sub["predict"].to(device),
+                    columns=columns,
                 )
-            signal = topk_to_student(logits, self.vocabulary.id_maps[int(t)], k, self.args.kd_temperature)
+            signal = topk_to_student(logits, id_map, k, self.args.kd_temperature)
             select = torch.isin(row_of, sub["rows"].to(row_of.device))
             if int(select.sum()) != len(signal.ids):
                 raise RuntimeError(
@@ -262,6 +267,7 @@ class MergeDistillTrainer(Trainer):
             "k": self.args.top_k,
             "T": self.args.kd_temperature,
             "p": self.args.mlm_probability,
+            "output": self.args.teacher_output,
             "seed": self.args.seed,
             "lengths": getattr(collator, "max_lengths", None),
             "languages": self.language_teachers,

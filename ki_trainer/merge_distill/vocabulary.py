@@ -43,14 +43,13 @@ def tokenizer_convention(tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
             f"{type(tokenizer).__name__} is not a fast tokenizer; MergeDistill reads the sub-word convention from "
             "the fast (tokenizers) backend. Load the teacher's tokenizer with use_fast=True."
         )
-    spec = json.loads(backend.to_str())
-    model = spec.get("model", {})
-    kind = model.get("type")
+    model = backend.model
+    kind = type(model).__name__
     if kind == "WordPiece":
-        return "wordpiece", model.get("continuing_subword_prefix") or CONTINUATION
+        return "wordpiece", model.continuing_subword_prefix or CONTINUATION
     if kind == "WordLevel":
         return "wordpiece", CONTINUATION  # whole words: every token starts a word
-    if kind in ("Unigram", "BPE") and WORD_START in backend.to_str():
+    if kind == "Unigram" or (kind == "BPE" and "Metaspace" in json.dumps(json.loads(backend.to_str()).get("pre_tokenizer"))):
         return "sentencepiece", WORD_START
     raise ValueError(
         f"Cannot normalise the sub-word convention of {type(tokenizer).__name__} (backend model {kind!r}): "
@@ -172,8 +171,9 @@ class StudentVocabulary:
         for tokenizer, counts in zip(tokenizers, token_counts):
             convention = tokenizer_convention(tokenizer)
             specials = special_roles(tokenizer)
+            special_tokens = set(tokenizer.all_special_tokens)
             for teacher_id, token in _id_ordered(tokenizer):
-                if teacher_id in specials or token in tokenizer.all_special_tokens:
+                if teacher_id in specials or token in special_tokens:
                     continue
                 if counts is not None and counts.get(teacher_id, 0) < min_count:
                     continue
@@ -243,16 +243,17 @@ class StudentVocabulary:
             specials = special_roles(tokenizer)
             pairs = _id_ordered(tokenizer)
             size = max(len(tokenizer), 1 + max((i for i, _ in pairs), default=-1))
-            id_map = torch.full((size,), -1, dtype=torch.long)
+            values = [-1] * size
             for teacher_id, token in pairs:
                 if teacher_id in specials:
                     student_id = special_ids.get(specials[teacher_id], -1)
                 else:
                     student_id = index.get(normalize_token(token, convention), -1)
-                id_map[teacher_id] = student_id
+                values[teacher_id] = student_id
                 if student_id >= 0:
                     owners.setdefault(student_id, []).append((t, teacher_id))
-            report = TeacherCoverage(name, len(pairs), int((id_map[[i for i, _ in pairs]] >= 0).sum()))
+            id_map = torch.tensor(values, dtype=torch.long)
+            report = TeacherCoverage(name, len(pairs), sum(values[i] >= 0 for i, _ in pairs))
             if counts is not None:
                 report.occurrences = int(sum(counts.values()))
                 report.occurrences_mapped = int(sum(c for i, c in counts.items() if i < size and id_map[i] >= 0))
@@ -266,6 +267,10 @@ class StudentVocabulary:
         id_map = self.id_maps[teacher].to(teacher_ids.device)
         mapped = id_map[teacher_ids.clamp(0, len(id_map) - 1)]
         return torch.where(mapped >= 0, mapped, torch.full_like(mapped, self.special_ids["unk"]))
+
+    def mapped_teacher_ids(self, teacher: int) -> torch.Tensor:
+        """The teacher ids that have a student counterpart (ascending)."""
+        return torch.nonzero(self.id_maps[teacher] >= 0).flatten()
 
     def update_coverage(self, token_counts: Sequence[Optional[Counter]]) -> list[TeacherCoverage]:
         """Recompute occurrence coverage on other text (e.g. held-out rows); returns new reports."""
