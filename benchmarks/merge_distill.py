@@ -12,14 +12,16 @@ finished stage, reusing the saved teachers, signal cache and students):
 1. text: ``debian_ddtp.jsonl.xz`` rows of the chosen languages; sources that debian_sections20 puts
    in val/test (sha1("split:" + source) % 100 >= 70) never reach training: val-hash sources give the
    teacher-selection text, test-hash sources the evaluation text;
-2. teachers: all-MiniLM-L6-v2 (English) and multilingual-e5-small (Italian, German) have no trained
+2. student vocabulary (needs only the tokenizers): union of the teachers' vocabularies restricted to
+   tokens seen ``min_count`` times in the training text of the teacher's languages; coverage on
+   train and evaluation text;
+3. teachers: all-MiniLM-L6-v2 (English) and multilingual-e5-small (Italian, German) have no trained
    MLM head; their MLM training is continued briefly with the decoder tied to the (frozen) input
-   embeddings: the head transform, the output bias and the top ``teacher_layers`` layers learn;
-3. teacher selection table: every teacher on every language's selection text (the run uses the
-   given assignment; the table says what automatic selection would choose);
-4. student vocabulary: union of the teachers' vocabularies restricted to tokens seen
-   ``min_count`` times in the training text of the teacher's languages; coverage on train and
-   evaluation text;
+   embeddings: the encoder is frozen, the head transform and output bias learn, over the teacher's
+   tokens in the student vocabulary;
+4. teacher selection table: every teacher on every language's selection text, predicting among its
+   tokens seen in that language's training text (the run uses the given assignment; the table says
+   what automatic selection would choose);
 5. students, same size: ``merge_distill`` (alpha * KD + (1 - alpha) * MLM, teacher-initialised
    embeddings, cached top-k signals) and ``plain_mlm`` (alpha = 0, random initialisation: no teacher
    at all); optionally ``plain_mlm_teacher_init`` (alpha = 0 with teacher-initialised embeddings);
@@ -61,6 +63,7 @@ from ki_trainer.merge_distill import (  # noqa: E402
     select_teachers,
 )
 from ki_trainer.merge_distill.masking import mask_tokens  # noqa: E402
+from ki_trainer.merge_distill.signals import _restricted_head  # noqa: E402
 from ki_trainer.pretrained import resolve_model  # noqa: E402
 
 DDTP = Path(os.environ.get("KI_SHARED_DATA", "/work/shared/data")) / "debian_ddtp.jsonl.xz"
@@ -69,7 +72,7 @@ CONFIGS = {
     "cpu": dict(
         languages={"en": "all-MiniLM-L6-v2", "it": "multilingual-e5-small", "de": "multilingual-e5-small"},
         train_rows=800, select_rows=30, eval_rows=100, max_length=48,
-        teacher_rows=500, teacher_epochs=2, teacher_layers=1, teacher_lr=1e-3, teacher_batch=32,
+        teacher_rows=600, teacher_epochs=12, teacher_lr=2e-3, teacher_batch=256,
         min_count=2, student_layers=2, student_hidden=384, student_heads=6, student_ffn=1024,
         epochs=2, batch=32, lr=5e-4, alpha=0.5, top_k=8, eval_groups=7, seeds=[0],
         variants=["merge_distill", "plain_mlm"],
@@ -77,7 +80,7 @@ CONFIGS = {
     "smoke": dict(
         languages={"en": "all-MiniLM-L6-v2", "it": "multilingual-e5-small"},
         train_rows=40, select_rows=6, eval_rows=8, max_length=24,
-        teacher_rows=24, teacher_epochs=1, teacher_layers=0, teacher_lr=1e-3, teacher_batch=8,
+        teacher_rows=24, teacher_epochs=2, teacher_lr=2e-3, teacher_batch=64,
         min_count=1, student_layers=1, student_hidden=384, student_heads=6, student_ffn=256,
         epochs=1, batch=8, lr=5e-4, alpha=0.5, top_k=8, eval_groups=3, seeds=[0],
         variants=["merge_distill", "plain_mlm"],
@@ -85,7 +88,7 @@ CONFIGS = {
     "gpu": dict(
         languages={"en": "all-MiniLM-L6-v2", "it": "multilingual-e5-small", "de": "multilingual-e5-small"},
         train_rows=10000, select_rows=200, eval_rows=500, max_length=128,
-        teacher_rows=10000, teacher_epochs=2, teacher_layers=2, teacher_lr=5e-4, teacher_batch=64,
+        teacher_rows=10000, teacher_epochs=20, teacher_lr=2e-3, teacher_batch=256,
         min_count=2, student_layers=4, student_hidden=384, student_heads=6, student_ffn=1536,
         epochs=5, batch=64, lr=5e-4, alpha=0.5, top_k=8, eval_groups=7, seeds=[0, 1, 2],
         variants=["merge_distill", "plain_mlm", "plain_mlm_teacher_init"],
@@ -153,24 +156,18 @@ def load_text(cfg: dict) -> dict[str, dict[str, list[dict]]]:
 
 # ---------------------------------------------------------------------- 2. teachers
 def continue_mlm_training(model, tokenizer, texts, cfg: dict, columns: torch.Tensor, seed: int = 0) -> dict:
-    """Continued MLM training with the decoder tied to the frozen input embeddings.
+    """Continued MLM training of the head, with the decoder tied to the frozen input embeddings.
 
-    Trains the head transform, the output bias and the top ``teacher_layers`` encoder layers; logits
-    only at the masked positions and only over ``columns`` (the teacher tokens of the student
-    vocabulary; the 250k-row output layer of e5 dominates the cost otherwise). Only tokens in
-    ``columns`` are masked, so every target is among them.
+    The encoder stays frozen: each text is masked once (15%, 80/10/10, only tokens in ``columns``, the
+    teacher's tokens in the student vocabulary), the encoder runs once, and the head transform and output
+    bias are trained for ``teacher_epochs`` epochs on the hidden states at the masked positions, with
+    logits only over ``columns`` (the 250k-row output layer of e5 dominates the cost otherwise).
     """
     torch.manual_seed(seed)
+    model.eval()
     model.requires_grad_(False)
     head = model.cls.predictions
-    trainable = [head.transform, *model.bert.encoder.layer[len(model.bert.encoder.layer) - cfg["teacher_layers"]:]]
-    for module in trainable:
-        module.requires_grad_(True)
-    head.bias.requires_grad_(True)
     assert head.decoder.weight.data_ptr() == model.bert.embeddings.word_embeddings.weight.data_ptr(), "decoder not tied"
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg["teacher_lr"], weight_decay=0.0)
-    enc = [tokenizer(t, truncation=True, max_length=cfg["max_length"])["input_ids"] for t in texts]
     specials = set(tokenizer.all_special_ids)
     generator = torch.Generator().manual_seed(seed)
     in_columns = torch.zeros(max(len(tokenizer), int(columns.max()) + 1), dtype=torch.bool)
@@ -179,30 +176,38 @@ def continue_mlm_training(model, tokenizer, texts, cfg: dict, columns: torch.Ten
     inverse = torch.full((len(in_columns),), -1, dtype=torch.long)
     inverse[columns] = torch.arange(len(columns))
     replacements = torch.nonzero(in_columns).flatten()
-    model.train()
-    losses, steps, start = [], 0, time.time()
-    for epoch in range(cfg["teacher_epochs"]):
-        order = torch.randperm(len(enc), generator=generator).tolist()
-        for begin in range(0, len(order), cfg["teacher_batch"]):
-            rows = [enc[i] for i in order[begin : begin + cfg["teacher_batch"]]]
-            width = max(map(len, rows))
-            ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-            attention = torch.zeros_like(ids)
-            for j, r in enumerate(rows):
-                ids[j, : len(r)], attention[j, : len(r)] = torch.tensor(r), 1
-            eligible = attention.bool() & in_columns[ids]
+    start = time.time()
+    hidden, targets = [], []
+    with torch.no_grad():
+        for begin in range(0, len(texts), 32):
+            enc = tokenizer(texts[begin : begin + 32], truncation=True, max_length=cfg["max_length"], padding=True, return_tensors="pt")
+            ids, attention = enc["input_ids"], enc["attention_mask"]
+            eligible = attention.bool() & in_columns[ids.clamp(max=len(in_columns) - 1)]
             masked, predict = mask_tokens(ids, eligible, tokenizer.mask_token_id, replacements, 0.15, generator)
-            logits = masked_lm_logits(model, masked, attention, predict, columns=columns)
-            loss = torch.nn.functional.cross_entropy(logits.float(), inverse[ids[predict]])
+            hidden.append(model.bert(input_ids=masked, attention_mask=attention)[0][predict])
+            targets.append(inverse[ids[predict]])
+    hidden, targets = torch.cat(hidden), torch.cat(targets)
+    encode_seconds = time.time() - start
+    head.transform.requires_grad_(True)
+    head.bias.requires_grad_(True)
+    params = [*head.transform.parameters(), head.bias]
+    optimizer = torch.optim.AdamW(params, lr=cfg["teacher_lr"], weight_decay=0.0)
+    losses, steps = [], 0
+    for epoch in range(cfg["teacher_epochs"]):
+        order = torch.randperm(len(targets), generator=generator)
+        for batch in order.split(cfg["teacher_batch"]):
+            logits = _restricted_head(model.cls, hidden[batch], columns)
+            loss = torch.nn.functional.cross_entropy(logits.float(), targets[batch])
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
             losses.append(float(loss.detach()))
             steps += 1
-    model.eval()
     model.requires_grad_(False)
-    return {"steps": steps, "first_loss": losses[0], "last_loss": sum(losses[-10:]) / len(losses[-10:]),
-            "seconds": round(time.time() - start, 1), "trainable_params": sum(p.numel() for p in params)}
+    return {"positions": len(targets), "steps": steps, "first_loss": round(losses[0], 4),
+            "last_epoch_loss": round(sum(losses[-max(1, steps // cfg["teacher_epochs"]):]) / max(1, steps // cfg["teacher_epochs"]), 4),
+            "encode_seconds": round(encode_seconds, 1), "seconds": round(time.time() - start, 1),
+            "trainable_params": sum(p.numel() for p in params)}
 
 
 def teacher_plan(cfg: dict) -> dict[str, list[str]]:
