@@ -75,7 +75,7 @@ CONFIGS = {
         teacher_rows=600, teacher_epochs=12, teacher_lr=2e-3, teacher_batch=256,
         min_count=2, student_layers=2, student_hidden=384, student_heads=6, student_ffn=1024,
         epochs=2, batch=32, lr=5e-4, alpha=0.5, top_k=8, eval_groups=7, seeds=[0],
-        variants=["merge_distill", "plain_mlm"],
+        variants=["merge_distill", "plain_mlm", "plain_mlm_teacher_init"],
     ),
     "smoke": dict(
         languages={"en": "all-MiniLM-L6-v2", "it": "multilingual-e5-small"},
@@ -382,8 +382,7 @@ def main() -> None:
     work = Path(cli.work_dir or f"outputs/merge_distill/{cli.config}")
     work.mkdir(parents=True, exist_ok=True)
     record = Record(work / "results.json")
-    if "config" not in record:
-        record.put("config", {"name": cli.config, **cfg})
+    record.put("config", {"name": cli.config, **cfg})
     record.put("environment", {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
                                "cuda": torch.cuda.is_available(), "cpus": os.cpu_count()})
     wall = time.time()

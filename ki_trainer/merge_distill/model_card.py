@@ -16,7 +16,7 @@ def merge_distill_section(teachers: Sequence, language_teachers: dict, vocabular
         "by the teacher of its language, and the student learned from that teacher's top-k predictions at the "
         "masked positions and from the masked tokens themselves.",
         "",
-        "| teacher | source | languages | vocabulary | student vocabulary share | token occurrences covered |",
+        "| teacher | source | languages | vocabulary | student vocabulary share | token occurrences covered (training text) |",
         "|---|---|---|---|---|---|",
     ]
     coverage = {c.teacher: c for c in vocabulary.coverage}
