@@ -47,6 +47,8 @@ class MaskedLMTeacher(Teacher):
             source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
         else:
             raise TypeError(f"Teacher model must be a PreTrainedModel, a directory or a Hub id; got {type(model).__name__}.")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 3):
+            raise ValueError(f"Teacher max_length must be an int >= 3 (two special tokens and a text token) or None, got {max_length!r}.")
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
         self.model: PreTrainedModel = model
