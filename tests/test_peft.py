@@ -198,3 +198,19 @@ def test_adapter_dir_without_labels_file_says_how_to_load_it(tmp_path):
     adapter.save_pretrained(str(tmp_path / "adapter"))  # saved by plain peft: no ki_labels.json
     with pytest.raises(ValueError, match="has no ki_labels.json.*ignore_mismatched_sizes=True"):
         Teacher(str(tmp_path / "adapter"))
+
+
+def test_adapter_teachers_share_one_cast_copy_under_bf16(tmp_path, unlabeled_train):
+    tok = build_tokenizer()
+    shared = _two_adapter_base(len(tok))
+    teachers = [Teacher(shared, adapter="fruit", labels=["alpha", "beta"]),
+                Teacher(shared, adapter="spice", labels=["gamma", "delta"])]
+    args = KnowledgeIntegrationConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=8, bf16=True,
+                                      mc_samples=2, report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no")
+    trainer = KnowledgeIntegrationTrainer(model=tiny_bert(4, len(tok), seed=3), args=args, teachers=teachers,
+                                          train_dataset=unlabeled_train, processing_class=tok)
+    first, second = (t.model for t in trainer.teachers)
+    assert first is second  # one bf16 base in memory for both adapter teachers
+    assert next(first.parameters()).dtype == torch.bfloat16 and next(shared.parameters()).dtype == torch.float32
+    trainer.train()
+    assert trainer.state.global_step == 1
