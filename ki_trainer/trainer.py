@@ -688,10 +688,6 @@ class KnowledgeIntegrationTrainer(Trainer):
             checkpoints.write_fingerprint(folder, self.run_fingerprint())  # first: trainer_state.json marks "complete"
         super()._save_checkpoint(model, trial)
 
-    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
-        self._check_finite_loss("before saving the model", collective=False)  # users may call it on one rank
-        super().save_model(output_dir, _internal_call)
-
     def _check_finite_loss(self, when: str, collective: bool = True) -> None:
         """Raise if any training step since the last check had a NaN/inf loss (one host sync; summed over
         processes when ``collective``, so every rank stops together)."""
@@ -801,6 +797,7 @@ class KnowledgeIntegrationTrainer(Trainer):
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """Save the student (a PEFT adapter with its labels, or merged with ``merge_adapter``) and, for a
         final save, its model card (``README.md``)."""
+        self._check_finite_loss("before saving the model", collective=False)  # users may call it on one rank
         self._final_save = not _internal_call or getattr(self, "_pushing", False)
         try:
             super().save_model(output_dir, _internal_call)
