@@ -13,9 +13,9 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging
 
-logger = logging.get_logger(__name__)
-
 from .peft_support import is_adapter_dir, is_peft_model, load_adapter_model, read_labels, unwrap
+
+logger = logging.get_logger(__name__)
 
 _GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
 
