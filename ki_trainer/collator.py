@@ -19,6 +19,7 @@ from .label_space import LabelSpace
 
 TEACHER_INPUTS_KEY = "teacher_inputs"
 EXAMPLE_IDS_KEY = "example_ids"
+GOLD_LABEL_FALLBACK = "labels"  # the column name HF scripts use after `rename_column("label", "labels")`
 IGNORED_LABEL = -100  # a row without a gold label (skipped by the metrics)
 
 
@@ -76,6 +77,12 @@ class KnowledgeIntegrationCollator:
         pad_to_multiple_of: e.g. 8 for tensor cores under mixed precision.
         id_column: when set and present, the rows' ids are passed along as ``batch["example_ids"]``
             (a list of strings) so cached teacher signals can be looked up.
+        student_collator: the user's own padding collator (e.g. ``DataCollatorWithPadding``) applied to
+            pre-tokenized rows. Rows that carry ``input_ids`` (tokenized by the user's own ``map``, with the
+            user's truncation) are padded as they are, never re-tokenized; teachers sharing the student's
+            tokenizer read the same ids, teachers with their own tokenizer read the raw text.
+
+    Gold labels are read from ``label_column`` or, when the rows have no such key, from ``"labels"``.
     """
 
     def __init__(
@@ -89,6 +96,7 @@ class KnowledgeIntegrationCollator:
         teacher_max_lengths: Optional[Sequence[Optional[int]]] = None,
         pad_to_multiple_of: Optional[int] = None,
         id_column: Optional[str] = None,
+        student_collator: Optional[Any] = None,
     ) -> None:
         check_can_pad(tokenizer, "student")
         num_teachers = label_space.num_teachers
@@ -103,6 +111,7 @@ class KnowledgeIntegrationCollator:
         self.max_length = max_length
         self.pad_to_multiple_of = pad_to_multiple_of
         self.id_column = id_column
+        self.student_collator = student_collator
 
         # Group teachers by (tokenization, length): equal tokenizers share one encoding, and teachers
         # tokenizing exactly like the student read the student's (group None).
@@ -140,24 +149,80 @@ class KnowledgeIntegrationCollator:
             )
         )
 
+    def _pretokenized(self, features: list[dict[str, Any]]) -> dict:
+        """Pad the rows' own token ids (the user's tokenization and truncation) for the student."""
+        keys = [k for k in features[0] if k in set(self.tokenizer.model_input_names) | {"input_ids"}]
+        if self.max_length is not None:
+            for i, row in enumerate(features):
+                if len(row["input_ids"]) > self.max_length:
+                    raise ValueError(
+                        f"Pre-tokenized row {i} has {len(row['input_ids'])} tokens but the student reads at most "
+                        f"{self.max_length} (max_length). Tokenize with truncation=True, max_length={self.max_length}, "
+                        "or raise max_length in KnowledgeIntegrationConfig."
+                    )
+        rows = [{k: row[k] for k in keys} for row in features]
+        if self.student_collator is not None:
+            batch = dict(self.student_collator(rows))
+        else:
+            batch = dict(
+                self.tokenizer.pad(rows, padding=True, pad_to_multiple_of=self.pad_to_multiple_of, return_tensors="pt")
+            )
+        batch.pop("labels", None)
+        batch.pop("label", None)
+        return batch
+
+    def gold_label_column(self, row: dict[str, Any]) -> Optional[str]:
+        """The key gold labels are read from: ``label_column``, else ``"labels"`` (else none)."""
+        if self.label_column and self.label_column in row:
+            return self.label_column
+        if self.label_column and GOLD_LABEL_FALLBACK in row:
+            return GOLD_LABEL_FALLBACK
+        return None
+
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         if not features:
             raise ValueError("Cannot collate an empty batch.")
-        if self.text_column not in features[0]:
+        pretokenized = "input_ids" in features[0]
+        needs_text = not pretokenized or bool(self.groups)
+        if needs_text and self.text_column not in features[0]:
+            if pretokenized:
+                own = [self.label_space.teacher_names[t] for t, key in enumerate(self._teacher_keys) if key is not None]
+                raise KeyError(
+                    f"Teacher(s) {own} tokenize the raw text with their own tokenizer (or length), but the rows have "
+                    f"only token ids and no text column {self.text_column!r} (columns: {sorted(features[0])}). "
+                    "Keep the text column when you tokenize (do not pass remove_columns= to map)."
+                )
+            if self.student_collator is not None:
+                raise KeyError(
+                    f"The data_collator you passed ({type(self.student_collator).__name__}) pads token ids, but the rows "
+                    f"have neither input_ids nor a text column {self.text_column!r} (columns: {sorted(features[0])}). "
+                    "Tokenize first (dataset.map(tokenize)), or drop data_collator= and keep the raw text."
+                )
             raise KeyError(
                 f"Rows have no text column {self.text_column!r} (columns: {sorted(features[0])}). "
                 "Set text_column= in KnowledgeIntegrationConfig."
             )
-        texts = [row[self.text_column] for row in features]
-        bad = [type(text).__name__ for text in texts if not isinstance(text, str)]
-        if bad:
-            raise TypeError(f"Column {self.text_column!r} must hold strings; found {sorted(set(bad))}.")
+        texts = [row[self.text_column] for row in features] if needs_text else None
+        if texts is not None:
+            bad = [type(text).__name__ for text in texts if not isinstance(text, str)]
+            if bad:
+                raise TypeError(f"Column {self.text_column!r} must hold strings; found {sorted(set(bad))}.")
 
-        batch = self._encode(self.tokenizer, texts, self.max_length)
-        if self.label_column and any(self.label_column in row for row in features):
+        if pretokenized:
+            batch = self._pretokenized(features)
+        elif self.student_collator is not None:
+            raise KeyError(
+                f"The data_collator you passed ({type(self.student_collator).__name__}) pads token ids, but the rows "
+                f"have raw text and no input_ids. Either tokenize first (dataset.map(tokenize)), or drop data_collator= "
+                "and the trainer tokenizes the raw text itself."
+            )
+        else:
+            batch = self._encode(self.tokenizer, texts, self.max_length)
+        gold = self.gold_label_column(features[0])
+        if gold and any(gold in row for row in features):
             # Rows without a gold label (None or a negative id, the datasets convention) get -100, which the
             # metrics skip: the labels of every batch then line up with its predictions.
-            values = [row.get(self.label_column) for row in features]
+            values = [row.get(gold) for row in features]
             known = [i for i, value in enumerate(values) if not _missing_label(value)]
             labels = [IGNORED_LABEL] * len(values)
             for i, encoded in zip(known, self.label_space.encode(values[i] for i in known)):

@@ -145,6 +145,15 @@ class KnowledgeIntegrationConfig(TrainingArguments):
         },
     )
 
+    merge_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "For a PEFT (LoRA) student: save_model() and push_to_hub() write the merged plain model "
+            "(merge_and_unload on a copy; training keeps the adapter) instead of the adapter. Checkpoints keep "
+            "the adapter."
+        },
+    )
+
     def __post_init__(self) -> None:
         check_finite_fields(self)
         super().__post_init__()

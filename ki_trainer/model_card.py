@@ -1,21 +1,165 @@
-"""The "Knowledge integration" section of a merged student's model card.
+"""The merged student's Hub model card, rendered from the packaged template ``templates/model_card.md.j2``.
 
-A merged student is only trustworthy with its provenance: which teachers it was distilled from,
-which labels each contributed, how their predictions were integrated. ``push_to_hub`` and
-``create_model_card`` append this section to the Trainer's own card.
+A merged student is only trustworthy with its provenance: which teachers it was distilled from (by Hub
+id or name, never a local path), their architectures, labels and languages, how their predictions
+were integrated (strategy, router and their hyper-parameters), what it was trained on and how it
+scored. ``save_model()`` and ``push_to_hub()`` both write it as ``README.md``.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import importlib.resources
+import os
+from typing import Any, Mapping, Optional, Sequence, Union
 
-from .config import KnowledgeIntegrationConfig
+import yaml
+
+from .pretrained.resolve import hub_id_of
 from .teacher import Teacher
 
 MODEL_CARD_TAGS = ["knowledge-integration", "ki-trainer", "text-classification"]
+TEMPLATE = "model_card.md.j2"
+
+# The strategy / router block reads whatever of these the config has (getattr with a default), so
+# fields added later (router hyper-parameters, ...) appear without touching this module: any config
+# field whose name starts with one of ROUTER_PREFIXES is listed too.
+STRATEGY_FIELDS = (
+    "selection",
+    "mc_samples",
+    "mc_top_layers",
+    "kd_temperature",
+    "teacher_score_temperature",
+    "margin_reweighting",
+    "normalize_margin_weights",
+    "certainty_normalization",
+    "teacher_signals",
+)
+ROUTER_PREFIXES = ("router",)
+TRAINING_FIELDS = ("num_train_epochs", "max_steps", "learning_rate", "per_device_train_batch_size", "seed")
 
 
-def integration_section(teachers: Sequence[Teacher], args: KnowledgeIntegrationConfig) -> str:
+def teacher_source(teacher: Teacher) -> str:
+    """A teacher's public identity: its Hub id when it has one, else its name (never a local path)."""
+    hub_id = hub_id_of(teacher.source) if teacher.source and not os.path.exists(os.path.join(
+        teacher.source, "adapter_config.json")) else None
+    base = hub_id or f"local model `{teacher.name}`"
+    return base + (f" (adapter `{teacher.adapter}`)" if getattr(teacher, "adapter", None) else "")
+
+
+def _languages(value) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
+def _strategy_settings(args) -> dict[str, Any]:
+    settings = {name: getattr(args, name) for name in STRATEGY_FIELDS if hasattr(args, name)}
+    for name in sorted(vars(args)):
+        if name.startswith(ROUTER_PREFIXES) and name != "router":
+            settings[name] = getattr(args, name)
+    return settings
+
+
+def _round(value):
+    return float(f"{value:.4g}") if isinstance(value, float) else value
+
+
+def _model_index(model_name: str, metrics: Mapping[str, float], dataset: Optional[str]) -> list[dict]:
+    results_metrics = [
+        {"type": key[len("eval_"):] if key.startswith("eval_") else key, "value": _round(value),
+         "name": key[len("eval_"):] if key.startswith("eval_") else key}
+        for key, value in metrics.items()
+        if key not in ("eval_loss", "loss")  # the KI loss against the teachers is no quality metric
+    ]
+    if not results_metrics:
+        return []
+    return [{
+        "name": model_name,
+        "results": [{
+            "task": {"type": "text-classification", "name": "Text Classification"},
+            "dataset": {"name": dataset or "evaluation data", "type": dataset or "custom"},
+            "metrics": results_metrics,
+        }],
+    }]
+
+
+def render_model_card(
+    *,
+    teachers: Sequence[Teacher],
+    args,
+    labels: Sequence[str],
+    model_name: str,
+    repo_id: str,
+    base_model: Optional[str] = None,
+    is_adapter: bool = False,
+    train_rows: Optional[int] = None,
+    max_length: Optional[Union[int, str]] = None,
+    eval_metrics: Optional[Mapping[str, float]] = None,
+    versions: Optional[Mapping[str, str]] = None,
+    tags: Optional[Sequence[str]] = None,
+    language: Optional[Sequence[str]] = None,
+    license: Optional[str] = None,
+    dataset: Optional[str] = None,
+    example_text: str = "Text to classify",
+) -> str:
+    """Render the card: a YAML header (base_model, tags, languages, model-index) and the sections."""
+    import jinja2
+
+    hub_base = hub_id_of(base_model) if base_model else None
+    metrics = {k: v for k, v in (eval_metrics or {}).items() if isinstance(v, (int, float)) and not k.endswith(
+        ("_runtime", "_samples_per_second", "_steps_per_second", "epoch"))}
+    languages = list(dict.fromkeys(language or [lang for t in teachers for lang in _languages(t.language)]))
+    all_tags = list(dict.fromkeys(list(tags or []) + MODEL_CARD_TAGS + [getattr(args, "strategy", "")]))
+    header: dict[str, Any] = {"library_name": "peft" if is_adapter else "transformers"}
+    if hub_base:
+        header["base_model"] = hub_base
+    if languages:
+        header["language"] = languages
+    if license:
+        header["license"] = license
+    header["tags"] = [tag for tag in all_tags if tag]
+    header["pipeline_tag"] = "text-classification"
+    if dataset:
+        header["datasets"] = [dataset]
+    model_index = _model_index(model_name, metrics, dataset)
+    if model_index:
+        header["model-index"] = model_index
+
+    context = {
+        "yaml_header": yaml.safe_dump(header, sort_keys=False, allow_unicode=True).strip(),
+        "model_name": model_name,
+        "repo_id": repo_id,
+        "base_model": hub_base,
+        "is_adapter": is_adapter,
+        "labels": list(labels),
+        "teachers": [
+            {
+                "name": t.name,
+                "source": teacher_source(t),
+                "architecture": type(getattr(t.model, "get_base_model", lambda: t.model)()).__name__,
+                "labels": t.labels,
+                "language": ", ".join(_languages(t.language)) or "not given",
+            }
+            for t in teachers
+        ],
+        "strategy": getattr(args, "strategy", "unknown"),
+        "router": getattr(args, "router", None) or "none configured (the strategy's own teacher certainty)",
+        "strategy_settings": _strategy_settings(args),
+        "train_rows": train_rows,
+        "max_length": max_length,
+        "training_settings": {name: getattr(args, name) for name in TRAINING_FIELDS if hasattr(args, name)},
+        "eval_metrics": {k: _round(v) for k, v in metrics.items()},
+        "versions": dict(versions or {}),
+        "ki_trainer_version": (versions or {}).get("ki-trainer", "unknown"),
+        "example_text": example_text.replace('"', "'"),
+    }
+    source = importlib.resources.files("ki_trainer").joinpath("templates", TEMPLATE).read_text(encoding="utf-8")
+    template = jinja2.Environment(keep_trailing_newline=True, trim_blocks=False, autoescape=False).from_string(source)
+    return template.render(**context)
+
+
+def integration_section(teachers: Sequence[Teacher], args) -> str:
+    """A short markdown "Knowledge integration" section (for cards built elsewhere, e.g. by other trainers)."""
     lines = [
         "## Knowledge integration",
         "",
@@ -26,7 +170,7 @@ def integration_section(teachers: Sequence[Teacher], args: KnowledgeIntegrationC
         "|---|---|---|",
     ]
     for teacher in teachers:
-        lines.append(f"| {teacher.name} | {teacher.source or type(teacher.model).__name__} | {', '.join(teacher.labels)} |")
+        lines.append(f"| {teacher.name} | {teacher_source(teacher)} | {', '.join(teacher.labels)} |")
     settings = {
         "strategy": args.strategy,
         "selection": args.selection,

@@ -18,6 +18,7 @@ from typing import Callable, ContextManager, Mapping, Optional, Sequence
 import torch
 
 from .numerics import certainty_from_logits, certainty_from_probs, mc_mean_probs
+from .peft_support import unwrap
 from .strategies import TeacherSignals
 from .teacher import Teacher
 
@@ -35,16 +36,19 @@ def _forward_in_chunks(model: torch.nn.Module, inputs: Inputs, rows_per_chunk: i
 
 @torch.no_grad()
 def deterministic_logits(teacher: Teacher, inputs: Inputs, chunk_size: int = 512) -> torch.Tensor:
-    """Eval-mode logits ``[B, C_t]`` in fp32."""
-    teacher.model.eval()
-    return _forward_in_chunks(teacher.model, inputs, chunk_size)
+    """Eval-mode logits ``[B, C_t]`` in fp32 (with the teacher's adapter active, for adapter teachers)."""
+    with teacher.activated() as model:
+        model.eval()
+        return _forward_in_chunks(model, inputs, chunk_size)
 
 
 _LAYER_STACKS = ("encoder.layer", "encoder.layers", "layers", "layer", "transformer.layer", "h")
 
 
 def find_layer_stack(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The list of transformer blocks (``encoder.layer`` for BERT, RoBERTa, XLM-R, MPNet ...)."""
+    """The list of transformer blocks (``encoder.layer`` for BERT, RoBERTa, XLM-R, MPNet ...), also
+    inside PEFT wrappers."""
+    model = unwrap(model)
     base = getattr(model, "base_model", model)
     for path in _LAYER_STACKS:
         found = base
@@ -72,7 +76,7 @@ def _stochastic_top(model: torch.nn.Module, top_layers: Optional[int], num_sampl
             if not 1 <= top_layers <= len(layers):
                 raise ValueError(f"mc_top_layers={top_layers} but the teacher has {len(layers)} layers.")
             lower = list(layers)[: len(layers) - top_layers]
-            for module in lower + [getattr(model.base_model, "embeddings", torch.nn.Identity())]:
+            for module in lower + [getattr(unwrap(model).base_model, "embeddings", torch.nn.Identity())]:
                 module.eval()
 
             def expand(module, args, kwargs):
@@ -112,7 +116,7 @@ def mc_dropout_probs(
     current = [0]
     repeat_inputs = 1 if top_layers is not None else num_samples
     means = []
-    with _stochastic_top(teacher.model, top_layers, num_samples, lambda: current[0]):
+    with teacher.activated(), _stochastic_top(teacher.model, top_layers, num_samples, lambda: current[0]):
         for start in range(0, batch, examples_per_chunk):
             chunk = {
                 key: value[start : start + examples_per_chunk].repeat_interleave(repeat_inputs, dim=0)

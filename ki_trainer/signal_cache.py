@@ -101,7 +101,8 @@ def teachers_fingerprint(
     for teacher, length in zip(teachers, max_lengths):
         tokenizer = teacher.tokenizer or student_tokenizer
         tokenization = tokenizer_fingerprint(tokenizer) if tokenizer is not None else "custom-collator"
-        hasher.update(json.dumps([teacher.labels, length, tokenization]).encode())
+        adapter = getattr(teacher, "adapter", None)  # adapter teachers share one model: name the adapter
+        hasher.update(json.dumps([teacher.labels, length, tokenization] + ([adapter] if adapter else [])).encode())
         hasher.update(model_config_fingerprint(teacher.model).encode())
         for name, tensor in sorted(teacher.model.state_dict().items()):
             hasher.update(name.encode())

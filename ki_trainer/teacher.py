@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import os
 import re
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging
+
+from .peft_support import is_adapter_dir, is_peft_model, load_adapter_model, read_labels, unwrap
 
 logger = logging.get_logger(__name__)
 
@@ -24,7 +27,9 @@ class Teacher:
     """One member of the teacher ensemble.
 
     Args:
-        model: a fine-tuned ``*ForSequenceClassification`` instance, a local directory or a Hub id.
+        model: a fine-tuned ``*ForSequenceClassification`` instance, a local directory or a Hub id; or a
+            PEFT model / a saved adapter directory (its labels are read from the ``ki_labels.json`` that
+            ki-trainer writes next to an adapter).
         tokenizer: the teacher's own tokenizer (instance, directory or Hub id). ``None`` means the
             teacher reads the student's tokenization, which is right when both share a vocabulary.
         labels: the teacher's label names in its own index order. Defaults to
@@ -32,6 +37,18 @@ class Teacher:
             matched across teachers by name.
         name: used in logs and metrics; defaults to the model's directory/Hub name.
         max_length: truncation length for this teacher's own tokenization (default: the model's limit).
+        adapter: the name of one adapter of a ``PeftModel`` holding several: teachers that are LoRA
+            adapters of ONE base model share its weights in memory, and each query switches to the
+            teacher's adapter first (always under ``no_grad``). Adapters of one base share its classifier
+            shape, so such teachers have equal class counts; give ``labels=`` when their names differ.
+        language: the language(s) of the text the teacher was trained on (e.g. ``"en"``), shown on the
+            student's model card.
+
+    Example (two LoRA teachers on one base)::
+
+        base = PeftModel.from_pretrained(model, "lora_a", adapter_name="a")
+        base.load_adapter("lora_b", adapter_name="b")
+        teachers = [Teacher(base, adapter="a", labels=[...]), Teacher(base, adapter="b", labels=[...])]
     """
 
     def __init__(
@@ -41,10 +58,16 @@ class Teacher:
         labels: Optional[Sequence[str]] = None,
         name: Optional[str] = None,
         max_length: Optional[int] = None,
+        adapter: Optional[str] = None,
+        language: Optional[Union[str, Sequence[str]]] = None,
     ) -> None:
         if isinstance(model, (str, os.PathLike)):
             source = str(model)
-            model = AutoModelForSequenceClassification.from_pretrained(source)
+            if is_adapter_dir(source):
+                labels = labels if labels is not None else read_labels(source)
+                model = load_adapter_model(source)
+            else:
+                model = AutoModelForSequenceClassification.from_pretrained(source)
         elif isinstance(model, torch.nn.Module):
             source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
         else:
@@ -61,7 +84,34 @@ class Teacher:
         self.source: str = source
         self.name: str = name or (os.path.basename(os.path.normpath(source)) if source else "")
         self.max_length = max_length
+        self.language = language
+        self.adapter: Optional[str] = self._check_adapter(adapter)
+        if self.adapter is not None and not name:
+            self.name = self.adapter
         self.labels: list[str] = self._resolve_labels(labels)
+
+    def _check_adapter(self, adapter: Optional[str]) -> Optional[str]:
+        if adapter is None:
+            return None
+        if not is_peft_model(self.model):
+            raise TypeError(
+                f"Teacher(..., adapter={adapter!r}) needs a peft.PeftModel holding that adapter; got "
+                f"{type(self.model).__name__}."
+            )
+        if adapter not in self.model.peft_config:
+            raise ValueError(f"The PeftModel has no adapter {adapter!r}; it has {sorted(self.model.peft_config)}.")
+        return adapter
+
+    @contextlib.contextmanager
+    def activated(self) -> Iterator[torch.nn.Module]:
+        """The model with this teacher's adapter active (a no-op for ordinary teachers).
+
+        ``set_adapter(..., inference_mode=True)`` keeps the adapter frozen; callers run under no_grad.
+        The switch happens only when another adapter is active (~0.5 ms); it is not undone afterwards.
+        """
+        if self.adapter is not None and self.model.active_adapter != self.adapter:
+            self.model.set_adapter(self.adapter, inference_mode=True)
+        yield self.model
 
     def _resolve_labels(self, labels: Optional[Sequence[str]]) -> list[str]:
         config = getattr(self.model, "config", None)
@@ -101,7 +151,7 @@ class Teacher:
 
     def accepted_inputs(self) -> set[str]:
         """Names the teacher's forward accepts, so a student's extra keys (e.g. token_type_ids) are dropped."""
-        return set(inspect.signature(self.model.forward).parameters)
+        return set(inspect.signature(unwrap(self.model).forward).parameters)
 
     def check_reads(self, student_tokenizer: PreTrainedTokenizerBase) -> None:
         """Fail early if this teacher cannot read the student's tokenization (``tokenizer=None``).
@@ -137,7 +187,8 @@ class Teacher:
 
     def __repr__(self) -> str:
         kind = type(self.model).__name__
-        return f"Teacher(name={self.name!r}, model={kind}, labels={self.labels})"
+        adapter = f", adapter={self.adapter!r}" if self.adapter is not None else ""
+        return f"Teacher(name={self.name!r}, model={kind}{adapter}, labels={self.labels})"
 
 
 def _saved_tokenizer(source: str) -> Optional[PreTrainedTokenizerBase]:

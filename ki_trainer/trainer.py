@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     EvalPrediction,
@@ -35,11 +36,12 @@ from transformers import (
 from transformers.utils import logging
 
 from . import checkpoints
-from .collator import EXAMPLE_IDS_KEY, TEACHER_INPUTS_KEY, KnowledgeIntegrationCollator
+from .collator import EXAMPLE_IDS_KEY, GOLD_LABEL_FALLBACK, TEACHER_INPUTS_KEY, KnowledgeIntegrationCollator
 from .config import KnowledgeIntegrationConfig
 from .label_space import LabelSpace
 from .metrics import integration_metrics
-from .model_card import MODEL_CARD_TAGS, integration_section
+from .model_card import MODEL_CARD_TAGS, render_model_card
+from .peft_support import is_peft_model, merged_copy, unwrap, wrap_student, write_labels
 from .querying import query_teachers
 from .signal_cache import (
     TeacherSignalCache,
@@ -68,6 +70,8 @@ def check_teachers_distinct(teachers: Sequence[Teacher]) -> None:
     certainty margin ~0 and the student silently stops learning: reject them."""
     for j, b in enumerate(teachers):
         for i, a in enumerate(teachers[:j]):
+            if a.model is b.model and getattr(a, "adapter", None) != getattr(b, "adapter", None):
+                continue  # two adapters of one shared PeftModel are two teachers
             same = a.model is b.model or _same_weights(a.model, b.model)
             if same:
                 how = "the same model object" if a.model is b.model else "models with identical weights"
@@ -120,6 +124,18 @@ class _ResumeGuard(TrainerCallback):
             )
 
 
+_GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
+
+
+def _config_labels(config) -> Optional[list[str]]:
+    """A config's label names in id order, or ``None`` when it has none or only generic ``LABEL_i``."""
+    id2label = getattr(config, "id2label", None) or {}
+    names = [str(id2label[i]) for i in sorted(id2label, key=int)]
+    if not names or all(_GENERIC_LABEL.match(name) for name in names):
+        return None
+    return names
+
+
 def _unique_names(teachers: Sequence[Teacher]) -> list[str]:
     names, seen = [], set()
     for i, teacher in enumerate(teachers):
@@ -157,7 +173,18 @@ class KnowledgeIntegrationTrainer(Trainer):
         processing_class: the student's tokenizer (loaded from ``model`` when that is a path/id).
         teachers: the :class:`Teacher` ensemble (paths/ids/models are wrapped into ``Teacher``).
         compute_metrics: extra metrics; they are merged with the built-in integration metrics.
-        **kwargs: any other ``Trainer`` argument (callbacks, optimizers, ...).
+        peft_config: a ``peft`` config (e.g. ``LoraConfig``; TRL's convention): the student is wrapped with
+            ``get_peft_model`` (task type SEQ_CLS, so the classifier is trained and saved with the adapter).
+        **kwargs: any other ``Trainer`` argument (callbacks, optimizers, ``model_init`` ...).
+
+    Labels: a student whose ``config.id2label`` already names exactly the union's labels keeps ITS
+    order (the teachers are mapped into it), so a script's own ``ClassLabel`` names decode its
+    predictions; a student naming other labels is an error; generic ``LABEL_i`` names are replaced
+    by the union's.
+
+    ``model_init`` (instead of ``model``) builds a fresh student for each ``train()`` and each
+    ``hyperparameter_search`` trial; the teachers stay fixed. Search KI fields such as
+    ``kd_temperature`` like any ``TrainingArguments`` field: the strategy is rebuilt for each trial.
     """
 
     def __init__(
@@ -170,12 +197,19 @@ class KnowledgeIntegrationTrainer(Trainer):
         processing_class: Optional[PreTrainedTokenizerBase] = None,
         teachers: Optional[Sequence[Union[Teacher, PreTrainedModel, str]]] = None,
         compute_metrics: Optional[Callable[[EvalPrediction], dict]] = None,
+        peft_config: Optional[Any] = None,
         **kwargs: Any,
     ) -> None:
         if not teachers:
             raise ValueError("KnowledgeIntegrationTrainer needs at least one teacher (teachers=[Teacher(...), ...]).")
-        if model is None:
-            raise ValueError("Pass the student as `model=` (an instance, a directory or a Hub id); model_init is not supported.")
+        model_init = kwargs.pop("model_init", None)
+        if model is None and model_init is None:
+            raise ValueError(
+                "Pass the student as `model=` (an instance, a directory or a Hub id), or a `model_init=` callable "
+                "that builds a fresh one (needed by hyperparameter_search)."
+            )
+        if model is not None and model_init is not None:
+            raise ValueError("Pass either `model=` or `model_init=`, not both.")
         if args is None:
             args = KnowledgeIntegrationConfig(output_dir="ki_trainer_output")
         elif not isinstance(args, KnowledgeIntegrationConfig):
@@ -186,11 +220,22 @@ class KnowledgeIntegrationTrainer(Trainer):
         for teacher, name in zip(teachers, _unique_names(teachers)):
             teacher.name = name
         self.teachers: list[Teacher] = teachers
-        self.label_space = LabelSpace([t.labels for t in teachers], [t.name for t in teachers])
+        self._peft_config = peft_config
+        self._model_init_probe: Optional[torch.nn.Module] = None
+        self.student_source: Optional[str] = None  # the directory / Hub id the student was built from
 
+        if model_init is not None:
+            # Build the first student now: its labels fix the label space and its config the collator.
+            # Trainer.__init__ then receives it through call_model_init (no second build).
+            enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
+            self.model_init = model_init
+            model = Trainer.call_model_init(self)
         if isinstance(model, (str, os.PathLike)):
-            if processing_class is None and data_collator is None:
+            self.student_source = str(model)
+            if processing_class is None and (data_collator is None or not isinstance(data_collator, KnowledgeIntegrationCollator)):
                 processing_class = AutoTokenizer.from_pretrained(str(model))
+            order = self._student_label_order(AutoConfig.from_pretrained(str(model)), strict=False)
+            self.label_space = LabelSpace([t.labels for t in teachers], [t.name for t in teachers], labels=order)
             # The new head is initialised here, before Trainer.__init__ seeds: seed it ourselves.
             enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
             model = AutoModelForSequenceClassification.from_pretrained(
@@ -201,7 +246,14 @@ class KnowledgeIntegrationTrainer(Trainer):
                 ignore_mismatched_sizes=True,
             )
         else:
+            self.student_source = getattr(getattr(unwrap(model), "config", None), "_name_or_path", None) or None
+            order = self._student_label_order(getattr(unwrap(model), "config", None), strict=True)
+            self.label_space = LabelSpace([t.labels for t in teachers], [t.name for t in teachers], labels=order)
             self._adopt_union_labels(model)
+        if peft_config is not None:
+            model = wrap_student(model, peft_config)
+        if model_init is not None:
+            self._model_init_probe, model = model, None
 
         train_dataset = self._check_dataset(train_dataset, "train", args)
         if isinstance(eval_dataset, dict):
@@ -209,14 +261,22 @@ class KnowledgeIntegrationTrainer(Trainer):
         else:
             eval_dataset = self._check_dataset(eval_dataset, "eval", args)
 
+        student = model if model is not None else self._model_init_probe
+        user_collator = None
+        if data_collator is not None and not isinstance(data_collator, KnowledgeIntegrationCollator):
+            # e.g. DataCollatorWithPadding from a converted script: it pads the student's pre-tokenized ids,
+            # the KI collator around it adds gold labels, ids and the teachers' own encodings.
+            user_collator, data_collator = data_collator, None
+            processing_class = processing_class or getattr(user_collator, "tokenizer", None)
+            self._check_user_collator(user_collator, train_dataset, args)
         if data_collator is None:
             if processing_class is None:
                 raise ValueError(
                     "KnowledgeIntegrationTrainer tokenizes raw text itself: pass the student's tokenizer as "
                     "`processing_class=` (or your own `data_collator=`)."
                 )
-            data_collator = self._default_collator(model, processing_class, args)
-        self._check_student_vocabulary(model, processing_class)
+            data_collator = self._default_collator(student, processing_class, args, user_collator)
+        self._check_student_vocabulary(unwrap(student), processing_class)
         if args.should_save:
             check_writable(args.output_dir, "output_dir")
         if args.teacher_signals == "cached":
@@ -233,6 +293,7 @@ class KnowledgeIntegrationTrainer(Trainer):
         self._margin_warned = False
         super().__init__(
             model=model,
+            model_init=model_init,
             args=args,
             data_collator=data_collator,
             train_dataset=train_dataset,
@@ -244,8 +305,12 @@ class KnowledgeIntegrationTrainer(Trainer):
         # The KI loss is a per-example mean; let the Trainer divide by gradient accumulation itself.
         self.model_accepts_loss_kwargs = False
         teacher_dtype = self.args.resolved_teacher_dtype()
+        prepared: dict[int, torch.nn.Module] = {}  # adapter teachers of one base share its (cast) copy
         for teacher in self.teachers:
-            teacher.prepare(self.accelerator.device, teacher_dtype)
+            original = id(teacher.model)
+            if original in prepared:
+                teacher.model = prepared[original]
+            prepared[original] = teacher.prepare(self.accelerator.device, teacher_dtype).model
         self._teacher_keys = [teacher.accepted_inputs() for teacher in self.teachers]
         self._reset_stats()
         self._non_finite_steps = torch.zeros((), dtype=torch.long, device=self.accelerator.device)
@@ -253,8 +318,34 @@ class KnowledgeIntegrationTrainer(Trainer):
         self.add_callback(_ResumeGuard())
 
     # ------------------------------------------------------------------ set-up helpers
+    def _student_label_order(self, config, strict: bool) -> Optional[list[str]]:
+        """The student's own label order when its config names exactly the teachers' union labels.
+
+        ``None`` (take the union's first-seen order) when it has no names or generic ``LABEL_i``. When it
+        names other labels: a clear error for a student instance (``strict``; its predictions would be
+        decoded with the wrong names), a fresh head for a checkpoint loaded by path.
+        """
+        names = _config_labels(config)
+        union = list(dict.fromkeys(label for teacher in self.teachers for label in teacher.labels))
+        if names is None:
+            return None
+        if len(names) == len(union) and sorted(names) == sorted(union):
+            return names
+        if not strict:
+            logger.info(f"The student checkpoint's labels {names} are not the teachers' union {union}: new head.")
+            return None
+        if len(names) != len(union):
+            return None  # _adopt_union_labels reports the class-count mismatch
+        raise ValueError(
+            f"The student's config.id2label names {names}, but the teachers' union labels are {union} "
+            f"(not in the student: {sorted(set(union) - set(names))}; not owned by any teacher: "
+            f"{sorted(set(names) - set(union))}). Labels are matched by name: give the student id2label over "
+            f"exactly the union's names (in the order you want), or no names (num_labels={len(union)}) to take "
+            "the union's order."
+        )
+
     def _adopt_union_labels(self, model: torch.nn.Module) -> None:
-        config = getattr(model, "config", None)
+        config = getattr(unwrap(model), "config", None)
         num_labels = getattr(config, "num_labels", None)
         if num_labels != self.label_space.num_labels:
             raise ValueError(
@@ -286,23 +377,34 @@ class KnowledgeIntegrationTrainer(Trainer):
             raise ValueError(f"The {split} dataset is empty.")
         columns = getattr(dataset, "column_names", None)
         if columns is not None and args.text_column not in columns:
-            raise ValueError(
-                f"The {split} dataset has no text column {args.text_column!r} (columns: {columns}). "
-                "Set text_column= in KnowledgeIntegrationConfig."
-            )
+            own_tokenizers = [t.name for t in self.teachers if t.tokenizer is not None]
+            if "input_ids" not in columns:
+                raise ValueError(
+                    f"The {split} dataset has no text column {args.text_column!r} (columns: {columns}). "
+                    "Set text_column= in KnowledgeIntegrationConfig."
+                )
+            if own_tokenizers or args.teacher_signals == "cached":
+                why = (f"teacher(s) {own_tokenizers} tokenize it with their own tokenizer" if own_tokenizers
+                       else "teacher_signals='cached' checks each cached row against its text")
+                raise ValueError(
+                    f"The {split} dataset is pre-tokenized without its text column {args.text_column!r} (columns: "
+                    f"{columns}), but {why}. Keep the text column when you tokenize (no remove_columns=)."
+                )
         if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__") and args.text_column in column_names(dataset):
             # Cheap scan before any expensive work: a bad row fails here, by position and id, not mid-epoch.
             texts = column_values(dataset, args.text_column)
             ids = column_values(dataset, args.id_column) if args.id_column in column_names(dataset) else None
             check_texts(texts, ids, f"The {split} dataset", args.text_column)
-        feature = (getattr(dataset, "features", None) or {}).get(args.label_column)
+        column = args.label_column
+        if columns is not None and column not in columns and GOLD_LABEL_FALLBACK in columns:
+            column = GOLD_LABEL_FALLBACK  # `labels`, as HF scripts name it: read like `label`
+        feature = (getattr(dataset, "features", None) or {}).get(column)
         names = getattr(feature, "names", None)
         if names is not None and names != self.label_space.labels:
             # A ClassLabel column numbers classes in ITS order: translate ids to names, never reuse them.
             # (`features=` matters: without it `map` re-encodes the names into the old ClassLabel.)
             from datasets import Value  # lazy: only datasets.Dataset inputs get here (GPU images may lack it)
 
-            column = args.label_column
             features = dataset.features.copy()
             features[column] = Value("string")
             dataset = dataset.map(
@@ -313,10 +415,45 @@ class KnowledgeIntegrationTrainer(Trainer):
             )
         return dataset
 
-    def _default_collator(self, model, tokenizer, args: KnowledgeIntegrationConfig) -> KnowledgeIntegrationCollator:
+    def call_model_init(self, trial=None) -> torch.nn.Module:
+        """A fresh student per ``train()`` / trial, with the union labels (and ``peft_config``) applied."""
+        if self._model_init_probe is not None:
+            model, self._model_init_probe = self._model_init_probe, None
+            return model
+        model = super().call_model_init(trial)
+        order = self._student_label_order(getattr(unwrap(model), "config", None), strict=True)
+        if order is not None and order != self.label_space.labels:
+            raise ValueError(
+                f"model_init returned a student labelled {order}, but the first one fixed the order "
+                f"{self.label_space.labels}. Build every student with the same id2label."
+            )
+        self._adopt_union_labels(model)
+        if self._peft_config is not None:
+            model = wrap_student(model, self._peft_config)
+        return model
+
+    def _hp_search_setup(self, trial) -> None:
+        # A trial sets fields on self.args (e.g. kd_temperature): rebuild the strategy from them.
+        super()._hp_search_setup(trial)
+        self.strategy = get_strategy(self.args.strategy)(self.label_space, self.args.strategy_options())
+
+    def _check_user_collator(self, collator, dataset, args: KnowledgeIntegrationConfig) -> None:
+        """A user's padding collator needs token ids: say so at construction, not at the first batch."""
+        columns = column_names(dataset) if dataset is not None else []
+        if columns and "input_ids" not in columns:
+            raise ValueError(
+                f"data_collator={type(collator).__name__} pads token ids, but the train dataset has no input_ids "
+                f"(columns: {columns}). Either tokenize it first (dataset.map(tokenize, batched=True), keeping the "
+                f"{args.text_column!r} column for teachers with their own tokenizer), or drop data_collator= and let "
+                "the trainer tokenize the raw text itself."
+            )
+
+    def _default_collator(
+        self, model, tokenizer, args: KnowledgeIntegrationConfig, student_collator=None
+    ) -> KnowledgeIntegrationCollator:
         for teacher in self.teachers:
             teacher.check_reads(tokenizer)
-        student_length = _max_length(tokenizer, model.config, args.max_length, "student")
+        student_length = _max_length(tokenizer, unwrap(model).config, args.max_length, "student")
         teacher_lengths = []
         for teacher in self.teachers:
             own_tokenizer = teacher.tokenizer or tokenizer
@@ -333,6 +470,7 @@ class KnowledgeIntegrationTrainer(Trainer):
             teacher_max_lengths=teacher_lengths,
             pad_to_multiple_of=8 if (args.bf16 or args.fp16) else None,
             id_column=args.id_column if args.teacher_signals == "cached" else None,
+            student_collator=student_collator,
         )
 
     def _set_signature_columns_if_needed(self) -> None:
@@ -550,10 +688,6 @@ class KnowledgeIntegrationTrainer(Trainer):
             checkpoints.write_fingerprint(folder, self.run_fingerprint())  # first: trainer_state.json marks "complete"
         super()._save_checkpoint(model, trial)
 
-    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
-        self._check_finite_loss("before saving the model", collective=False)  # users may call it on one rank
-        super().save_model(output_dir, _internal_call)
-
     def _check_finite_loss(self, when: str, collective: bool = True) -> None:
         """Raise if any training step since the last check had a NaN/inf loss (one host sync; summed over
         processes when ``collective``, so every rank stops together)."""
@@ -659,17 +793,110 @@ class KnowledgeIntegrationTrainer(Trainer):
             metrics.update(self._user_compute_metrics(eval_pred))
         return metrics
 
-    # ------------------------------------------------------------------ model card
-    def create_model_card(self, *args, tags=None, **kwargs) -> None:
-        """The Trainer's card plus the teachers, their labels and the integration settings."""
-        tags = [tags] if isinstance(tags, str) else list(tags or [])
-        tags += [tag for tag in MODEL_CARD_TAGS + [self.args.strategy] if tag not in tags]
-        super().create_model_card(*args, tags=tags, **kwargs)
+    # ------------------------------------------------------------------ saving and the model card
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """Save the student (a PEFT adapter with its labels, or merged with ``merge_adapter``) and, for a
+        final save, its model card (``README.md``)."""
+        self._check_finite_loss("before saving the model", collective=False)  # users may call it on one rank
+        self._final_save = not _internal_call or getattr(self, "_pushing", False)
+        try:
+            super().save_model(output_dir, _internal_call)
+        finally:
+            self._final_save = False
+        if not _internal_call and self.is_world_process_zero():
+            self.write_model_card(output_dir or self.args.output_dir)
+
+    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        peft_student = is_peft_model(self.accelerator.unwrap_model(self.model))
+        if peft_student and self.args.merge_adapter and getattr(self, "_final_save", False):
+            original = self.model
+            self.model = merged_copy(self.accelerator.unwrap_model(original))  # training keeps the adapter
+            try:
+                super()._save(output_dir, state_dict=None)
+            finally:
+                self.model = original
+            return
+        super()._save(output_dir, state_dict)
+        if peft_student:
+            write_labels(output_dir, unwrap(self.accelerator.unwrap_model(self.model)).config)
+
+    def push_to_hub(self, *args, **kwargs):
+        self._pushing = True  # push_to_hub saves with _internal_call=True: still the final model
+        try:
+            return super().push_to_hub(*args, **kwargs)
+        finally:
+            self._pushing = False
+
+    def create_model_card(
+        self,
+        language=None,
+        license=None,
+        tags=None,
+        model_name=None,
+        finetuned_from=None,
+        tasks=None,
+        dataset_tags=None,
+        dataset=None,
+        dataset_args=None,
+    ) -> None:
+        """The card from the packaged template (see :mod:`ki_trainer.model_card`), in ``output_dir``."""
         if not self.is_world_process_zero():
             return
-        path = os.path.join(self.args.output_dir, "README.md")
-        with open(path, "a", encoding="utf-8") as card:
-            card.write("\n" + integration_section(self.teachers, self.args))
+        self.write_model_card(
+            self.args.output_dir, language=language, license=license, tags=tags, model_name=model_name,
+            finetuned_from=finetuned_from, dataset=dataset,
+        )
+
+    def write_model_card(self, output_dir: str, **kwargs) -> str:
+        """Render the model card into ``<output_dir>/README.md`` and return its path."""
+        import transformers
+
+        from . import __version__
+
+        tags = kwargs.get("tags")
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        dataset = kwargs.get("dataset")
+        dataset = dataset[0] if isinstance(dataset, (list, tuple)) and dataset else dataset
+        language = kwargs.get("language")
+        language = [language] if isinstance(language, str) else language
+        model = self.accelerator.unwrap_model(self.model)
+        is_adapter = is_peft_model(model) and not self.args.merge_adapter
+        versions = {"ki-trainer": __version__, "transformers": transformers.__version__, "torch": torch.__version__}
+        if is_peft_model(model):
+            import peft
+
+            versions["peft"] = peft.__version__
+        repo_id = self.args.hub_model_id or os.path.basename(os.path.normpath(output_dir))
+        eval_metrics = next((dict(log) for log in reversed(self.state.log_history)
+                             if any(k.startswith("eval_") for k in log)), {})
+        collator = self.data_collator
+        max_length = getattr(collator, "max_length", None) if isinstance(collator, KnowledgeIntegrationCollator) else None
+        if self.train_dataset is not None and "input_ids" in column_names(self.train_dataset):
+            longest = max(len(ids) for ids in column_values(self.train_dataset, "input_ids"))
+            max_length = f"{longest} (longest pre-tokenized training row; the user's own truncation)"
+        text = render_model_card(
+            teachers=self.teachers,
+            args=self.args,
+            labels=self.label_space.labels,
+            model_name=kwargs.get("model_name") or repo_id.split("/")[-1],
+            repo_id=repo_id,
+            base_model=kwargs.get("finetuned_from") or self.student_source,
+            is_adapter=is_adapter,
+            train_rows=len(self.train_dataset) if hasattr(self.train_dataset, "__len__") else None,
+            max_length=max_length,
+            eval_metrics={k: v for k, v in eval_metrics.items() if k.startswith("eval_")},
+            versions=versions,
+            tags=tags,
+            language=language,
+            license=kwargs.get("license"),
+            dataset=dataset,
+        )
+        os.makedirs(output_dir, exist_ok=True)
+        path = os.path.join(output_dir, "README.md")
+        with open(path, "w", encoding="utf-8") as card:
+            card.write(text)
+        return path
 
     # ------------------------------------------------------------------ logging
     def _reset_stats(self) -> None:

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import yaml
 from hub.stub_hub import StubHub
 
 
@@ -23,3 +24,16 @@ def test_push_to_hub_uploads_student_and_card(tmp_path):
     assert hub.cards_validated >= 1  # the card's YAML header went through the Hub's validation endpoint
     card = files["README.md"].decode()
     assert "## Knowledge integration" in card and "gamma, delta" in card
+    header, body = card[len("---\n"):].split("\n---\n", 1)
+    meta = yaml.safe_load(header)
+    assert meta["pipeline_tag"] == "text-classification" and meta["language"] == ["en", "it"]
+    assert {"knowledge-integration", "ki-trainer", "muki"} <= set(meta["tags"])
+    metrics = {m["type"] for m in meta["model-index"][0]["results"][0]["metrics"]}
+    assert {"accuracy", "macro_f1", "accuracy_t0", "accuracy_t1"} <= metrics
+    assert meta["model-index"][0]["name"] == "merged-student"
+    for section in ("## How to use", "## Knowledge integration", "### Strategy and router", "## Training",
+                    "## Evaluation results", "## Framework versions", "## Citations"):
+        assert section in body, section
+    assert 'pipeline("text-classification", model="me/merged-student")' in body
+    assert "| t1 | local model `t1` | BertForSequenceClassification | gamma, delta | it |" in body
+    assert "arXiv:2210.05230" in body and "arXiv:2112.07327" in body and "MergeDistill" in body

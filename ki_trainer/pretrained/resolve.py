@@ -94,3 +94,43 @@ def resolve_model(name_or_path: str, cache_dir: str | os.PathLike | None = None,
     if not (hub_offline() if offline is None else offline):
         return spec.hub_id
     return str(assemble(spec, cache_dir))
+
+
+def hub_id_of(name_or_path: str | os.PathLike | None) -> str | None:
+    """The Hub id a model directory reproduces, so cards never show a local path.
+
+    A known Hub id or short name gives its id; a directory assembled by :func:`assemble` records its id
+    in its marker file; a package folder that IS a model directory is matched by location. Any other
+    local directory gives ``None``, and so does a string that looks like a (missing) local path.
+    """
+    if not name_or_path:
+        return None
+    text = str(name_or_path)
+    if not os.path.isdir(text):
+        spec = find_spec(text)
+        if spec is not None:
+            return spec.hub_id
+        looks_local = text.startswith(("/", ".", "~")) or text.count("/") > 1 or "\\" in text or not text.strip("/")
+        return None if looks_local else text
+    path = Path(text).resolve()
+    marker = path / ".ki_trainer_assembled.json"
+    if marker.is_file():
+        try:
+            import json
+
+            hub_id = json.loads(marker.read_text()).get("model")
+        except (OSError, ValueError):
+            hub_id = None
+        if hub_id:
+            return str(hub_id)
+    from .registry import KNOWN_MODELS
+
+    for spec in KNOWN_MODELS.values():
+        if spec.kind != "hf_dir":
+            continue
+        try:
+            if locate_all(spec)[0].resolve() == path:
+                return spec.hub_id
+        except Exception:  # package not installed: it cannot be this directory
+            continue
+    return None

@@ -1,0 +1,73 @@
+"""hf_text_classification.py converted to knowledge integration: the student learns from teachers.
+
+The diff between the two files is what a user changes (tests/test_converted_script.py checks it stays small).
+"""
+
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+from datasets import ClassLabel, load_dataset
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    HfArgumentParser,
+)
+
+from ki_trainer import KnowledgeIntegrationConfig, KnowledgeIntegrationTrainer, Teacher
+
+
+@dataclass
+class ScriptArguments:
+    model_name_or_path: str = field(metadata={"help": "Student checkpoint."})
+    train_file: str = field(metadata={"help": "JSON lines with text (and label) columns."})
+    validation_file: str = field(metadata={"help": "JSON lines with text and label columns."})
+    max_seq_length: int = field(default=32)
+    teachers: list[str] = field(default_factory=list, metadata={"help": "Fine-tuned teacher directories."})
+
+
+def main(argv=None):
+    parser = HfArgumentParser((ScriptArguments, KnowledgeIntegrationConfig))
+    script_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+
+    raw = load_dataset("json", data_files={"train": script_args.train_file, "validation": script_args.validation_file})
+    label_list = sorted(set(raw["validation"]["label"]))
+    raw = raw.cast_column("label", ClassLabel(names=label_list))
+
+    tokenizer = AutoTokenizer.from_pretrained(script_args.model_name_or_path)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        script_args.model_name_or_path,
+        num_labels=len(label_list),
+        id2label=dict(enumerate(label_list)),
+        label2id={label: i for i, label in enumerate(label_list)},
+        ignore_mismatched_sizes=True,
+    )
+
+    def tokenize(batch):
+        return tokenizer(batch["text"], truncation=True, max_length=script_args.max_seq_length)
+
+    data = raw.map(tokenize, batched=True).rename_column("label", "labels")
+
+    def compute_metrics(eval_pred):
+        predictions = np.argmax(eval_pred.predictions, axis=-1)
+        return {"accuracy": float((predictions == eval_pred.label_ids).mean())}
+
+    trainer = KnowledgeIntegrationTrainer(
+        teachers=[Teacher(path, tokenizer=path) for path in script_args.teachers],
+        model=model,
+        args=training_args,
+        train_dataset=data["train"],
+        eval_dataset=data["validation"],
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=compute_metrics,
+    )
+    trainer.train()
+    predictions = trainer.predict(data["validation"]).predictions.argmax(-1)
+    trainer.save_model()
+    return [label_list[i] for i in predictions]
+
+
+if __name__ == "__main__":
+    print(main(sys.argv[1:])[:10])
