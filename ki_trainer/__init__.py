@@ -11,6 +11,7 @@ from .config import KnowledgeIntegrationConfig
 from .label_space import LabelSpace
 from .metrics import integration_metrics
 from .querying import TeacherNaNError, mc_dropout_probs, query_teachers
+from .routing import Router, build_router, get_router, list_routers, register_router
 from .strategies import (
     IntegrationOutput,
     IntegrationStrategy,
@@ -47,4 +48,9 @@ __all__ = [
     "mc_dropout_probs",
     "query_teachers",
     "register_strategy",
+    "Router",
+    "build_router",
+    "get_router",
+    "list_routers",
+    "register_router",
 ]
