@@ -19,6 +19,7 @@ from .merge_distill import (
 )
 from .metrics import integration_metrics
 from .querying import TeacherNaNError, mc_dropout_probs, query_teachers
+from .routing import Router, build_router, get_router, list_routers, register_router
 from .strategies import (
     IntegrationOutput,
     IntegrationStrategy,
@@ -61,4 +62,9 @@ __all__ = [
     "query_teachers",
     "register_strategy",
     "select_teachers",
+    "Router",
+    "build_router",
+    "get_router",
+    "list_routers",
+    "register_router",
 ]

@@ -68,6 +68,8 @@ def run_fingerprint(trainer) -> dict[str, Any]:
         "certainty_normalization": args.certainty_normalization,
         "mc_samples": args.mc_samples,
         "mc_top_layers": args.mc_top_layers,
+        "router": args.resolved_router(),
+        "router_options": dict(args.router_options or {}),
     }
 
 

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional, Union
 
 import torch
 from transformers import TrainingArguments
 
+from .routing import get_router, list_routers
 from .strategies import StrategyOptions, get_strategy, list_strategies
 
 TEACHER_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -54,6 +56,19 @@ class KnowledgeIntegrationConfig(TrainingArguments):
             "prediction, 'soft' mixes the teachers by softmax(certainty / teacher_score_temperature).",
             "choices": ["hard", "soft"],
         },
+    )
+    router: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": f"Competence estimator that scores each teacher on each example for the certainty-based "
+            f"strategies, one of {list_routers()}. Default: the strategy's own certainty (muki: 'mc_entropy', "
+            "MUKI as published; entropy: 'entropy'). Transductive routers (fitted label-free on the whole "
+            "unlabeled pool before training) need teacher_signals='cached'. See docs/routing.md."
+        },
+    )
+    router_options: Optional[Union[dict, str]] = field(
+        default=None,
+        metadata={"help": "Router hyper-parameters as a dict or JSON text, e.g. '{\"neighbours\": 10}'."},
     )
     mc_samples: int = field(
         default=16,
@@ -160,6 +175,7 @@ class KnowledgeIntegrationConfig(TrainingArguments):
         strategy = get_strategy(self.strategy)  # raises with the list of known strategies
         if self.selection not in ("hard", "soft"):
             raise ValueError(f"selection must be 'hard' or 'soft', got {self.selection!r}.")
+        self._validate_router()
         if self.mc_samples < 1:
             raise ValueError(f"mc_samples must be >= 1, got {self.mc_samples}.")
         if self.kd_temperature <= 0:
@@ -192,7 +208,40 @@ class KnowledgeIntegrationConfig(TrainingArguments):
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}.")
 
+    def _validate_router(self) -> None:
+        if isinstance(self.router_options, str):
+            try:
+                self.router_options = json.loads(self.router_options) if self.router_options.strip() else None
+            except json.JSONDecodeError as error:
+                raise ValueError(f"router_options must be a JSON object, got {self.router_options!r}: {error}") from None
+        if self.router_options is not None and not isinstance(self.router_options, dict):
+            raise ValueError(f"router_options must be a dict (or JSON object text), got {type(self.router_options).__name__}.")
+        strategy = get_strategy(self.strategy)
+        if self.router is None:
+            if self.router_options:
+                raise ValueError("router_options given without a router: set router= as well.")
+            return
+        router_cls = get_router(self.router)  # raises with the list of known routers
+        if strategy.default_router is None:
+            raise ValueError(
+                f"router={self.router!r} has no effect with strategy={self.strategy!r}, which does not select teachers "
+                "by competence; use strategy='muki' (or 'entropy') with a router."
+            )
+        router_cls(**(self.router_options or {}))  # unknown options fail here, not after precomputing
+        if router_cls.needs_fit and self.teacher_signals != "cached":
+            raise ValueError(
+                f"router={self.router!r} is fitted on the whole unlabeled pool before training: set "
+                "teacher_signals='cached'."
+            )
+
     # ------------------------------------------------------------------ helpers
+    def resolved_router(self) -> Optional[str]:
+        """The router in use: the configured one, else the strategy's default (``None`` for strategies without one)."""
+        return self.router or get_strategy(self.strategy).default_router
+
+    def router_kwargs(self) -> dict[str, Any]:
+        return dict(self.router_options or {})
+
     def strategy_options(self) -> StrategyOptions:
         return StrategyOptions(
             temperature=self.kd_temperature,

@@ -31,9 +31,26 @@ PathLike = Union[str, Path]
 
 @functools.lru_cache(maxsize=4)
 def _read_rows(path: str) -> tuple[dict[str, Any], ...]:
-    """Decompress and parse the JSON Lines file once per process (0.5 s each time otherwise)."""
-    with lzma.open(path, "rt", encoding="utf-8") as handle:
-        return tuple(json.loads(line) for line in handle if line.strip())
+    """Parse the JSON Lines file (plain, or xz-compressed by its ``.xz`` suffix) once per process."""
+    opener = lzma.open if path.endswith(".xz") else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        rows = []
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({error}).") from None
+        return tuple(rows)
+
+
+def _row_id(row: dict[str, Any], position: int) -> str:
+    """A row's example id: ``package`` (debian_sections20), else ``id``, else its line position."""
+    for key in ("package", "id"):
+        if row.get(key) is not None:
+            return str(row[key])
+    return f"row-{position}"
 
 
 def _resolve_path(path: Optional[PathLike]) -> Path:
@@ -56,10 +73,12 @@ def load_debian_sections(
     split: Optional[str] = None,
     language: str = "en",
 ) -> Union[datasets.Dataset, datasets.DatasetDict]:
-    """Load the 20-section Debian package-description benchmark.
+    """Load the 20-section Debian package-description benchmark (or any labelled JSON Lines file).
 
     Args:
-        path: the ``.jsonl.xz`` file; defaults to the copy in the repository's ``data/`` folder.
+        path: a ``.jsonl`` or ``.jsonl.xz`` file whose rows hold ``text``, ``label`` and ``split``
+            (``train``/``val``/``test``; ids from ``package`` or ``id`` when present, else the line
+            position; other fields are ignored); defaults to the copy in the repository's ``data/`` folder.
         split: ``"train"``, ``"val"`` (alias ``"validation"``) or ``"test"``; ``None`` returns a
             ``DatasetDict`` with all three.
         language: ``"en"`` uses the original English text. Any other code (``"de"``, ``"fr"``, ...)
@@ -80,20 +99,26 @@ def load_debian_sections(
     if language not in languages:
         raise ValueError(f"Unknown language {language!r}; the file has translations for {sorted(languages)}.")
 
-    ids = Counter(row["package"] for row in rows)
+    for number, row in enumerate(rows, start=1):
+        missing = [key for key in ("text", "label", "split") if key not in row]
+        if missing:
+            raise ValueError(f"{path or DEFAULT_DATA_PATH}: row {number} lacks field(s) {missing}; every row needs "
+                             "'text', 'label' and 'split' (train/val/test).")
+    ids = Counter(_row_id(row, i) for i, row in enumerate(rows))
     duplicates = sorted(name for name, count in ids.items() if count > 1)
     if duplicates:
         raise ValueError(f"Package ids must be unique but {len(duplicates)} repeat, e.g. {duplicates[:5]}.")
 
     by_split: dict[str, list[dict[str, str]]] = {name: [] for name in wanted}
-    for row in rows:
-        if row["split"] not in by_split:
+    for position, row in enumerate(rows):
+        row_split = _SPLIT_ALIASES.get(row["split"], row["split"])
+        if row_split not in by_split:
             continue
         text = row["text"] if language == "en" else row.get("texts", {}).get(language)
         if text is None:
             continue
-        record = {"id": row["package"], "text": text, "label": row["label"], "split": row["split"]}
-        by_split[row["split"]].append(record)
+        record = {"id": _row_id(row, position), "text": text, "label": str(row["label"]), "split": row_split}
+        by_split[row_split].append(record)
 
     features = datasets.Features({name: datasets.Value("string") for name in ("id", "text", "label", "split")})
     built = {name: datasets.Dataset.from_list(items, features=features) for name, items in by_split.items()}

@@ -52,3 +52,27 @@ def mc_mean_probs(logits: torch.Tensor, num_samples: int) -> torch.Tensor:
     """
     probs = torch.softmax(logits.float(), dim=-1)
     return probs.view(-1, num_samples, probs.shape[-1]).mean(1)
+
+
+def mc_statistics(logits: torch.Tensor, num_samples: int) -> dict[str, torch.Tensor]:
+    """Summaries of ``num_samples`` stochastic passes laid out as ``[B * K, C]`` (rows of one example consecutive).
+
+    Returns fp32 tensors:
+        ``mean``: ``[B, C]`` mean of the sample probabilities (what :func:`mc_mean_probs` returns);
+        ``mutual_information``: ``[B]`` BALD, ``H(mean) - mean_k H(p_k)`` normalised by ``log C``
+        (epistemic part of the uncertainty, in [0, 1]);
+        ``top_variance``: ``[B]`` variance over the samples of the probability of the mean's top class.
+    """
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    num_classes = log_probs.shape[-1]
+    log_probs = log_probs.view(-1, num_samples, num_classes)
+    probs = log_probs.exp()
+    mean = probs.mean(1)
+    scale = math.log(num_classes) if num_classes > 1 else 1.0
+    predictive = -torch.special.xlogy(mean, mean).sum(-1)
+    expected = -(torch.where(probs > 0, probs * log_probs, torch.zeros_like(probs))).sum(-1).mean(1)
+    mutual_information = ((predictive - expected) / scale).clamp_min(0.0)
+    top = mean.argmax(-1)
+    top_probs = probs.gather(2, top.view(-1, 1, 1).expand(-1, num_samples, 1)).squeeze(-1)
+    top_variance = top_probs.var(1, unbiased=False)
+    return {"mean": mean, "mutual_information": mutual_information, "top_variance": top_variance}

@@ -13,11 +13,11 @@ Why it is built this way:
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from typing import Callable, ContextManager, Mapping, Optional, Sequence
+from typing import Callable, Collection, ContextManager, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .numerics import certainty_from_logits, certainty_from_probs, mc_mean_probs
+from .numerics import certainty_from_logits, certainty_from_probs, mc_statistics
 from .peft_support import unwrap
 from .strategies import TeacherSignals
 from .teacher import Teacher
@@ -34,12 +34,51 @@ def _forward_in_chunks(model: torch.nn.Module, inputs: Inputs, rows_per_chunk: i
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
+def output_layers(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    """The linear layer(s) that can produce the classification logits (their input is the pooled feature).
+
+    Every ``nn.Linear`` whose ``out_features`` equals ``config.num_labels``: ``classifier`` for BERT,
+    ``classifier.out_proj`` for RoBERTa/XLM-R, ``classifier`` after ``pre_classifier`` for DistilBERT
+    (several for PEFT models, which keep one copy of the head per adapter).
+    """
+    config = getattr(model, "config", None) or getattr(unwrap(model), "config", None)
+    num_labels = getattr(config, "num_labels", None)
+    found = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features == num_labels]
+    if not found:
+        raise ValueError(
+            f"Cannot find the output layer of {type(model).__name__} (a Linear with {num_labels} outputs); "
+            "feature-based routers need the teacher's pooled features."
+        )
+    return found
+
+
 @torch.no_grad()
-def deterministic_logits(teacher: Teacher, inputs: Inputs, chunk_size: int = 512) -> torch.Tensor:
-    """Eval-mode logits ``[B, C_t]`` in fp32 (with the teacher's adapter active, for adapter teachers)."""
+def deterministic_logits(
+    teacher: Teacher, inputs: Inputs, chunk_size: int = 512, return_features: bool = False
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Eval-mode logits ``[B, C_t]`` in fp32 (with the teacher's adapter active, for adapter teachers); with
+    ``return_features`` also the pooled features ``[B, D_t]`` (the input of the output layer, fp32)."""
     with teacher.activated() as model:
         model.eval()
-        return _forward_in_chunks(model, inputs, chunk_size)
+        if not return_features:
+            return _forward_in_chunks(model, inputs, chunk_size)
+        captured: list[torch.Tensor] = []
+        # Every candidate output layer is hooked: PEFT keeps one copy of the head per adapter and runs only the
+        # active one.
+        handles = [
+            layer.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach().float()))
+            for layer in output_layers(model)
+        ]
+        try:
+            logits = _forward_in_chunks(model, inputs, chunk_size)
+        finally:
+            for handle in handles:
+                handle.remove()
+    features = captured[0] if len(captured) == 1 else torch.cat(captured)
+    features = features[:, 0] if features.dim() == 3 else features  # heads that take the sequence: first token
+    if features.shape[0] != logits.shape[0]:
+        raise RuntimeError(f"Could not identify the output layer of teacher {teacher.name!r} for its pooled features.")
+    return logits, features
 
 
 _LAYER_STACKS = ("encoder.layer", "encoder.layers", "layers", "layer", "transformer.layer", "h")
@@ -99,13 +138,13 @@ def _stochastic_top(model: torch.nn.Module, top_layers: Optional[int], num_sampl
 
 
 @torch.no_grad()
-def mc_dropout_probs(
+def mc_dropout_statistics(
     teacher: Teacher, inputs: Inputs, num_samples: int, chunk_size: int = 512, top_layers: Optional[int] = None
-) -> torch.Tensor:
-    """Mean of ``num_samples`` dropout-on softmax outputs, ``[B, C_t]`` in fp32.
+) -> dict[str, torch.Tensor]:
+    """``num_samples`` dropout-on passes summarised by :func:`~ki_trainer.numerics.mc_statistics`.
 
     The batch is repeated ``num_samples`` times row-wise; each chunk holds whole examples (all K
-    copies) so the per-example mean never straddles two forwards. With ``top_layers=m`` only the
+    copies) so the per-example statistics never straddle two forwards. With ``top_layers=m`` only the
     last m transformer layers (and the head) are sampled: the rows are repeated just before them,
     so the lower layers are computed once per example.
     """
@@ -115,7 +154,7 @@ def mc_dropout_probs(
         top_layers = None  # one sample: nothing to share
     current = [0]
     repeat_inputs = 1 if top_layers is not None else num_samples
-    means = []
+    parts: list[dict[str, torch.Tensor]] = []
     with teacher.activated(), _stochastic_top(teacher.model, top_layers, num_samples, lambda: current[0]):
         for start in range(0, batch, examples_per_chunk):
             chunk = {
@@ -123,8 +162,17 @@ def mc_dropout_probs(
                 for key, value in inputs.items()
             }
             current[0] = next(iter(chunk.values())).shape[0]
-            means.append(mc_mean_probs(teacher.model(**chunk).logits, num_samples))
-    return means[0] if len(means) == 1 else torch.cat(means)
+            parts.append(mc_statistics(teacher.model(**chunk).logits, num_samples))
+    if len(parts) == 1:
+        return parts[0]
+    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+
+
+def mc_dropout_probs(
+    teacher: Teacher, inputs: Inputs, num_samples: int, chunk_size: int = 512, top_layers: Optional[int] = None
+) -> torch.Tensor:
+    """Mean of ``num_samples`` dropout-on softmax outputs, ``[B, C_t]`` in fp32 (see :func:`mc_dropout_statistics`)."""
+    return mc_dropout_statistics(teacher, inputs, num_samples, chunk_size, top_layers)["mean"]
 
 
 class TeacherNaNError(FloatingPointError):
@@ -141,6 +189,7 @@ def query_teachers(
     check_finite: bool = True,
     mc_top_layers: Optional[int] = None,
     row_ids: Optional[Sequence[str]] = None,
+    features: bool = False,
 ) -> TeacherSignals:
     """Compute the :class:`TeacherSignals` a strategy asks for.
 
@@ -152,24 +201,40 @@ def query_teachers(
         check_finite: raise :class:`TeacherNaNError` on NaN/inf logits (one device sync).
         mc_top_layers: sample dropout only in the last m layers (lower layers computed once).
         row_ids: the batch's example ids, named in a NaN/inf error (else the rows' batch positions).
+        features: also return each teacher's pooled features (the input of its output layer).
+
+    With ``certainty_source="mc"`` the signals also carry the MC mutual information and the variance
+    of the top-class probability (free: the same K passes).
     """
     if certainty_source not in (None, "deterministic", "mc"):
         raise ValueError(f"Unknown certainty source {certainty_source!r}.")
-    logits, certainty = [], []
+    logits, certainty, information, variance, pooled = [], [], [], [], []
     with autocast():
         for teacher, inputs in zip(teachers, teacher_inputs):
-            teacher_logits = deterministic_logits(teacher, inputs, chunk_size)
+            if features:
+                teacher_logits, teacher_features = deterministic_logits(teacher, inputs, chunk_size, return_features=True)
+                pooled.append(teacher_features)
+            else:
+                teacher_logits = deterministic_logits(teacher, inputs, chunk_size)
             logits.append(teacher_logits)
             if certainty_source == "mc":
-                probs = mc_dropout_probs(teacher, inputs, mc_samples, chunk_size, top_layers=mc_top_layers)
-                certainty.append(certainty_from_probs(probs))
+                stats = mc_dropout_statistics(teacher, inputs, mc_samples, chunk_size, top_layers=mc_top_layers)
+                certainty.append(certainty_from_probs(stats["mean"]))
+                information.append(stats["mutual_information"])
+                variance.append(stats["top_variance"])
             elif certainty_source == "deterministic":
                 certainty.append(certainty_from_logits(teacher_logits))
     if check_finite:
         finite = torch.stack([torch.isfinite(x).all() for x in logits + certainty]).all()
         if not bool(finite):
             raise TeacherNaNError(_non_finite_message(teachers, logits, certainty, row_ids))
-    return TeacherSignals(logits=logits, certainty=torch.stack(certainty, dim=1) if certainty else None)
+    return TeacherSignals(
+        logits=logits,
+        certainty=torch.stack(certainty, dim=1) if certainty else None,
+        mutual_information=torch.stack(information, dim=1) if information else None,
+        top_variance=torch.stack(variance, dim=1) if variance else None,
+        features=pooled or None,
+    )
 
 
 def _non_finite_message(

@@ -48,7 +48,7 @@ from .teacher import Teacher
 CACHE_FORMAT_VERSION = 2
 # Bump when the way signals are computed from a teacher changes (querying.py / numerics.py): old caches
 # then get another fingerprint and are never reused.
-SIGNAL_COMPUTATION_VERSION = 1
+SIGNAL_COMPUTATION_VERSION = 2  # 2: MC mutual information and top-class variance, optional features
 FLUSH_ROWS = 4096  # rows computed between two shard writes (at most this much work is lost on a kill)
 FLUSH_SECONDS = 120.0  # ... or this much time
 _CONFIG_KEYS_IGNORED = ("_name_or_path", "transformers_version", "_commit_hash")
@@ -92,11 +92,14 @@ def teachers_fingerprint(
     mc_samples: int,
     dtype: torch.dtype,
     mc_top_layers: Optional[int] = None,
+    features: bool = False,
 ) -> str:
     """A short hash of everything that determines the teachers' signals for a given text."""
     settings = (
         f"ki-signals-v{CACHE_FORMAT_VERSION}.{SIGNAL_COMPUTATION_VERSION}|K={mc_samples}|top={mc_top_layers}|{dtype}"
     )
+    if features:
+        settings += "|features"  # caches that also hold every teacher's pooled features (feature routers)
     hasher = hashlib.sha256(settings.encode())
     for teacher, length in zip(teachers, max_lengths):
         tokenizer = teacher.tokenizer or student_tokenizer
@@ -151,7 +154,8 @@ def _write_atomic(payload: dict, path: str) -> None:
 
 class TeacherSignalCache:
     """Per-example signals: deterministic logits (all teachers, concatenated), deterministic and MC
-    certainty, and any other named per-row tensor. Lives on one device; :meth:`lookup` gathers a batch
+    certainty, MC mutual information and top-class variance, each teacher's pooled features (fp16,
+    ``features_<t>``, when a router needs them), and any other named per-row tensor. Lives on one device; :meth:`lookup` gathers a batch
     by example id.
 
     Persistence: ``path`` is the main file; rows computed since the last write go to shard files in
@@ -193,6 +197,11 @@ class TeacherSignalCache:
             "deterministic": deterministic.float().cpu(),
             "mc": signals.certainty.float().cpu(),
         }
+        if signals.mutual_information is not None:
+            rows["mutual_information"] = signals.mutual_information.float().cpu()
+            rows["top_variance"] = signals.top_variance.float().cpu()
+        for t, features in enumerate(signals.features or []):
+            rows[f"features_{t}"] = features.detach().half().cpu()
         self.add_rows(ids, [text_hash(text) for text in texts], rows)
 
     def add_rows(self, ids: Sequence[str], text_hashes: Sequence[int], rows: dict[str, torch.Tensor]) -> None:
@@ -257,7 +266,15 @@ class TeacherSignalCache:
         certainty = None
         if certainty_source is not None:
             certainty = self.tensors[certainty_source].index_select(0, index)
-        return TeacherSignals(logits=batch_logits, certainty=certainty)
+        extra: dict = {}
+        for name in ("mutual_information", "top_variance"):
+            if name in self.tensors:
+                extra[name] = self.tensors[name].index_select(0, index)
+        if "features_0" in self.tensors:
+            extra["features"] = [
+                self.tensors[f"features_{t}"].index_select(0, index).float() for t in range(len(self.label_sizes))
+            ]
+        return TeacherSignals(logits=batch_logits, certainty=certainty, **extra)
 
     def __len__(self) -> int:
         return len(self.index)

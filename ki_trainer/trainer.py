@@ -43,6 +43,7 @@ from .metrics import integration_metrics
 from .model_card import MODEL_CARD_TAGS, render_model_card
 from .peft_support import is_peft_model, merged_copy, unwrap, wrap_student, write_labels
 from .querying import query_teachers
+from .routing import Router, build_router
 from .signal_cache import (
     TeacherSignalCache,
     build_or_update_cache,
@@ -283,6 +284,8 @@ class KnowledgeIntegrationTrainer(Trainer):
             check_writable(args.signal_cache_dir or os.path.join(args.output_dir, "teacher_signals"), "signal_cache_dir")
 
         self.strategy = get_strategy(args.strategy)(self.label_space, args.strategy_options())
+        router_name = args.resolved_router()
+        self.router: Optional[Router] = build_router(router_name, args.router_kwargs()) if router_name else None
         self._user_compute_metrics = compute_metrics
         self._eval_certainty: list[torch.Tensor] = []
         self._last_signals: Optional[TeacherSignals] = None
@@ -492,26 +495,48 @@ class KnowledgeIntegrationTrainer(Trainer):
             per_teacher.append({k: v for k, v in source.items() if k in accepted})
         return per_teacher
 
+    @property
+    def _certainty_source(self) -> Optional[str]:
+        """Which certainty the signals must carry: MC when the router reads MC statistics."""
+        if self.router is None:
+            return self.strategy.certainty_source
+        return "mc" if "mc" in self.router.requires else "deterministic"
+
+    @property
+    def _needs_features(self) -> bool:
+        return self.router is not None and "features" in self.router.requires
+
     def teacher_signals(
         self,
         student_inputs: dict,
         teacher_batches: Optional[dict] = None,
         certainty_source: Optional[str] = "strategy",
         example_ids: Optional[Sequence[str]] = None,
+        features: Optional[bool] = None,
     ) -> TeacherSignals:
-        """Query the ensemble (no gradients) for the signals the strategy needs, or for ``certainty_source``.
-        ``example_ids`` are named in a NaN/inf error."""
+        """Query the ensemble (no gradients) for the signals the strategy/router needs, or for ``certainty_source``.
+        ``example_ids`` are named in a NaN/inf error; ``features`` (default: when the router needs them) adds
+        each teacher's pooled features."""
         return query_teachers(
             self.teachers,
             self._teacher_inputs(student_inputs, teacher_batches or {}),
-            certainty_source=self.strategy.certainty_source if certainty_source == "strategy" else certainty_source,
+            certainty_source=self._certainty_source if certainty_source == "strategy" else certainty_source,
             mc_samples=self.args.mc_samples,
             chunk_size=self.args.mc_chunk_size,
             autocast=self.accelerator.autocast,
             check_finite=self.args.check_teacher_outputs,
             mc_top_layers=self.args.mc_top_layers,
             row_ids=example_ids,
+            features=self._needs_features if features is None else features,
         )
+
+    def route(self, signals: TeacherSignals) -> TeacherSignals:
+        """Replace ``signals.certainty`` by the router's competence scores (no-op without a router)."""
+        if self.router is None:
+            return signals
+        if not self.router.fitted:
+            self.fit_router()
+        return dataclasses.replace(signals, certainty=self.router.score(signals).to(signals.logits[0].device))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         student_inputs = dict(inputs)
@@ -522,10 +547,10 @@ class KnowledgeIntegrationTrainer(Trainer):
         student_logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         cache = self.signal_cache if model.training else self._eval_signal_cache
         if cache is not None and example_ids is not None:
-            signals = cache.lookup(example_ids, self.strategy.certainty_source)
+            signals = cache.lookup(example_ids, self._certainty_source)
         else:
             signals = self.teacher_signals(student_inputs, teacher_batches, example_ids=example_ids)
-        signals = self.normalize_certainty(signals)
+        signals = self.normalize_certainty(self.route(signals))
         result = self.strategy.compute(student_logits, signals)
         if model.training:
             self._non_finite_steps += (~torch.isfinite(result.loss.detach())).long()  # no host sync here
@@ -534,8 +559,9 @@ class KnowledgeIntegrationTrainer(Trainer):
         return (result.loss, outputs) if return_outputs else result.loss
 
     # ------------------------------------------------------------------ cached signals
-    def signal_fingerprint(self) -> str:
-        """Hash of teacher weights, labels, tokenization, truncation, MC samples and dtype."""
+    def signal_fingerprint(self, features: Optional[bool] = None) -> str:
+        """Hash of teacher weights, labels, tokenization, truncation, MC samples and dtype (and whether the
+        cache holds pooled features: by default, when the router needs them)."""
         collator = self.data_collator
         lengths = [
             collator.groups[key][1] if key is not None else collator.max_length
@@ -548,6 +574,7 @@ class KnowledgeIntegrationTrainer(Trainer):
             self.args.mc_samples,
             self.args.resolved_teacher_dtype(),
             mc_top_layers=self.args.mc_top_layers,
+            features=self._needs_features if features is None else features,
         )
 
     def precompute_teacher_signals(self, dataset=None) -> TeacherSignalCache:
@@ -559,20 +586,69 @@ class KnowledgeIntegrationTrainer(Trainer):
         """
         dataset = dataset if dataset is not None else self.train_dataset
         self.signal_cache = self._cached_signals(dataset)
+        if self.router is not None and self.router.needs_fit and not self.router.fitted:
+            self.fit_router(dataset)
         self._fit_certainty_normalization(dataset)
         return self.signal_cache
 
+    # ------------------------------------------------------------------ routing
+    ROUTER_STATE_FILE = "router_state.pt"
+
+    def fit_router(self, dataset=None) -> Optional[Router]:
+        """Fit a transductive router on the unlabeled pool (default: the training rows), label-free.
+
+        The router sees the cached teacher signals of every pool row: never text, ids or gold labels.
+        Its state is saved to ``<output_dir>/router_state.pt`` (and with every checkpoint and
+        ``save_model``) so that evaluation and resumed runs score with the same fit.
+        """
+        if self.router is None or not self.router.needs_fit:
+            return self.router
+        dataset = dataset if dataset is not None else self.train_dataset
+        if dataset is None:
+            raise ValueError(f"Router {self.router.name!r} is fitted on the unlabeled training rows: pass train_dataset.")
+        if self.signal_cache is None:
+            self.signal_cache = self._cached_signals(dataset)
+        ids = [str(x) for x in column_values(dataset, self.args.id_column)]
+        pool = self.signal_cache.lookup(ids, self._certainty_source)
+        self.router.fit(pool)
+        logger.info(f"Router {self.router.name!r} fitted on {len(ids)} unlabeled rows.")
+        if self.args.should_save:
+            self._save_router_state(self.args.output_dir)
+        self.certainty_statistics = None  # standardization statistics follow the new scores
+        return self.router
+
+    def _save_router_state(self, directory: str) -> None:
+        if self.router is None or not self.router.needs_fit or not self.router.fitted:
+            return
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, self.ROUTER_STATE_FILE)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        torch.save(self.router.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    def _load_router_state(self, directory: str) -> bool:
+        path = os.path.join(directory, self.ROUTER_STATE_FILE)
+        if self.router is None or not self.router.needs_fit or not os.path.isfile(path):
+            return False
+        self.router.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        logger.info(f"Router {self.router.name!r}: fitted state loaded from {path}.")
+        return True
+
+    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        self._save_router_state(output_dir if output_dir is not None else self.args.output_dir)
+
     # ------------------------------------------------------------------ certainty normalization
     def _fit_certainty_normalization(self, dataset) -> None:
-        """Per-teacher mean and std of the strategy's certainty over ``dataset``'s cached rows."""
-        source = self.strategy.certainty_source
+        """Per-teacher mean and std of the router's (or strategy's) scores over ``dataset``'s cached rows."""
+        source = self._certainty_source
         if self.args.certainty_normalization == "none" or source is None:
             return
         ids = [str(x) for x in column_values(dataset, self.args.id_column)]
-        certainty = self.signal_cache.lookup(ids, source).certainty.float()
+        certainty = self.route(self.signal_cache.lookup(ids, source)).certainty.float()
         self.certainty_statistics = (certainty.mean(0), certainty.std(0, unbiased=False).clamp_min(1e-6))
-        logger.info(f"Certainty standardization ({source}): mean {certainty.mean(0).tolist()}, std "
-                    f"{self.certainty_statistics[1].tolist()} over {len(ids)} training rows.")
+        logger.info(f"Certainty standardization ({self.router.name if self.router else source}): mean "
+                    f"{certainty.mean(0).tolist()}, std {self.certainty_statistics[1].tolist()} over {len(ids)} training rows.")
 
     def normalize_certainty(self, signals: TeacherSignals) -> TeacherSignals:
         """Apply ``certainty_normalization`` (identity for 'none' or signals without certainty)."""
@@ -585,9 +661,16 @@ class KnowledgeIntegrationTrainer(Trainer):
 
     def _cached_signals(self, dataset, file_suffix: str = "") -> TeacherSignalCache:
         """The cache in ``<signal_cache_dir>/<fingerprint><file_suffix>.pt``, extended with ``dataset``'s missing rows."""
-        fingerprint = self.signal_fingerprint()  # hashes every teacher weight: computed once per call
+        fingerprint = self.signal_fingerprint()  # hashes every teacher weight
         directory = self.args.signal_cache_dir or os.path.join(self.args.output_dir, "teacher_signals")
         path = os.path.join(directory, f"{fingerprint}{file_suffix}.pt")
+        with_features = self._needs_features
+        if not with_features:
+            # A cache that also holds pooled features (written for a feature router) serves this run as well.
+            richer = self.signal_fingerprint(features=True)
+            richer_path = os.path.join(directory, f"{richer}{file_suffix}.pt")
+            if richer_path in self._signal_caches or TeacherSignalCache.exists(richer_path):
+                fingerprint, path, with_features = richer, richer_path, True
         sizes = [len(t.labels) for t in self.teachers]
         device = self.accelerator.device
         rng_devices = [device.index or 0] if device.type == "cuda" else []
@@ -601,7 +684,9 @@ class KnowledgeIntegrationTrainer(Trainer):
             else:
                 cache = TeacherSignalCache(fingerprint, sizes, path)
             computed = build_or_update_cache(
-                cache, dataset, self.args.id_column, self.args.text_column, lambda todo: self._signal_batches(dataset, todo)
+                cache, dataset, self.args.id_column, self.args.text_column,
+                lambda todo: self._signal_batches(dataset, todo, features=with_features)
+                if with_features != self._needs_features else self._signal_batches(dataset, todo),
             )
             cache.finalize(self.accelerator.device)
             if (computed or os.path.isdir(path + ".shards")) and self.accelerator.is_main_process:
@@ -610,7 +695,7 @@ class KnowledgeIntegrationTrainer(Trainer):
         self._signal_caches[path] = cache
         return cache
 
-    def _signal_batches(self, dataset, positions: list[int]):
+    def _signal_batches(self, dataset, positions: list[int], features: Optional[bool] = None):
         from tqdm.auto import tqdm
 
         size = self.args.per_device_eval_batch_size
@@ -623,10 +708,14 @@ class KnowledgeIntegrationTrainer(Trainer):
             teacher_batches = batch.pop(TEACHER_INPUTS_KEY, {})
             student_inputs = {k: v for k, v in batch.items() if k not in ("labels", EXAMPLE_IDS_KEY)}
             ids = [str(row.get(self.args.id_column)) for row in rows]
-            yield chunk, self.teacher_signals(student_inputs, teacher_batches, certainty_source="mc", example_ids=ids)
+            yield chunk, self.teacher_signals(
+                student_inputs, teacher_batches, certainty_source="mc", example_ids=ids, features=features
+            )
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         resume_from_checkpoint = self._checked_resume(resume_from_checkpoint)
+        if resume_from_checkpoint is not None:
+            self._load_router_state(str(resume_from_checkpoint))
         if self.args.teacher_signals == "cached":
             self.precompute_teacher_signals()
         output = super().train(resume_from_checkpoint, *args, **kwargs)

@@ -21,12 +21,21 @@ class TeacherSignals:
 
     Attributes:
         logits: one ``[B, C_t]`` tensor per teacher: deterministic (eval-mode) logits, fp32.
-        certainty: ``[B, N]`` certainty scores in [0, 1] (``1 - H(p)/log C_t``), or ``None`` when
-            the strategy does not use them.
+        certainty: ``[B, N]`` competence scores the strategy selects and weights teachers by: MUKI's
+            certainty ``1 - H(p)/log C_t`` in [0, 1], or the scores of the configured router; ``None``
+            when the strategy does not use them.
+        mutual_information: ``[B, N]`` MC mutual information (BALD, normalised by ``log C_t``), when
+            Monte-Carlo passes were run.
+        top_variance: ``[B, N]`` variance over MC passes of the top-class probability, when run.
+        features: one ``[B, D_t]`` pooled-feature tensor per teacher (input of its output layer), when
+            requested.
     """
 
     logits: list[torch.Tensor]
     certainty: Optional[torch.Tensor] = None
+    mutual_information: Optional[torch.Tensor] = None
+    top_variance: Optional[torch.Tensor] = None
+    features: Optional[list[torch.Tensor]] = None
 
     @property
     def batch_size(self) -> int:
@@ -68,11 +77,16 @@ class IntegrationStrategy:
 
     ``certainty_source`` tells the trainer which teacher signals to produce:
     ``None`` (logits only), ``"deterministic"`` (certainty from the eval-mode pass) or ``"mc"``
-    (certainty from the mean of K Monte-Carlo-dropout passes).
+    (certainty from the mean of K Monte-Carlo-dropout passes). Strategies that select teachers by
+    competence set ``default_router``; any registered router (``ki_trainer.list_routers()``) can then
+    replace it through the config's ``router`` field.
     """
 
     name: ClassVar[str] = ""
     certainty_source: ClassVar[Optional[str]] = None
+    #: the router (competence estimator) whose scores fill ``signals.certainty`` when the config names
+    #: none; ``None`` for strategies that do not select teachers by competence.
+    default_router: ClassVar[Optional[str]] = None
 
     def __init__(self, label_space: LabelSpace, options: Optional[StrategyOptions] = None) -> None:
         self.label_space = label_space

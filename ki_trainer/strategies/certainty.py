@@ -71,9 +71,11 @@ class CertaintyIntegration(IntegrationStrategy):
 class MUKI(CertaintyIntegration):
     name = "muki"
     certainty_source = "mc"
+    default_router = "mc_entropy"
 
 
 @register_strategy
 class EntropySelection(CertaintyIntegration):
     name = "entropy"
     certainty_source = "deterministic"
+    default_router = "entropy"

@@ -1,0 +1,234 @@
+"""What the benchmark scripts share: labelled data files, label splits, teacher training, teacher signals.
+
+``benchmarks/routing.py`` and ``benchmarks/quality.py`` are thin scripts over this module (and over
+``examples/train_teachers.py``, which trains the teachers exactly as a user would): one place decides
+how a data file is read, how its classes are carved among teachers, how teachers are trained and
+cached, and what the teachers say about a set of rows.
+
+Everything is cached on disk and keyed by its settings, so an interrupted benchmark resumes:
+a teacher set lives in ``<root>/teachers/<data>/<split>/`` (``teachers.json`` beside it), and the
+teachers' signals on a list of rows in an ``.npz`` file named by a hash of teachers, rows and settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from ki_trainer import Teacher  # noqa: E402
+from ki_trainer.data import DEFAULT_DATA_PATH, load_debian_sections, partition_labels  # noqa: E402
+from ki_trainer.numerics import certainty_from_logits  # noqa: E402
+from ki_trainer.querying import query_teachers  # noqa: E402
+
+
+def load_train_teachers_module():
+    """examples/train_teachers.py as a module: the teachers are trained exactly as that script does."""
+    if "train_teachers" in sys.modules:
+        return sys.modules["train_teachers"]
+    spec = importlib.util.spec_from_file_location("train_teachers", REPO / "examples" / "train_teachers.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def data_name(path: Optional[str]) -> str:
+    """A short name for a data file (``debian_sections20`` for the default)."""
+    name = Path(path or DEFAULT_DATA_PATH).name
+    for suffix in (".xz", ".jsonl", ".json"):
+        name = name[: -len(suffix)] if name.endswith(suffix) else name
+    return name
+
+
+def load_labelled(path: Optional[str] = None, language: str = "en"):
+    """Any labelled JSON Lines file (plain or .xz) with ``text``, ``label``, ``split`` → ``DatasetDict``."""
+    return load_debian_sections(path, language=language)
+
+
+def split_slug(spec: str, seed: int = 0) -> str:
+    slug = spec.replace(":", "-").replace("[", "").replace("]", "").replace('"', "").replace(",", "_").replace(" ", "")
+    return f"{slug}-seed{seed}" if spec.startswith("random:") else slug
+
+
+def teacher_subsets(data, spec: str, seed: int = 0) -> list[list[str]]:
+    return partition_labels(data["train"]["label"], spec, seed=seed)
+
+
+def train_teacher_set(
+    data_path: Optional[str],
+    spec: str,
+    out_dir: Path,
+    model: str,
+    max_length: int,
+    epochs: float,
+    batch_size: int,
+    learning_rate: float,
+    seed: int = 0,
+    split_seed: int = 0,
+    language: str = "en",
+) -> dict[str, Any]:
+    """Train (or reuse) one teacher per label subset with ``examples/train_teachers.py``; returns teachers.json."""
+    module = load_train_teachers_module()
+    argv = [
+        "--model_name_or_path", model, "--split_spec", spec, "--split_seed", str(split_seed),
+        "--max_length", str(max_length), "--language", language,
+        "--num_train_epochs", str(epochs), "--per_device_train_batch_size", str(batch_size),
+        "--learning_rate", str(learning_rate), "--seed", str(seed), "--save_strategy", "no",
+        "--report_to", "none", "--disable_tqdm", "true", "--output_dir", str(out_dir),
+        "--use_cpu", str(not torch.cuda.is_available()).lower(),
+    ]
+    if data_path is not None:
+        argv += ["--data_path", str(data_path)]
+    if torch.cuda.is_available():
+        argv += ["--bf16", "true"]
+    return module.main(argv)
+
+
+def load_teacher_set(out_dir: Path) -> list[Teacher]:
+    summary = json.loads((Path(out_dir) / "teachers.json").read_text())
+    return [
+        Teacher(str(Path(out_dir) / record["path"]), tokenizer=str(Path(out_dir) / record["path"]), name=f"teacher_{i}")
+        for i, record in enumerate(summary["teachers"])
+    ]
+
+
+def _hash_dir(directory: Path) -> str:
+    hasher = hashlib.sha256()
+    for name in sorted(os.listdir(directory)):
+        file = directory / name
+        if file.is_file() and name.endswith((".safetensors", ".json", ".bin", ".txt")):
+            hasher.update(name.encode())
+            hasher.update(str(file.stat().st_size).encode())
+            hasher.update(str(int(file.stat().st_mtime)).encode())
+    return hasher.hexdigest()[:16]
+
+
+def teacher_signals(
+    teacher_dir: Path,
+    ids: Sequence[str],
+    texts: Sequence[str],
+    cache_dir: Path,
+    max_length: int,
+    mc_samples: int,
+    mc_top_layers: Optional[int],
+    batch_size: int = 64,
+    tag: str = "",
+) -> dict[str, np.ndarray]:
+    """What every teacher of a set says about ``texts``: logits, certainty (deterministic and MC), MC mutual
+    information and top-probability variance, pooled features (fp16). Cached in an ``.npz`` keyed by the
+    teachers, the rows and the settings; computed in batches with the library's own querying code."""
+    teacher_dir = Path(teacher_dir)
+    teachers = load_teacher_set(teacher_dir)
+    key = hashlib.sha256(
+        json.dumps([
+            [_hash_dir(Path(t.model.name_or_path)) for t in teachers], list(ids), max_length, mc_samples, mc_top_layers,
+        ]).encode()
+    ).hexdigest()[:16]
+    path = Path(cache_dir) / f"signals-{tag}{key}.npz"
+    if path.is_file():
+        with np.load(path) as stored:
+            return dict(stored)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for teacher in teachers:
+        teacher.prepare(device, torch.float32)
+    parts: dict[str, list[np.ndarray]] = {}
+    torch.manual_seed(0)
+    start = time.time()
+    for begin in range(0, len(texts), batch_size):
+        batch_texts = list(texts[begin : begin + batch_size])
+        inputs = []
+        for teacher in teachers:
+            encoded = teacher.tokenizer(batch_texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+            accepted = teacher.accepted_inputs()
+            inputs.append({k: v.to(device) for k, v in encoded.items() if k in accepted})
+        signals = query_teachers(
+            teachers, inputs, certainty_source="mc", mc_samples=mc_samples, mc_top_layers=mc_top_layers, features=True
+        )
+        values = {"mc_certainty": signals.certainty, "mutual_information": signals.mutual_information,
+                  "top_variance": signals.top_variance,
+                  "deterministic_certainty": torch.stack([certainty_from_logits(x) for x in signals.logits], 1)}
+        for t, (logits, features) in enumerate(zip(signals.logits, signals.features)):
+            values[f"logits_{t}"] = logits
+            values[f"features_{t}"] = features.half()
+        for name, value in values.items():
+            parts.setdefault(name, []).append(value.cpu().numpy())
+    arrays = {name: np.concatenate(value) for name, value in parts.items()}
+    arrays["seconds"] = np.array(time.time() - start)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp-{os.getpid()}.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    return arrays
+
+
+def machine() -> dict[str, Any]:
+    """Hardware and versions for a results file."""
+    import transformers
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name(0)
+    else:
+        info["device"] = f"CPU ({platform.processor() or platform.machine()})"
+    return info
+
+
+# ---------------------------------------------------------------------- signals through the trainer's cache
+def ki_trainer_for(
+    teacher_dir: Path,
+    student: str,
+    output_dir: Path,
+    cache_dir: Path,
+    max_length: int,
+    mc_samples: int,
+    mc_top_layers: Optional[int],
+    train_dataset,
+    seed: int = 0,
+    **config: Any,
+):
+    """A KnowledgeIntegrationTrainer over a cached teacher set, reading its signals from ``cache_dir``.
+
+    Every trainer built with the same teachers and settings shares one signal cache: the teachers are
+    queried once per row (MC passes included), then every router and student seed reuses the signals.
+    """
+    from ki_trainer import KnowledgeIntegrationConfig, KnowledgeIntegrationTrainer
+    from ki_trainer.pretrained import resolve_model
+
+    cuda = torch.cuda.is_available()
+    defaults = dict(
+        output_dir=str(output_dir), teacher_signals="cached", signal_cache_dir=str(cache_dir), max_length=max_length,
+        mc_samples=mc_samples, mc_top_layers=mc_top_layers, per_device_eval_batch_size=64, seed=seed, data_seed=seed,
+        eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True,
+        use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported(), strategy="muki",
+    )
+    defaults.update(config)
+    return KnowledgeIntegrationTrainer(
+        model=str(resolve_model(student)), args=KnowledgeIntegrationConfig(**defaults),
+        teachers=load_teacher_set(teacher_dir), train_dataset=train_dataset,
+    )
+
+
+def cached_pool_and_test(trainer, pool, test):
+    """(pool signals, test signals) as TeacherSignals from the trainer's fingerprinted cache (computed once).
+
+    Needs a router that reads pooled features (so the cache stores them), e.g. ``router="prototype"``.
+    """
+    pool_cache = trainer.precompute_teacher_signals(pool)
+    test_cache = trainer._cached_signals(test, file_suffix=".test")
+    as_ids = lambda rows: [str(x) for x in rows["id"]]  # noqa: E731
+    return pool_cache.lookup(as_ids(pool), "mc"), test_cache.lookup(as_ids(test), "mc")

@@ -1,0 +1,266 @@
+"""Routing benchmark: which competence estimator ("router") picks the right teacher, and what students gain.
+
+Any labelled JSON Lines file (plain or .xz) with ``text``, ``label`` and ``split`` (train/val/test;
+other fields ignored) works; debian_sections20 is the default. The classes are carved among teachers by
+a split spec (``2x10``: blocks by sorted label name; ``random:NxK`` with ``--split_seed``); the teachers
+are trained once per split (``examples/train_teachers.py``) and cached, and so are their signals on the
+pool (every training row, read WITHOUT labels) and on the test rows.
+
+    # routing level: every router, from cached signals (cheap once the signals exist)
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python benchmarks/routing.py \\
+        --split 2x10 --output_dir outputs/routing/results/2x10 --level routing
+    # student level: oracle, vanilla KD, MUKI as published, and students trained with the given routers
+    ... --level students --student_routers self_training knn_smoothing consensus --seeds 0 1 2
+
+Writes ``DIR/results.json`` (``{"rows": [{"method", "kind", "accuracy", "accuracy_std",
+"routing_accuracy", "n_seeds", ...}], "settings": {...}}``, fractions in [0, 1]), ``DIR/results.md``
+and ``DIR/results.png``; every finished student is recorded under ``DIR/records/`` so that an
+interrupted run resumes. Gold labels are used only to REPORT: never in teacher signals on the pool,
+router fitting, student training or choosing between routers at training time. The perfect-router
+row (``kind: ceiling``) is the ensemble routed by the gold owner: an upper bound that uses labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_common as common  # noqa: E402
+import routing_eval  # noqa: E402
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    # Fits a 2-core CPU: ~1 hour for the signals plus the student level with cached signals (docs/routing.md).
+    "cpu": dict(model="sentence-transformers/paraphrase-MiniLM-L3-v2", max_length=48, epochs=3, batch_size=32,
+                learning_rate=1e-4, mc_samples=8, mc_top_layers=1),
+    # The H100/H200 configuration of issue 9 (all-MiniLM-L6-v2, 128 tokens, 4 epochs).
+    "gpu": dict(model="sentence-transformers/all-MiniLM-L6-v2", max_length=128, epochs=4, batch_size=32,
+                learning_rate=5e-5, mc_samples=16, mc_top_layers=None),
+}
+ROUTERS = ["max_prob", "energy", "entropy", "mc_entropy", "mc_mutual_information", "mc_variance", "standardized",
+           "prototype", "relative_mahalanobis", "consensus", "knn_smoothing", "self_training"]
+PUBLISHED = "mc_entropy"
+
+
+def signals_for(args, cfg) -> tuple[Any, Any, Any, list[list[str]]]:
+    """Teachers (trained or reused) and their cached signals on the pool and the test rows."""
+    data = common.load_labelled(args.data)
+    root = Path(args.cache_root)
+    slug = common.split_slug(args.split, args.split_seed)
+    teacher_dir = root / "teachers" / common.data_name(args.data) / slug
+    summary = common.train_teacher_set(
+        args.data, args.split, teacher_dir, cfg["model"], cfg["max_length"], cfg["epochs"], cfg["batch_size"],
+        cfg["learning_rate"], seed=0, split_seed=args.split_seed,
+    )
+    pool = data["train"].remove_columns([c for c in ("label", "split") if c in data["train"].column_names])
+    trainer = common.ki_trainer_for(
+        teacher_dir, cfg["model"], Path(args.output_dir) / "precompute", root / "cache" / common.data_name(args.data) / slug,
+        cfg["max_length"], cfg["mc_samples"], cfg["mc_top_layers"], pool, router="prototype",
+    )
+    pool_signals, test_signals = common.cached_pool_and_test(trainer, pool, data["test"])
+    blocks = [record["labels"] for record in summary["teachers"]]
+    return data, pool_signals, test_signals, blocks
+
+
+def routing_level(args, cfg, data, pool_signals, test_signals, blocks) -> list[dict[str, Any]]:
+    rows = routing_eval.teacher_rows(test_signals, blocks, data["test"]["label"])
+    rows.append(routing_eval.ceiling(pool_signals, test_signals, blocks, data["train"]["label"], data["test"]["label"]))
+    for name in args.routers:
+        record = routing_eval.evaluate_router(
+            name, None, pool_signals, test_signals, blocks, data["train"]["label"], data["test"]["label"],
+            cfg["mc_samples"], cfg["mc_top_layers"],
+        )
+        record["method"] = f"ensemble routed by {name}" + (" (MUKI as published)" if name == PUBLISHED else "")
+        record["router"] = name
+        rows.append(record)
+        print(f"  {name:24s} routing {record['routing_accuracy']:.3f} (pool {record['pool_routing_accuracy']:.3f}) "
+              f"ensemble {record['accuracy']:.3f}  fit {record['fit_seconds']} s", flush=True)
+    return rows
+
+
+@torch.no_grad()
+def test_accuracy(model, tokenizer, texts, gold_ids, max_length: int) -> float:
+    model.eval()
+    device = next(model.parameters()).device
+    predicted = []
+    for start in range(0, len(texts), 64):
+        batch = tokenizer(texts[start : start + 64], truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        predicted.append(model(**batch.to(device)).logits.argmax(-1).cpu())
+    return float((torch.cat(predicted).numpy() == np.asarray(gold_ids)).mean())
+
+
+def student_job(args, cfg, data, blocks, method: str, seed: int) -> dict[str, Any]:
+    """One student (or the oracle) trained on the pool, evaluated by a plain forward pass on the test rows."""
+    from transformers import set_seed
+
+    union = [label for block in blocks for label in block]
+    gold = [union.index(label) for label in data["test"]["label"]]
+    root = Path(args.cache_root)
+    slug = common.split_slug(args.split, args.split_seed)
+    teacher_dir = root / "teachers" / common.data_name(args.data) / slug
+    run_dir = Path(args.output_dir) / "runs" / f"{method}-seed{seed}"
+    start = time.perf_counter()
+    if method == "oracle":
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
+
+        from ki_trainer.pretrained import resolve_model
+
+        module = common.load_train_teachers_module()
+        path = str(resolve_model(cfg["model"]))
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        splits = module.datasets.DatasetDict({"train": data["train"], "val": data["val"]})
+        encoded = module.encode(splits, tokenizer, union, cfg["max_length"])
+        set_seed(seed)
+        id2label = dict(enumerate(union))
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(union), id2label=id2label, label2id={v: k for k, v in id2label.items()},
+            ignore_mismatched_sizes=True,
+        )
+        cuda = torch.cuda.is_available()
+        training = TrainingArguments(
+            output_dir=str(run_dir), num_train_epochs=cfg["epochs"], per_device_train_batch_size=cfg["batch_size"],
+            learning_rate=cfg["learning_rate"], seed=seed, data_seed=seed, save_strategy="no", eval_strategy="no",
+            logging_strategy="no", report_to="none", disable_tqdm=True, use_cpu=not cuda,
+            bf16=cuda and torch.cuda.is_bf16_supported(),
+        )
+        Trainer(model=model, args=training, train_dataset=encoded["train"], processing_class=tokenizer).train()
+    else:
+        pool = data["train"].remove_columns([c for c in ("label", "split") if c in data["train"].column_names])
+        if method == "vanilla_kd":
+            config = dict(strategy="vanilla_kd")
+        else:
+            router = method.split(":", 1)[1]
+            config = dict(strategy="muki", router=None if router == PUBLISHED else router)
+        set_seed(seed)  # the trainer builds the student's new head before Trainer seeds anything
+        trainer = common.ki_trainer_for(
+            teacher_dir, cfg["model"], run_dir, root / "cache" / common.data_name(args.data) / slug,
+            cfg["max_length"], cfg["mc_samples"], cfg["mc_top_layers"], pool, seed=seed,
+            num_train_epochs=cfg["epochs"], per_device_train_batch_size=cfg["batch_size"],
+            learning_rate=cfg["learning_rate"], **config,
+        )
+        trainer.train()
+        model, tokenizer = trainer.model, trainer.processing_class
+    accuracy = test_accuracy(model, tokenizer, data["test"]["text"], gold, cfg["max_length"])
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return {"method": method, "seed": seed, "accuracy": accuracy, "train_seconds": round(time.perf_counter() - start, 1)}
+
+
+def student_level(args, cfg, data, blocks, routing_rows) -> list[dict[str, Any]]:
+    methods = ["oracle", "vanilla_kd", f"muki:{PUBLISHED}"] + [f"muki:{name}" for name in args.student_routers]
+    records_dir = Path(args.output_dir) / "records"
+    records_dir.mkdir(parents=True, exist_ok=True)
+    routing_of = {row.get("router"): row for row in routing_rows}
+    rows = []
+    for method in methods:
+        results = []
+        for seed in args.seeds:
+            file = records_dir / f"{method.replace(':', '-')}-seed{seed}.json"
+            if file.is_file():
+                results.append(json.loads(file.read_text()))
+                continue
+            result = student_job(args, cfg, data, blocks, method, seed)
+            file.write_text(json.dumps(result, indent=2) + "\n")
+            print(f"[{time.strftime('%H:%M:%S')}] {method} seed {seed}: {result['accuracy']:.4f} "
+                  f"({result['train_seconds']} s)", flush=True)
+            results.append(result)
+        accuracies = np.array([r["accuracy"] for r in results])
+        router = method.split(":", 1)[1] if method.startswith("muki:") else None
+        name = {"oracle": "oracle (student trained WITH all labels)", "vanilla_kd": "student: vanilla KD"}.get(
+            method, f"student: MUKI + {router}" + (" (as published)" if router == PUBLISHED else ""))
+        rows.append({
+            "method": name, "kind": "oracle" if method == "oracle" else "student", "router": router,
+            "accuracy": float(accuracies.mean()), "accuracy_std": float(accuracies.std(ddof=1)) if len(accuracies) > 1 else 0.0,
+            "routing_accuracy": routing_of.get(router, {}).get("routing_accuracy") if router else None,
+            "n_seeds": len(results), "seeds": [r["seed"] for r in results],
+            "train_seconds": float(np.mean([r["train_seconds"] for r in results])),
+        })
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
+    lines = [f"Data {settings['data']}, teachers {settings['split']}, {settings['config']} configuration "
+             f"({settings['model']}, {settings['max_length']} tokens, MC K={settings['mc_samples']}, "
+             f"top layers {settings['mc_top_layers']}); {settings['test_rows']} test rows, {settings['pool_rows']} pool rows.",
+             "", "| method | kind | test accuracy % | routing accuracy % (test) | routing % (pool) | seeds | fit s | passes/example |",
+             "|---|---|---|---|---|---|---|---|"]
+    pct = lambda v: "—" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    for row in rows:
+        acc = pct(row["accuracy"]) + (f" ± {100 * row['accuracy_std']:.1f}" if row.get("n_seeds", 1) > 1 else "")
+        lines.append(f"| {row['method']} | {row['kind']} | {acc} | {pct(row.get('routing_accuracy'))} | "
+                     f"{pct(row.get('pool_routing_accuracy'))} | {row.get('n_seeds', 1)} | {row.get('fit_seconds', '—')} | "
+                     f"{row.get('forward_passes_per_example', '—')} |")
+    return "\n".join(lines) + "\n"
+
+
+def chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r["kind"] != "teacher"]
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(shown) + 1.5))
+    colors = {"ceiling": "#bbbbbb", "oracle": "#444444", "router": "#8da0cb", "student": "#66c2a5"}
+    y = np.arange(len(shown))[::-1]
+    means = [100 * r["accuracy"] for r in shown]
+    ax.barh(y, means, xerr=[100 * r.get("accuracy_std", 0.0) for r in shown], color=[colors[r["kind"]] for r in shown], capsize=3)
+    for yi, m in zip(y, means):
+        ax.text(m + 0.5, yi, f"{m:.1f}", va="center", fontsize=8)
+    ax.set_yticks(y, [r["method"] for r in shown], fontsize=8)
+    oracle = next((100 * r["accuracy"] for r in shown if r["kind"] == "oracle"), None)
+    if oracle is not None:
+        ax.axvline(oracle, color="#444444", linestyle="--", linewidth=1)
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("test accuracy % (routed ensemble for routers; students mean ± std over seeds)")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=None, help="labelled JSON Lines file (default: the embedded debian_sections20)")
+    parser.add_argument("--split", default="2x10", help="teacher label split: NxK, random:NxK or a JSON list of lists")
+    parser.add_argument("--split_seed", type=int, default=0, help="seed of random: splits")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--level", choices=["routing", "students"], default="routing")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu" if not torch.cuda.is_available() else "gpu")
+    parser.add_argument("--routers", nargs="+", default=ROUTERS)
+    parser.add_argument("--student_routers", nargs="*", default=["self_training", "knn_smoothing", "consensus"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--cache_root", default="outputs/routing", help="where teachers and signal caches are kept")
+    args = parser.parse_args(argv)
+    cfg = CONFIGS[args.config]
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    data, pool_signals, test_signals, blocks = signals_for(args, cfg)
+    print(f"[{time.strftime('%H:%M:%S')}] teachers and signals ready ({time.time() - start:.0f} s)", flush=True)
+    rows = routing_level(args, cfg, data, pool_signals, test_signals, blocks)
+    if args.level == "students":
+        rows += student_level(args, cfg, data, blocks, rows)
+    settings = {"data": common.data_name(args.data), "split": args.split, "split_seed": args.split_seed,
+                "config": args.config, **cfg, "pool_rows": len(data["train"]), "test_rows": len(data["test"]),
+                "teacher_blocks": blocks, "level": args.level, "seeds": args.seeds, "machine": common.machine(),
+                "wall_seconds": round(time.time() - start, 1),
+                "command": "python benchmarks/routing.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    result = {"rows": rows, "settings": settings}
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(rows, settings))
+    chart(rows, out / "results.png", f"{settings['data']} {args.split}: routers (routed ensemble) and students")
+    print(markdown(rows, settings))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Routing-level evaluation from cached teacher signals (no training): the reusable part of routing.py.
+
+For every router: fit on the unlabeled pool (the training rows; never their labels), score the pool
+and the test rows, and report routing accuracy (the chosen teacher owns the gold class), the
+accuracy of the routed ensemble (the chosen teacher's prediction), the cost in teacher forward
+passes per example, and the fit time. The perfect router (gold owner) is the ceiling, marked as
+using labels.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ki_trainer.routing import build_router
+from ki_trainer.strategies import TeacherSignals
+
+
+def signals_from_arrays(arrays: dict[str, np.ndarray], num_teachers: int) -> TeacherSignals:
+    """The library's TeacherSignals from a bench_common.teacher_signals() array dict."""
+    return TeacherSignals(
+        logits=[torch.from_numpy(arrays[f"logits_{t}"]).float() for t in range(num_teachers)],
+        certainty=torch.from_numpy(arrays["mc_certainty"]).float(),
+        mutual_information=torch.from_numpy(arrays["mutual_information"]).float(),
+        top_variance=torch.from_numpy(arrays["top_variance"]).float(),
+        features=[torch.from_numpy(arrays[f"features_{t}"]).float() for t in range(num_teachers)],
+    )
+
+
+def owners_and_gold(labels: Sequence[str], blocks: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray]:
+    """Index of the teacher owning each row's gold label, and the gold label's union index."""
+    union = [label for block in blocks for label in block]
+    owner = {label: t for t, block in enumerate(blocks) for label in block}
+    return np.array([owner[label] for label in labels]), np.array([union.index(label) for label in labels])
+
+
+def routed_predictions(selected: np.ndarray, signals: TeacherSignals, blocks) -> np.ndarray:
+    """Union-label prediction of the teacher each row is routed to."""
+    offsets = np.cumsum([0] + [len(b) for b in blocks])
+    predictions = np.zeros(len(selected), dtype=int)
+    for t, logits in enumerate(signals.logits):
+        own = logits.argmax(1).numpy() + offsets[t]
+        predictions[selected == t] = own[selected == t]
+    return predictions
+
+
+def forward_passes(router, mc_samples: int, top_layers: Optional[int]) -> str:
+    """Teacher forward passes per example and teacher a router costs."""
+    if "mc" not in router.requires:
+        return "1"
+    return f"1 + {mc_samples}" + (f" (top {top_layers} layer(s))" if top_layers else "")
+
+
+def evaluate_router(
+    name: str,
+    options: Optional[dict[str, Any]],
+    pool: TeacherSignals,
+    test: TeacherSignals,
+    blocks,
+    pool_labels: Sequence[str],
+    test_labels: Sequence[str],
+    mc_samples: int,
+    top_layers: Optional[int],
+) -> dict[str, Any]:
+    """Fit ``name`` on the pool (label-free), then score pool and test rows against the gold owners."""
+    router = build_router(name, options)
+    start = time.perf_counter()
+    if router.needs_fit:
+        router.fit(pool)  # the pool's signals only: no labels, ids or text reach the fit
+    fit_seconds = time.perf_counter() - start
+    record: dict[str, Any] = {"method": name, "kind": "router", "options": router.options,
+                              "fit_seconds": round(fit_seconds, 3),
+                              "forward_passes_per_example": forward_passes(router, mc_samples, top_layers)}
+    for split, signals, labels in (("pool", pool, pool_labels), ("test", test, test_labels)):
+        owners, gold = owners_and_gold(labels, blocks)
+        selected = router.score(signals).argmax(1).numpy()
+        prefix = "" if split == "test" else "pool_"
+        record[f"{prefix}routing_accuracy"] = float(np.mean(selected == owners))
+        record[f"{prefix}accuracy"] = float(np.mean(routed_predictions(selected, signals, blocks) == gold))
+    record["accuracy_std"] = 0.0
+    record["n_seeds"] = 1
+    return record
+
+
+def ceiling(pool: TeacherSignals, test: TeacherSignals, blocks, pool_labels, test_labels) -> dict[str, Any]:
+    """The ensemble routed by the gold owner (USES LABELS: an upper bound, not a method)."""
+    record: dict[str, Any] = {"method": "perfect router (gold owner; uses labels)", "kind": "ceiling",
+                              "accuracy_std": 0.0, "n_seeds": 1}
+    for split, signals, labels in (("pool", pool, pool_labels), ("test", test, test_labels)):
+        owners, gold = owners_and_gold(labels, blocks)
+        prefix = "" if split == "test" else "pool_"
+        record[f"{prefix}routing_accuracy"] = 1.0
+        record[f"{prefix}accuracy"] = float(np.mean(routed_predictions(owners, signals, blocks) == gold))
+    return record
+
+
+def teacher_rows(test: TeacherSignals, blocks, test_labels) -> list[dict[str, Any]]:
+    """Each teacher alone on the test rows of its own classes."""
+    owners, gold = owners_and_gold(test_labels, blocks)
+    offsets = np.cumsum([0] + [len(b) for b in blocks])
+    rows = []
+    for t, logits in enumerate(test.logits):
+        mine = owners == t
+        predicted = logits.argmax(1).numpy() + offsets[t]
+        rows.append({"method": f"teacher_{t} (own classes: {len(blocks[t])})", "kind": "teacher",
+                     "accuracy": float(np.mean(predicted[mine] == gold[mine])), "accuracy_std": 0.0,
+                     "routing_accuracy": None, "n_seeds": 1})
+    return rows
