@@ -634,10 +634,6 @@ class KnowledgeIntegrationTrainer(Trainer):
         logger.info(f"Router {self.router.name!r}: fitted state loaded from {path}.")
         return True
 
-    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
-        super()._save(output_dir, state_dict)
-        self._save_router_state(output_dir if output_dir is not None else self.args.output_dir)
-
     # ------------------------------------------------------------------ certainty normalization
     def _fit_certainty_normalization(self, dataset) -> None:
         """Per-teacher mean and std of the router's (or strategy's) scores over ``dataset``'s cached rows."""
@@ -897,6 +893,7 @@ class KnowledgeIntegrationTrainer(Trainer):
 
     def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        self._save_router_state(output_dir)  # a transductive router's fit travels with the model and checkpoints
         peft_student = is_peft_model(self.accelerator.unwrap_model(self.model))
         if peft_student and self.args.merge_adapter and getattr(self, "_final_save", False):
             original = self.model
