@@ -16,7 +16,8 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from transformers.utils import logging
 
-_MODELING_LOGGERS = ("transformers.modeling_utils", "transformers.modeling_layers")
+# modeling_utils: the load report; tensor_parallel: a TP-plan check that runs when modeling_utils is quiet.
+_MODELING_LOGGERS = ("transformers.modeling_utils", "transformers.modeling_layers", "transformers.distributed.tensor_parallel")
 
 
 @contextlib.contextmanager
@@ -33,7 +34,7 @@ def phase(title: str, stream=None, enabled: bool = True) -> Iterator[None]:
 
 @contextlib.contextmanager
 def quiet_model_loading() -> Iterator[None]:
-    """Silence ``from_pretrained``'s progress bars and its load-report table; errors still raise.
+    """Silence ``from_pretrained`` / ``save_pretrained`` progress bars and the load-report table; errors still raise.
 
     Callers that expect missing weights (a new classification head) should check
     ``output_loading_info`` themselves: see :func:`describe_new_head`.

@@ -76,6 +76,28 @@ def check_launch(args) -> None:
         )
 
 
+def check_distributed_type(args, accelerator) -> None:
+    """Warn when the launch asked for FSDP or DeepSpeed but Accelerate set up something else.
+
+    Accelerate shards with FSDP only across accelerators (GPUs, NPUs, ...): launched on CPU processes
+    with an FSDP config it runs plain DDP, every process holding the whole student.
+    """
+    requested = []
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in _TRUE or getattr(args, "fsdp", None):
+        requested.append("FSDP")
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in _TRUE or getattr(args, "deepspeed", None):
+        requested.append("DEEPSPEED")
+    actual = str(getattr(getattr(accelerator, "distributed_type", None), "value", "NO")).upper()
+    for kind in requested:
+        if actual != kind:
+            warnings.warn(
+                f"{kind} was requested but Accelerate runs this job as {actual} (on {accelerator.device.type}): the "
+                f"student is NOT sharded, each process holds all of it. Accelerate shards only across GPUs or other "
+                f"accelerators.",
+                stacklevel=2,
+            )
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -39,7 +39,7 @@ from .collator import EXAMPLE_IDS_KEY, TEACHER_INPUTS_KEY, KnowledgeIntegrationC
 from .config import KnowledgeIntegrationConfig
 from .console import describe_new_head, quiet_model_loading
 from .label_space import LabelSpace
-from .launch import check_launch, output_dir_lock
+from .launch import check_distributed_type, check_launch, output_dir_lock
 from .metrics import integration_metrics
 from .model_card import MODEL_CARD_TAGS, integration_section
 from .querying import query_teachers
@@ -258,6 +258,7 @@ class KnowledgeIntegrationTrainer(Trainer):
         )
         # The KI loss is a per-example mean; let the Trainer divide by gradient accumulation itself.
         self.model_accepts_loss_kwargs = False
+        check_distributed_type(self.args, self.accelerator)  # e.g. an FSDP launch that runs as DDP on CPU
         teacher_dtype = self.args.resolved_teacher_dtype()
         for teacher in self.teachers:
             teacher.prepare(self.accelerator.device, teacher_dtype)

@@ -26,8 +26,12 @@ def _env() -> dict:
 
 @pytest.fixture(scope="module")
 def disk_models(tmp_path_factory) -> dict:
-    """Two tiny teachers (own tokenizers, label names in config) and a tiny student base, as directories."""
-    root = tmp_path_factory.mktemp("models")
+    return save_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+def save_tiny_models(root: Path) -> dict:
+    """Two tiny teachers (own tokenizers, label names in config), a tiny student and train/validation/test
+    JSON files, as directories under ``root``."""
     paths = {}
     for i, labels in enumerate(TEACHER_SPLIT):
         tok = build_tokenizer(teacher_words(labels))

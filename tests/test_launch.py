@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import build_tokenizer, make_rows, tiny_bert
 from datasets import Dataset
 
@@ -142,3 +144,52 @@ def test_student_from_a_directory_logs_no_load_report_table(tmp_path: Path) -> N
     messages = [record.getMessage() for record in records if record.levelno >= logging.WARNING]
     assert not [m for m in messages if "LOAD REPORT" in m or "newly initialized" in m], messages
     assert trainer.model.config.num_labels == 2
+
+
+# ---------------------------------------------------------------------------------------------- real launches
+ACCELERATE = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+CONFIGS = Path(__file__).resolve().parent.parent / "ki_trainer" / "launch_configs"
+
+
+def _launch(tmp_path: Path, config: Path, *flags: str) -> subprocess.CompletedProcess:
+    from test_cli import save_tiny_models
+
+    models = save_tiny_models(tmp_path / "models")
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump({
+        "teachers": [str(models["teacher_0"]), str(models["teacher_1"])], "student": str(models["student"]),
+        "dataset": str(models["data"]), "mc_samples": 2, "teacher_signals": "cached", "max_length": 16,
+        "num_train_epochs": 1, "per_device_train_batch_size": 4, "report_to": "none", "save_strategy": "no",
+        "disable_tqdm": True, "output_dir": str(tmp_path / "out"),
+    }))  # fmt: skip
+    cmd = [ACCELERATE, "launch", "--config_file", str(config), "-m", "ki_trainer", "integrate", str(run), *flags]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(CONFIGS.parent.parent), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.launch
+@pytest.mark.skipif(ACCELERATE is None, reason="the accelerate CLI is not installed beside this python")
+def test_accelerate_launch_of_the_console_command_with_the_fsdp_config_on_cpu(tmp_path: Path) -> None:
+    """Two gloo processes form ONE run (24 rows / (4 per rank x 2 ranks) = 3 steps); FSDP is not available on
+    CPU through Accelerate, which runs DDP instead: the run says so instead of pretending to shard."""
+    config = tmp_path / "fsdp_cpu.yaml"
+    text = (CONFIGS / "fsdp.yaml").read_text().replace("fsdp_cpu_ram_efficient_loading: true",
+                                                       "fsdp_cpu_ram_efficient_loading: false")
+    config.write_text(text.replace("mixed_precision: bf16", "mixed_precision: 'no'"))
+    result = _launch(tmp_path, config, "--use_cpu", "true")
+    assert result.returncode == 0, result.stderr[-4000:]
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3
+    assert "test_accuracy" in json.loads((tmp_path / "out" / "test_metrics.json").read_text())
+    assert "FSDP was requested but Accelerate runs this job as MULTI_CPU" in result.stderr
+    assert result.stdout.count("==> training the student on 24 unlabeled rows ... ") == 1  # banners on rank 0 only
+
+
+@pytest.mark.launch
+@pytest.mark.skipif(ACCELERATE is None, reason="the accelerate CLI is not installed beside this python")
+def test_two_processes_without_use_cpu_are_refused(tmp_path: Path) -> None:
+    result = _launch(tmp_path, CONFIGS / "cpu_ddp.yaml")
+    assert result.returncode != 0
+    assert "LaunchError: The launcher started 2 processes" in result.stderr and "--use_cpu true" in result.stderr
+    assert not (tmp_path / "out" / "test_metrics.json").exists()

@@ -177,8 +177,11 @@ def run(script_args: IntegrateArguments, args: KnowledgeIntegrationConfig) -> di
     )
     use_row_progress(trainer)
     with phase(f"training the student on {len(train)} unlabeled rows", enabled=main):
-        trainer.train()
-        trainer.save_model()
+        train_result = trainer.train()
+        with quiet_model_loading():
+            trainer.save_model()
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.save_state()  # trainer_state.json: steps, world size, log history
     with phase("evaluating", enabled=main):
         metrics = {} if args.eval_strategy != "no" else trainer.evaluate(val, metric_key_prefix="eval")
         metrics.update(trainer.evaluate(test, metric_key_prefix="test"))

@@ -170,7 +170,8 @@ def train_and_evaluate_teacher(
         trainer.train()
         partial = teacher_dir.with_name(teacher_dir.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        trainer.save_model(str(partial))  # model + tokenizer; renamed once complete: the cache never sees half
+        with quiet_model_loading():
+            trainer.save_model(str(partial))  # model + tokenizer; renamed once complete: the cache never sees half
         shutil.rmtree(teacher_dir, ignore_errors=True)
         partial.rename(teacher_dir)
     return trainer.evaluate()["eval_accuracy"]
