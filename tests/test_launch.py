@@ -193,3 +193,32 @@ def test_two_processes_without_use_cpu_are_refused(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "LaunchError: The launcher started 2 processes" in result.stderr and "--use_cpu true" in result.stderr
     assert not (tmp_path / "out" / "test_metrics.json").exists()
+
+
+def test_teachers_load_whole_under_deepspeed_zero3(tmp_path: Path) -> None:
+    """With ZeRO-3 configured, from_pretrained partitions a model (which needs deepspeed, not installed here);
+    teachers never enter the engine, so they load whole. The setting is left in place for the student."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.integrations import is_deepspeed_zero3_enabled
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    class Zero3:  # what HfDeepSpeedConfig registers (it cannot be built without deepspeed installed)
+        config = {"zero_optimization": {"stage": 3}}
+
+        def is_zero3(self) -> bool:
+            return True
+
+    tok = build_tokenizer()
+    tiny_bert(2, len(tok), labels=["alpha", "beta"]).save_pretrained(tmp_path / "teacher")
+    zero3 = Zero3()
+    set_hf_deepspeed_config(zero3)
+    try:
+        assert is_deepspeed_zero3_enabled()
+        with pytest.raises(ImportError):  # the ZeRO-3 partitioned load path
+            AutoModelForSequenceClassification.from_pretrained(tmp_path / "teacher")
+        teacher = Teacher(str(tmp_path / "teacher"))
+        assert teacher.model.classifier.weight.shape == (2, 32)
+        assert all(p.numel() > 0 for p in teacher.model.parameters())
+        assert is_deepspeed_zero3_enabled()  # restored for the student
+    finally:
+        unset_hf_deepspeed_config()
