@@ -54,6 +54,16 @@ def quiet_model_loading() -> Iterator[None]:
             logging.enable_progress_bar()
 
 
+def hide_progress_bars(hidden: bool) -> None:
+    """With ``disable_tqdm``, hide the ``datasets`` map/filter bars and the ``transformers`` loading bars too."""
+    if not hidden:
+        return
+    import datasets
+
+    datasets.disable_progress_bars()
+    logging.disable_progress_bar()
+
+
 _HEAD_KEY = re.compile(r"(^|\.)(classifier|pre_classifier|score|pooler)\.")
 
 

@@ -222,3 +222,25 @@ def test_teachers_load_whole_under_deepspeed_zero3(tmp_path: Path) -> None:
         assert is_deepspeed_zero3_enabled()  # restored for the student
     finally:
         unset_hf_deepspeed_config()
+
+
+def test_training_progress_is_counted_in_rows(tmp_path: Path, capfd) -> None:
+    from transformers.trainer_callback import ProgressCallback
+
+    from ki_trainer.console import RowProgressCallback, use_row_progress
+
+    tok = build_tokenizer()
+    data = Dataset.from_list([{"text": r["text"]} for r in make_rows(3, seed=0)])
+    teachers = [Teacher(tiny_bert(2, len(tok), labels=["alpha", "beta"]), name="t")]
+    trainer = KnowledgeIntegrationTrainer(model=tiny_bert(2, len(tok)), teachers=teachers, train_dataset=data,
+                                          processing_class=tok, args=_args(tmp_path, max_steps=2, save_strategy="no",
+                                                                           mc_samples=2, disable_tqdm=False,
+                                                                           per_device_train_batch_size=4,
+                                                                           gradient_accumulation_steps=2))
+    use_row_progress(trainer)
+    kinds = [type(c) for c in trainer.callback_handler.callbacks]
+    assert RowProgressCallback in kinds and ProgressCallback not in kinds
+    capfd.readouterr()
+    trainer.train()
+    err = capfd.readouterr().err
+    assert "16/16" in err and "rows/s" in err  # 2 steps x 4 rows x 2 accumulation steps

@@ -104,8 +104,10 @@ class CommandParser(HfArgumentParser):
 
     Args:
         dataclass_types: the command's dataclasses, in the order ``parse`` returns them.
-        prog, description, epilog: as for ``argparse``.
+        prog: the command's name in usage lines.
+        description: shown first by ``--help``.
         groups: ``[(title, [field names])]`` shown in this order before the TrainingArguments.
+        epilog: shown last by ``--help``.
         full_help: list every TrainingArguments option in ``--help`` (``--help-all``).
     """
 

@@ -38,7 +38,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from ..console import phase
+from ..console import hide_progress_bars, phase
 from .arguments import CommandParser, is_help_all
 
 MODEL = "sentence-transformers/paraphrase-MiniLM-L3-v2"
@@ -170,6 +170,7 @@ def run(demo: DemoArguments) -> dict[str, Any]:
     from ..data import cap_per_class, load_debian_sections
 
     start = time.perf_counter()
+    hide_progress_bars(demo.disable_tqdm)
     data = load_debian_sections()
     with phase("training 2 teachers (cached after the first run)"):
         teachers = train_demo_teachers(demo)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from ..config import KnowledgeIntegrationConfig
-from ..console import phase, quiet_model_loading, use_row_progress
+from ..console import hide_progress_bars, phase, quiet_model_loading, use_row_progress
 from ..launch import check_launch
 from .arguments import CommandParser, is_help_all, own_fields
 
@@ -157,6 +157,7 @@ def run(script_args: IntegrateArguments, args: KnowledgeIntegrationConfig) -> di
     if not script_args.teachers:
         raise ValueError("No teachers: pass --teachers PATH [PATH ...] or list `teachers:` in the run file.")
     check_launch(args)  # before any work: a broken multi-process launch fails in seconds
+    hide_progress_bars(bool(args.disable_tqdm))
     main = args.process_index == 0
     with phase("loading data", enabled=main):
         data = load_splits(script_args.dataset, script_args.language)

@@ -32,7 +32,7 @@ from transformers import (
     set_seed,
 )
 
-from ..console import phase, quiet_model_loading
+from ..console import hide_progress_bars, phase, quiet_model_loading
 from ..data import cap_per_class, filter_by_labels, label_maps, load_debian_sections, partition_labels
 from ..launch import check_launch, output_dir_lock
 from ..pretrained import resolve_model
@@ -196,6 +196,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "ki-trainer train-tea
 def run(script_args: TeacherTrainingArguments, training_args: TrainingArguments) -> dict[str, Any]:
     """Train (or reuse) every teacher of ``script_args.split_spec`` and write teachers.json."""
     check_launch(training_args)
+    hide_progress_bars(bool(training_args.disable_tqdm))
     if training_args.dataloader_pin_memory and training_args.device.type == "cpu":
         training_args.dataloader_pin_memory = False  # nothing to pin on CPU (and torch warns about it)
     model_path = str(resolve_model(script_args.model_name_or_path))
