@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1
 
-.PHONY: install models demo test docs bench-quality clean
+.PHONY: install models demo test test-launch docs bench-quality clean
 
 $(VENV)/.installed: setup.cfg setup.py
 	$(PYTHON_BASE) -m venv $(VENV)
@@ -27,6 +27,10 @@ models: $(VENV)/.models
 # The documentation site is built (strict: every link and docstring checked, ~4 s) before the tests.
 test: install docs
 	$(OFFLINE) $(PY) -m pytest tests -q
+
+# Real `accelerate launch` runs of the console command (2 gloo processes, FSDP config on CPU, a refused launch).
+test-launch: install
+	$(OFFLINE) $(PY) -m pytest tests -q -m launch
 
 docs: install
 	$(OFFLINE) $(PY) -m mkdocs build --strict --quiet
