@@ -5,14 +5,14 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1
 
-.PHONY: install models demo test bench-quality clean
+.PHONY: install models demo test test-launch docs bench-quality clean
 
 $(VENV)/.installed: setup.cfg setup.py
 	$(PYTHON_BASE) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch FIRST: the CPU wheel on disk; otherwise a dependency may pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[dev,bench]"
+	$(PIP) install -q -e ".[dev,bench,docs]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -24,8 +24,16 @@ $(VENV)/.models: $(VENV)/.installed
 
 models: $(VENV)/.models
 
-test: install
+# The documentation site is built (strict: every link and docstring checked, ~4 s) before the tests.
+test: install docs
 	$(OFFLINE) $(PY) -m pytest tests -q
+
+# Real `accelerate launch` runs of the console command (2 gloo processes, FSDP config on CPU, a refused launch).
+test-launch: install
+	$(OFFLINE) $(PY) -m pytest tests -q -m launch
+
+docs: install
+	$(OFFLINE) $(PY) -m mkdocs build --strict --quiet
 
 demo: models
 	$(OFFLINE) OMP_NUM_THREADS=2 $(PY) examples/demo.py

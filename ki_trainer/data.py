@@ -1,7 +1,7 @@
 """The embedded Debian-sections benchmark, and how to carve its classes among teachers.
 
 Knowledge integration needs teachers that each know only part of the label set. This module loads
-the real, offline benchmark shipped in ``data/`` (see ``data/README.md`` for its provenance) as
+the real, offline benchmark shipped in ``data/`` and as package data (see ``data/README.md`` for its provenance) as
 plain ``datasets`` objects and splits its 20 labels into disjoint teacher subsets, so examples,
 tests and benchmarks all build teachers the same way.
 """
@@ -19,9 +19,9 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import datasets
 
-# The data file sits next to the package in a source checkout (``<repo>/data``), not inside it:
-# it is benchmark data, not code. Installed copies must pass ``path=`` explicitly.
-DEFAULT_DATA_PATH = Path(__file__).resolve().parent.parent / "data" / "debian_sections20.jsonl.xz"
+# Package data, so a plain ``pip install`` can run the demo. In a source checkout this is a symbolic
+# link to ``<repo>/data/debian_sections20.jsonl.xz`` (one copy in the repository); wheels hold the file.
+DEFAULT_DATA_PATH = Path(__file__).resolve().parent / "resources" / "debian_sections20.jsonl.xz"
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"validation": "val", "valid": "val", "dev": "val"}
 _GRID_SPEC = re.compile(r"^(?P<random>random:)?(?P<teachers>\d+)x(?P<size>\d+)$")
@@ -56,7 +56,7 @@ def _row_id(row: dict[str, Any], position: int) -> str:
 def _resolve_path(path: Optional[PathLike]) -> Path:
     file = Path(path) if path is not None else DEFAULT_DATA_PATH
     if not file.is_file():
-        hint = "" if path is not None else " (the default; pass path= when ki_trainer is installed outside a checkout)"
+        hint = "" if path is not None else " (the package data file; reinstall ki-trainer or pass path=)"
         raise FileNotFoundError(f"Debian sections data file not found: {file}{hint}.")
     return file
 
@@ -78,7 +78,7 @@ def load_debian_sections(
     Args:
         path: a ``.jsonl`` or ``.jsonl.xz`` file whose rows hold ``text``, ``label`` and ``split``
             (``train``/``val``/``test``; ids from ``package`` or ``id`` when present, else the line
-            position; other fields are ignored); defaults to the copy in the repository's ``data/`` folder.
+            position; other fields are ignored); defaults to the copy shipped with the package.
         split: ``"train"``, ``"val"`` (alias ``"validation"``) or ``"test"``; ``None`` returns a
             ``DatasetDict`` with all three.
         language: ``"en"`` uses the original English text. Any other code (``"de"``, ``"fr"``, ...)

@@ -65,9 +65,11 @@ class Teacher:
             source = str(model)
             if is_adapter_dir(source):
                 labels = labels if labels is not None else read_labels(source)
-                model = load_adapter_model(source)
+                with whole_model_loading():  # never sharded by ZeRO-3's init: teachers stay outside the engine
+                    model = load_adapter_model(source)
             else:
-                model = AutoModelForSequenceClassification.from_pretrained(source)
+                with whole_model_loading():  # never sharded by ZeRO-3's init: teachers stay outside the engine
+                    model = AutoModelForSequenceClassification.from_pretrained(source)
         elif isinstance(model, torch.nn.Module):
             source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
         else:
@@ -189,6 +191,28 @@ class Teacher:
         kind = type(self.model).__name__
         adapter = f", adapter={self.adapter!r}" if self.adapter is not None else ""
         return f"Teacher(name={self.name!r}, model={kind}{adapter}, labels={self.labels})"
+
+
+@contextlib.contextmanager
+def whole_model_loading() -> Iterator[None]:
+    """Load models whole even while DeepSpeed ZeRO-3 is configured.
+
+    Under ZeRO-3 (``zero3_init_flag``) ``from_pretrained`` partitions every model it builds across the
+    processes, expecting it to enter the DeepSpeed engine. Teachers never do (they are frozen and only
+    run forward passes), so a partitioned teacher would hold empty weights: each process loads its
+    own whole copy instead.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    if saved is None:
+        yield
+        return
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def _saved_tokenizer(source: str) -> Optional[PreTrainedTokenizerBase]:

@@ -38,7 +38,9 @@ from transformers.utils import logging
 from . import checkpoints
 from .collator import EXAMPLE_IDS_KEY, GOLD_LABEL_FALLBACK, TEACHER_INPUTS_KEY, KnowledgeIntegrationCollator
 from .config import KnowledgeIntegrationConfig
+from .console import describe_new_head, quiet_model_loading
 from .label_space import LabelSpace
+from .launch import check_distributed_type, check_launch, output_dir_lock
 from .metrics import integration_metrics
 from .model_card import MODEL_CARD_TAGS, render_model_card
 from .peft_support import is_peft_model, merged_copy, unwrap, wrap_student, write_labels
@@ -239,13 +241,20 @@ class KnowledgeIntegrationTrainer(Trainer):
             self.label_space = LabelSpace([t.labels for t in teachers], [t.name for t in teachers], labels=order)
             # The new head is initialised here, before Trainer.__init__ seeds: seed it ourselves.
             enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
-            model = AutoModelForSequenceClassification.from_pretrained(
-                str(model),
-                num_labels=self.label_space.num_labels,
-                id2label=self.label_space.id2label,
-                label2id=self.label_space.label2id,
-                ignore_mismatched_sizes=True,
-            )
+            with quiet_model_loading():  # one line for the expected new head instead of the load-report table
+                model, loading_info = AutoModelForSequenceClassification.from_pretrained(
+                    str(model),
+                    num_labels=self.label_space.num_labels,
+                    id2label=self.label_space.id2label,
+                    label2id=self.label_space.label2id,
+                    ignore_mismatched_sizes=True,
+                    output_loading_info=True,
+                )
+            line, not_head = describe_new_head(loading_info, self.label_space.num_labels, str(model.name_or_path))
+            logger.info(line)
+            if not_head:
+                logger.warning(f"The student checkpoint lacks weights outside the classification head (newly "
+                               f"initialised, train them or check the checkpoint): {not_head}")
         else:
             self.student_source = getattr(getattr(unwrap(model), "config", None), "_name_or_path", None) or None
             order = self._student_label_order(getattr(unwrap(model), "config", None), strict=True)
@@ -256,6 +265,9 @@ class KnowledgeIntegrationTrainer(Trainer):
         if model_init is not None:
             self._model_init_probe, model = model, None
 
+        check_launch(args)  # several launched processes that would each train alone raise here
+        if args.dataloader_pin_memory and args.device.type == "cpu":
+            args.dataloader_pin_memory = False  # nothing to pin on CPU (and torch warns about it)
         train_dataset = self._check_dataset(train_dataset, "train", args)
         if isinstance(eval_dataset, dict):
             eval_dataset = {k: self._check_dataset(v, f"eval[{k!r}]", args) for k, v in eval_dataset.items()}
@@ -307,6 +319,7 @@ class KnowledgeIntegrationTrainer(Trainer):
         )
         # The KI loss is a per-example mean; let the Trainer divide by gradient accumulation itself.
         self.model_accepts_loss_kwargs = False
+        check_distributed_type(self.args, self.accelerator)  # e.g. an FSDP launch that runs as DDP on CPU
         teacher_dtype = self.args.resolved_teacher_dtype()
         prepared: dict[int, torch.nn.Module] = {}  # adapter teachers of one base share its (cast) copy
         for teacher in self.teachers:
@@ -695,26 +708,29 @@ class KnowledgeIntegrationTrainer(Trainer):
         from tqdm.auto import tqdm
 
         size = self.args.per_device_eval_batch_size
-        for start in tqdm(
-            range(0, len(positions), size), desc="Teacher signals", disable=self.args.disable_tqdm or not positions
-        ):
-            chunk = positions[start : start + size]
-            rows = [dataset[p] for p in chunk]
-            batch = self._prepare_inputs(self.data_collator(rows))
-            teacher_batches = batch.pop(TEACHER_INPUTS_KEY, {})
-            student_inputs = {k: v for k, v in batch.items() if k not in ("labels", EXAMPLE_IDS_KEY)}
-            ids = [str(row.get(self.args.id_column)) for row in rows]
-            yield chunk, self.teacher_signals(
-                student_inputs, teacher_batches, certainty_source="mc", example_ids=ids, features=features
-            )
+        disable = self.args.disable_tqdm or not positions
+        with tqdm(total=len(positions), unit="rows", desc="Teacher signals", disable=disable) as bar:
+            for start in range(0, len(positions), size):
+                chunk = positions[start : start + size]
+                rows = [dataset[p] for p in chunk]
+                batch = self._prepare_inputs(self.data_collator(rows))
+                teacher_batches = batch.pop(TEACHER_INPUTS_KEY, {})
+                student_inputs = {k: v for k, v in batch.items() if k not in ("labels", EXAMPLE_IDS_KEY)}
+                ids = [str(row.get(self.args.id_column)) for row in rows]
+                yield chunk, self.teacher_signals(
+                    student_inputs, teacher_batches, certainty_source="mc", example_ids=ids, features=features
+                )
+                bar.update(len(chunk))
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         resume_from_checkpoint = self._checked_resume(resume_from_checkpoint)
         if resume_from_checkpoint is not None:
             self._load_router_state(str(resume_from_checkpoint))
-        if self.args.teacher_signals == "cached":
-            self.precompute_teacher_signals()
-        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        # A second run writing the same output_dir while this one is alive is refused (see ki_trainer.launch).
+        with output_dir_lock(self.args.output_dir, is_main_process=self.is_world_process_zero()):
+            if self.args.teacher_signals == "cached":
+                self.precompute_teacher_signals()
+            output = super().train(resume_from_checkpoint, *args, **kwargs)
         self._check_finite_loss("at the end of training")
         return output
 

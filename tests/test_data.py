@@ -79,8 +79,12 @@ def test_explicit_path_and_duplicate_ids(tmp_path: Path) -> None:
         load_debian_sections(bad)
 
 
-def test_default_path_is_the_repo_copy() -> None:
-    assert DEFAULT_DATA_PATH == Path(__file__).resolve().parent.parent / "data" / "debian_sections20.jsonl.xz"
+def test_default_path_is_package_data_linked_to_the_repo_copy() -> None:
+    import ki_trainer
+
+    assert DEFAULT_DATA_PATH.parent == Path(ki_trainer.__file__).resolve().parent / "resources"
+    # In a checkout the package file is a link to the one copy in data/ (no duplicate in the repository).
+    assert DEFAULT_DATA_PATH.resolve() == Path(__file__).resolve().parent.parent / "data" / "debian_sections20.jsonl.xz"
 
 
 def test_sorted_grid_partition() -> None:

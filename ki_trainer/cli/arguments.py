@@ -1,0 +1,198 @@
+"""Command-line parsing shared by the ``ki-trainer`` subcommands.
+
+* A run file (YAML or JSON, first argument) gives values for any option of the command, including
+  the teachers; flags given on the command line override it.
+* ``--help`` starts with the command's description, shows the command's own options and the
+  knowledge-integration options in their own groups, then the most used ``TrainingArguments``;
+  ``--help-all`` lists every ``TrainingArguments`` option as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from transformers import HfArgumentParser, TrainingArguments
+
+RUN_FILE_SUFFIXES = (".yaml", ".yml", ".json")
+HELP_ALL = "--help-all"
+
+# The TrainingArguments shown by --help; --help-all shows all of them.
+COMMON_TRAINING_OPTIONS = (
+    "output_dir",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "per_device_eval_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "weight_decay",
+    "warmup_steps",
+    "seed",
+    "bf16",
+    "fp16",
+    "use_cpu",
+    "eval_strategy",
+    "save_strategy",
+    "logging_steps",
+    "report_to",
+    "disable_tqdm",
+    "push_to_hub",
+    "hub_model_id",
+    "resume_from_checkpoint",
+)
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keep the description's layout; show each option's default."""
+
+
+class RunFileError(ValueError):
+    """A run file that cannot be read, or that names options the command does not have."""
+
+
+def load_run_file(path: str) -> dict[str, Any]:
+    """Read a YAML (``.yaml``/``.yml``) or JSON run file into a flat ``{option: value}`` mapping."""
+    file = Path(path)
+    if not file.is_file():
+        raise RunFileError(f"Run file not found: {path}")
+    text = file.read_text(encoding="utf-8")
+    if file.suffix in (".yaml", ".yml"):
+        import yaml  # PyYAML: installed with transformers / accelerate
+
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise RunFileError(f"{path} is not valid YAML: {error}") from error
+    else:
+        try:
+            values = json.loads(text)
+        except ValueError as error:
+            raise RunFileError(f"{path} is not valid JSON: {error}") from error
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise RunFileError(f"{path} must hold a mapping of option names to values, got {type(values).__name__}.")
+    return {str(key).lstrip("-").replace("-", "_"): value for key, value in values.items()}
+
+
+def split_run_file(argv: Sequence[str]) -> tuple[Optional[str], list[str]]:
+    """``[run.yaml, --flag, ...]`` -> (``run.yaml``, flags); a run file is only ever the first argument."""
+    argv = list(argv)
+    if argv and not argv[0].startswith("-"):
+        if not argv[0].endswith(RUN_FILE_SUFFIXES):
+            raise RunFileError(
+                f"{argv[0]!r}: the first argument is a run file ending in {', '.join(RUN_FILE_SUFFIXES)}; every "
+                "other option is a --flag."
+            )
+        return argv[0], argv[1:]
+    return None, argv
+
+
+def own_fields(config_class: type, base: type = TrainingArguments) -> list[str]:
+    """Fields a ``TrainingArguments`` subclass adds (in declaration order)."""
+    inherited = {f.name for f in dataclasses.fields(base)}
+    return [f.name for f in dataclasses.fields(config_class) if f.init and f.name not in inherited]
+
+
+class CommandParser(HfArgumentParser):
+    """``HfArgumentParser`` whose help groups options and whose defaults may come from a run file.
+
+    Args:
+        dataclass_types: the command's dataclasses, in the order ``parse`` returns them.
+        prog: the command's name in usage lines.
+        description: shown first by ``--help``.
+        groups: ``[(title, [field names])]`` shown in this order before the TrainingArguments.
+        epilog: shown last by ``--help``.
+        full_help: list every TrainingArguments option in ``--help`` (``--help-all``).
+    """
+
+    def __init__(
+        self,
+        dataclass_types: Sequence[type],
+        prog: str,
+        description: str,
+        groups: Sequence[tuple[str, Sequence[str]]],
+        epilog: Optional[str] = None,
+        full_help: bool = False,
+    ) -> None:
+        super().__init__(
+            dataclass_types,
+            prog=prog,
+            description=description,
+            epilog=epilog,
+            usage=f"{prog} [RUN_FILE.yaml|.json] [--option VALUE ...]",
+            formatter_class=_HelpFormatter,
+        )
+        self._group_fields(groups, full_help)
+
+    def _group_fields(self, groups: Sequence[tuple[str, Sequence[str]]], full_help: bool) -> None:
+        optionals = self._optionals
+        grouped: set[str] = set()
+        new_groups = []
+        for title, names in groups:
+            group = argparse._ArgumentGroup(self, title)
+            wanted = set(names)
+            moved = [a for a in optionals._group_actions if a.dest in wanted]
+            optionals._group_actions[:] = [a for a in optionals._group_actions if a.dest not in wanted]
+            moved.sort(key=lambda a: list(names).index(a.dest))
+            group._group_actions.extend(moved)
+            grouped |= wanted
+            new_groups.append(group)
+        for action in self._actions:
+            if action.option_strings and action.option_strings[0].startswith("--no_") and action.help != argparse.SUPPRESS:
+                action.help = f"Turn {action.option_strings[0][len('--no_'):]} off."
+        hidden = 0
+        for action in optionals._group_actions:
+            if action.dest == "help" or action.dest in grouped:
+                continue
+            if not full_help and action.dest not in COMMON_TRAINING_OPTIONS:
+                if action.help != argparse.SUPPRESS and action.option_strings and not action.option_strings[0].startswith("--no_"):
+                    hidden += 1
+                action.help = argparse.SUPPRESS
+        if not any(issubclass(t, TrainingArguments) for t in self.dataclass_types):
+            optionals.title = "other options"
+        elif full_help:
+            optionals.title = "training options (transformers.TrainingArguments, all of them)"
+        else:
+            optionals.title = (f"training options (transformers.TrainingArguments: the most used; {HELP_ALL} lists "
+                               f"all {hidden + len(COMMON_TRAINING_OPTIONS)})")
+        self.add_argument(HELP_ALL, action="store_true", help="Show every TrainingArguments option and exit.")
+        positionals = self._positionals
+        self._action_groups[:] = [positionals, *new_groups, optionals]
+
+    def parse(self, argv: Sequence[str]) -> tuple:
+        """Parse ``[RUN_FILE] --flags``: the run file's values become defaults that the flags override."""
+        run_file, flags = split_run_file(argv)
+        if run_file is not None:
+            self._apply_run_file(run_file)
+        namespace = self.parse_args(flags)
+        if vars(namespace).pop("help_all", False):
+            self.print_help()
+            self.exit(0)
+        outputs = []
+        for dtype in self.dataclass_types:
+            keys = {f.name for f in dataclasses.fields(dtype) if f.init}
+            inputs = {k: v for k, v in vars(namespace).items() if k in keys}
+            outputs.append(dtype(**inputs))
+        return tuple(outputs)
+
+    def _apply_run_file(self, run_file: str) -> None:
+        values = load_run_file(run_file)
+        known = {a.dest: a for a in self._actions if a.dest not in ("help", "help_all")}
+        unknown = [key for key in values if key not in known]
+        if unknown:
+            hints = {key: difflib.get_close_matches(key, list(known), n=1) for key in unknown}
+            described = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
+            raise RunFileError(f"{run_file}: unknown option(s) {described}. `{self.prog} --help-all` lists them all.")
+        for key in values:
+            known[key].required = False  # the run file gave it
+        self.set_defaults(**values)  # argparse converts string values with the option's type, like flags
+
+
+def is_help_all(argv: Sequence[str]) -> bool:
+    return HELP_ALL in argv

@@ -1,0 +1,201 @@
+"""``ki-trainer integrate``: merge fine-tuned teachers into one student over the union of their labels.
+
+The student learns WITHOUT labels: the train split's label column is dropped before the trainer sees
+it; validation and test labels serve evaluation only. Final test metrics are printed and written to
+``<output_dir>/test_metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+from ..config import KnowledgeIntegrationConfig
+from ..console import hide_progress_bars, phase, quiet_model_loading, use_row_progress
+from ..launch import check_launch
+from .arguments import CommandParser, is_help_all, own_fields
+
+EMBEDDED_DATASET = "debian_sections20"
+TEACHER_KEYS = {"path", "tokenizer", "labels", "name", "max_length"}
+
+DESCRIPTION = """\
+Merge fine-tuned classifiers (teachers), each an expert on its own labels, into ONE student over the
+union of their labels, without human labels: the student learns from the teachers' predictions on
+the unlabeled train split (MUKI by default: Monte-Carlo-dropout certainty picks the competent teacher).
+
+  ki-trainer integrate run.yaml                       # everything from a run file
+  ki-trainer integrate run.yaml --learning_rate 5e-5  # flags override the file
+  ki-trainer integrate --teachers outputs/teachers/teachers.json --strategy muki --output_dir out
+  accelerate launch -m ki_trainer integrate run.yaml  # several GPUs (see docs: multi-GPU guide)
+
+A run file (YAML or JSON) holds any option below; teachers may be paths / Hub ids, a teachers.json
+from `ki-trainer train-teachers`, or mappings {path, tokenizer, labels, name, max_length}
+(tokenizer: a path, or "student" to read the student's tokenization; default: the teacher's own).
+Relative paths are relative to the current directory."""
+
+
+@dataclass
+class IntegrateArguments:
+    """What to integrate: teachers, student and data."""
+
+    teachers: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Teacher model directories / Hub ids, or a teachers.json from `ki-trainer train-teachers`."},
+    )
+    student: str = field(
+        default="sentence-transformers/all-MiniLM-L6-v2",
+        metadata={"help": "Student backbone (Hub id or directory); it gets a fresh head over the union labels."},
+    )
+    dataset: str = field(
+        default=EMBEDDED_DATASET,
+        metadata={"help": f"'{EMBEDDED_DATASET}' (embedded) or a datasets.load_dataset name / local path with "
+                  "train / validation / test splits."},
+    )
+    language: str = field(default="en", metadata={"help": f"Text language of {EMBEDDED_DATASET} ('en', 'de', ...)."})
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Random subset of the train split."})
+    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Random subset of validation and test."})
+
+
+TeacherSpec = Union[str, dict]
+
+
+def teacher_specs(specs: Sequence[TeacherSpec]) -> list[dict[str, Any]]:
+    """Normalise teacher entries into ``{path, tokenizer, ...}`` dicts; expand teachers.json files.
+
+    A teachers.json lists paths relative to the file. Hub ids are resolved to offline copies where the
+    package provides one (``ki_trainer.pretrained``).
+    """
+    from ..pretrained import resolve_model
+
+    out: list[dict[str, Any]] = []
+    for i, spec in enumerate(specs):
+        if isinstance(spec, dict):
+            unknown = set(spec) - TEACHER_KEYS
+            if "path" not in spec or unknown:
+                raise ValueError(
+                    f"Teacher {i}: a mapping needs 'path' and may hold {sorted(TEACHER_KEYS - {'path'})}; got "
+                    f"{sorted(spec)}" + (f" (unknown: {sorted(unknown)})" if unknown else "") + "."
+                )
+            entry = dict(spec)
+        elif isinstance(spec, str) and spec.endswith(".json"):
+            if not Path(spec).is_file():
+                raise FileNotFoundError(f"Teacher {i}: teachers file not found: {spec}")
+            summary = json.loads(Path(spec).read_text())
+            out += [{"path": str(Path(spec).parent / record["path"])} for record in summary["teachers"]]
+            continue
+        elif isinstance(spec, str):
+            entry = {"path": spec}
+        else:
+            raise TypeError(f"Teacher {i}: expected a path, a Hub id or a mapping, got {type(spec).__name__}.")
+        entry["path"] = str(resolve_model(str(entry["path"])))
+        out.append(entry)
+    return out
+
+
+def build_teachers(specs: Sequence[TeacherSpec]) -> list:
+    """:class:`~ki_trainer.Teacher` objects from run-file / command-line teacher entries.
+
+    Each teacher reads the text with its own tokenizer unless its entry says ``tokenizer: student``
+    (tokenizers that are equal are shared automatically by the collator).
+    """
+    from ..teacher import Teacher
+
+    teachers = []
+    for entry in teacher_specs(specs):
+        tokenizer = entry.get("tokenizer", entry["path"])
+        tokenizer = None if tokenizer == "student" else str(tokenizer)
+        with quiet_model_loading():
+            teachers.append(Teacher(entry["path"], tokenizer=tokenizer, labels=entry.get("labels"),
+                                    name=entry.get("name"), max_length=entry.get("max_length")))
+    return teachers
+
+
+def load_splits(dataset: str, language: str = "en"):
+    """The embedded benchmark, or a ``datasets.load_dataset`` name / path with a validation split as ``val``."""
+    import datasets
+
+    from ..data import load_debian_sections
+
+    if dataset == EMBEDDED_DATASET:
+        return load_debian_sections(language=language)
+    data = datasets.load_dataset(dataset)
+    if "val" not in data and "validation" in data:
+        data["val"] = data.pop("validation")
+    missing = [split for split in ("train", "val", "test") if split not in data]
+    if missing:
+        raise ValueError(f"Dataset {dataset!r} has splits {list(data)}; integrate needs train, validation and test "
+                         f"(missing: {missing}).")
+    return data
+
+
+def subset(dataset, size: Optional[int], seed: int):
+    return dataset if size is None or size >= len(dataset) else dataset.shuffle(seed=seed).select(range(size))
+
+
+def build_parser(full_help: bool = False, prog: str = "ki-trainer integrate") -> CommandParser:
+    return CommandParser(
+        (IntegrateArguments, KnowledgeIntegrationConfig),
+        prog=prog,
+        description=DESCRIPTION,
+        groups=[
+            ("what to integrate", [f for f in IntegrateArguments.__dataclass_fields__]),
+            ("knowledge integration options (KnowledgeIntegrationConfig)", own_fields(KnowledgeIntegrationConfig)),
+        ],
+        full_help=full_help,
+    )
+
+
+def run(script_args: IntegrateArguments, args: KnowledgeIntegrationConfig) -> dict[str, float]:
+    """The integrate job for parsed arguments: load data and teachers, train, save, evaluate on test."""
+    from transformers import set_seed
+
+    from ..pretrained import resolve_model
+    from ..trainer import KnowledgeIntegrationTrainer
+
+    if not script_args.teachers:
+        raise ValueError("No teachers: pass --teachers PATH [PATH ...] or list `teachers:` in the run file.")
+    check_launch(args)  # before any work: a broken multi-process launch fails in seconds
+    hide_progress_bars(bool(args.disable_tqdm))
+    main = args.process_index == 0
+    with phase("loading data", enabled=main):
+        data = load_splits(script_args.dataset, script_args.language)
+        train = subset(data["train"], script_args.max_train_samples, args.seed)
+        if args.label_column in train.column_names:
+            train = train.remove_columns(args.label_column)  # knowledge integration is label-free
+        val = subset(data["val"], script_args.max_eval_samples, args.seed)
+        test = subset(data["test"], script_args.max_eval_samples, args.seed)
+    with phase("loading teachers", enabled=main):
+        teachers = build_teachers(script_args.teachers)
+    set_seed(args.seed)  # the trainer initialises the student's new classification head below
+    trainer = KnowledgeIntegrationTrainer(
+        model=str(resolve_model(script_args.student)),  # the tokenizer is loaded from the same place
+        args=args,
+        teachers=teachers,
+        train_dataset=train,
+        eval_dataset=val,
+    )
+    use_row_progress(trainer)
+    with phase(f"training the student on {len(train)} unlabeled rows", enabled=main):
+        train_result = trainer.train()
+        with quiet_model_loading():
+            trainer.save_model()
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.save_state()  # trainer_state.json: steps, world size, log history
+    with phase("evaluating", enabled=main):
+        metrics = {} if args.eval_strategy != "no" else trainer.evaluate(val, metric_key_prefix="eval")
+        metrics.update(trainer.evaluate(test, metric_key_prefix="test"))
+    trainer.log_metrics("test", metrics)
+    if trainer.is_world_process_zero():
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(args.output_dir) / "test_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = "ki-trainer integrate") -> dict[str, float]:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    script_args, args = build_parser(is_help_all(argv), prog).parse(argv)
+    return run(script_args, args)
