@@ -147,7 +147,7 @@ def test_debian_ddtp_rows_by_split_and_per_language_cap(tmp_path: Path) -> None:
     assert set(train["id"]) == expected and set(train["language"]) == {"en", "it"}  # 'da' has no teacher: skipped
     evaluation = load_texts([str(path)], ["en", "it"], split="eval")
     assert {i.split(":")[1] for i in evaluation["id"]} == {s for s in sources if split(s) == "val"}
-    capped = load_texts([str(path)], ["en", "it"], split="train", ddtp_sources="all", max_rows_per_language=3)
-    assert capped["id"] == ["en:pkg0", "it:pkg0", "en:pkg1", "it:pkg1", "en:pkg2", "it:pkg2"]
+    capped = load_texts([str(path)], ["it", "en"], split="train", ddtp_sources="all", max_rows_per_language=3)
+    assert capped["id"] == ["it:pkg0", "it:pkg1", "it:pkg2", "en:pkg0", "en:pkg1", "en:pkg2"]  # languages' order
     with pytest.raises(ValueError, match=r"No training text for language\(s\) \['de'\]"):
         load_texts([str(path)], ["en", "de"], split="train")

@@ -280,6 +280,8 @@ def load_texts(
         data_format: ``"rows"``, ``"debian_ddtp"`` or ``"auto"`` (per file, from its first row).
         max_rows_per_language: keep the first N rows of each language, in file order.
 
+    The rows come grouped by language, in the order of ``languages``, in file order within a language.
+
     Raises:
         ValueError: a row without text or language (named by file and row), a row whose language has no
             teacher, a teacher language without any text, or no text at all.
@@ -330,6 +332,9 @@ def load_texts(
                 continue
             per_language[example[language_column]] += 1
             kept.append(example)
+    # Grouped by language, in the order of `languages` (then first appearance), file order within a language.
+    order = {lang: i for i, lang in enumerate(dict.fromkeys([*languages, *(row[language_column] for row in kept)]))}
+    kept.sort(key=lambda row: order[row[language_column]])  # stable
     if not kept:
         raise ValueError(f"No {split} text in {list(files)}" + (f" for languages {sorted(wanted)}." if wanted else "."))
     without = sorted(wanted - set(per_language))
@@ -430,7 +435,7 @@ def run(script_args: MergeDistillArguments, args: MergeDistillConfig) -> dict[st
     if args.dataloader_pin_memory and args.device.type == "cpu":
         args.dataloader_pin_memory = False  # nothing to pin on CPU (and torch warns about it)
     main_process = args.process_index == 0
-    languages = sorted({lang for entry in entries for lang in entry["languages"]})
+    languages = list(dict.fromkeys(lang for entry in entries for lang in entry["languages"]))  # teacher order
     columns = dict(text_column=args.text_column, language_column=args.language_column, id_column=args.id_column)
     options = dict(data_format=script_args.data_format, ddtp_sources=script_args.ddtp_sources,
                    max_rows_per_language=script_args.max_rows_per_language, **columns)
