@@ -146,6 +146,8 @@ class CommandParser(HfArgumentParser):
         for action in self._actions:
             if action.option_strings and action.option_strings[0].startswith("--no_") and action.help != argparse.SUPPRESS:
                 action.help = f"Turn {action.option_strings[0][len('--no_'):]} off."
+            elif action.help and "%" in action.help and "%(" not in action.help:
+                action.help = action.help.replace("%", "%%")  # a literal "15%" would break argparse's help formatting
         hidden = 0
         for action in optionals._group_actions:
             if action.dest == "help" or action.dest in grouped:

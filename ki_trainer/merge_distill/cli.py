@@ -1,0 +1,492 @@
+"""merge masked-LM teachers (own vocabularies, own languages) into one multilingual student LM
+
+``ki-trainer merge-distill``: MergeDistill from the command line or a run file. Teachers are masked
+LMs, each assigned to languages; the training text is unlabeled rows with a language field (JSON
+Lines / JSON / CSV, optionally .gz/.xz/.bz2), or ``debian_ddtp`` JSON Lines as in ``shared/data``.
+The student vocabulary is the union of the teachers' vocabularies (tokens seen in the text) or a
+given tokenizer; the student is a fresh ``BertForMaskedLM`` saved with its tokenizer to
+``output_dir`` (``AutoModelForMaskedLM`` / ``AutoTokenizer`` / ``pipeline("fill-mask")`` load it),
+with a model card and ``merge_distill.json`` (teachers, languages, rows, vocabulary coverage, metrics).
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import gzip
+import hashlib
+import io
+import json
+import lzma
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+from ..cli.arguments import CommandParser, is_help_all, own_fields
+from ..console import hide_progress_bars, phase, quiet_model_loading, use_row_progress
+from ..launch import check_launch
+from .config import MergeDistillConfig
+
+TEACHER_KEYS = {"path", "languages", "name", "tokenizer", "max_length"}
+DATA_FORMATS = ("auto", "rows", "debian_ddtp")
+DDTP_SOURCES = ("by_split", "all")
+_OPENERS = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
+
+DESCRIPTION = """\
+Merge pre-trained masked LMs, each with its own vocabulary and its own languages, into ONE smaller
+multilingual student masked LM by task-agnostic distillation (MergeDistill): each text is tokenized
+and masked by its language's teacher, mapped to the student vocabulary, and the student learns
+alpha * KD(teacher top-k) + (1 - alpha) * MLM at the masked positions. No labels are used.
+
+  ki-trainer merge-distill run.yaml                      # everything from a run file
+  ki-trainer merge-distill run.yaml --num_train_epochs 2 # flags override the file
+  ki-trainer merge-distill --teachers runs/en-mlm=en runs/multi-mlm=it,de \\
+      --train_files /work/shared/data/debian_ddtp.jsonl.xz --max_rows_per_language 300 --output_dir student
+
+Teachers: PATH=LANG[,LANG...] on the command line; in a run file also mappings
+{path, languages, name, tokenizer, max_length}. A single teacher may omit its languages (it then
+reads every text). Text files: rows with a text and a language field (--text_column,
+--language_column; an id field is used when present), or debian_ddtp rows {package, source, lang,
+text}. Relative paths are relative to the current directory."""
+
+
+@dataclass
+class MergeDistillArguments:
+    """What to merge: teachers, text and the student's vocabulary and size."""
+
+    teachers: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Teacher masked LMs (directories / Hub ids) with their languages: PATH=en or PATH=it,de."},
+    )
+    train_files: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Training text: .jsonl/.json/.csv/.tsv files (optionally .gz/.xz/.bz2) with a text and a "
+                  "language field, or debian_ddtp JSON Lines."},
+    )
+    eval_files: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Optional held-out text in the same formats; reports eval_loss and eval_masked_accuracy."},
+    )
+    data_format: str = field(
+        default="auto",
+        metadata={"help": "'rows' (text + language fields), 'debian_ddtp' ({package, source, lang, text}: only the "
+                  "teachers' languages are read) or 'auto' (per file, from its first row).",
+                  "choices": list(DATA_FORMATS)},
+    )
+    ddtp_sources: str = field(
+        default="by_split",
+        metadata={"help": "debian_ddtp files: 'by_split' trains only on source packages that debian_sections20 puts "
+                  "in train and evaluates only on its validation sources (its test texts are never read); "
+                  "'all' reads every row.", "choices": list(DDTP_SOURCES)},
+    )
+    max_rows_per_language: Optional[int] = field(
+        default=None,
+        metadata={"help": "Keep the first N texts of each language (per split, in file order)."},
+    )
+    student_tokenizer: Optional[str] = field(
+        default=None,
+        metadata={"help": "A student tokenizer (directory / Hub id) onto which the teachers are mapped; default: the "
+                  "union of the teachers' vocabularies."},
+    )
+    vocabulary_min_count: int = field(
+        default=1,
+        metadata={"help": "Union vocabulary: keep a teacher's token only if it occurs this often in the training text "
+                  "of its languages (0 keeps every token of every teacher)."},
+    )
+    min_coverage: float = field(
+        default=0.5,
+        metadata={"help": "With --student_tokenizer: the least share of each teacher's token occurrences that must "
+                  "map to the student tokenizer (else an error with the coverage report)."},
+    )
+    student_hidden_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "Student width (default: the teachers' embedding width when they agree; needed to "
+                  "initialise the student's embeddings from theirs)."},
+    )
+    student_num_hidden_layers: int = field(default=4, metadata={"help": "Student transformer layers."})
+    student_num_attention_heads: Optional[int] = field(
+        default=None, metadata={"help": "Student attention heads (default: hidden size / 64, at least 1)."}
+    )
+    student_intermediate_size: Optional[int] = field(
+        default=None, metadata={"help": "Student feed-forward width (default: 4 x hidden size)."}
+    )
+    student_max_position_embeddings: int = field(default=512, metadata={"help": "Student position limit."})
+    init_embeddings: bool = field(
+        default=True,
+        metadata={"help": "Initialise each student token's embedding as the mean of the teacher embeddings that "
+                  "map to it (--no_init_embeddings: random)."},
+    )
+
+    def __post_init__(self) -> None:
+        # A run file may give one value where a list is expected (`train_files: texts.jsonl`).
+        for name in ("teachers", "train_files", "eval_files"):
+            value = getattr(self, name)
+            if isinstance(value, (str, dict)):
+                setattr(self, name, [value])
+        if self.data_format not in DATA_FORMATS:
+            raise ValueError(f"data_format must be one of {list(DATA_FORMATS)}, got {self.data_format!r}.")
+        if self.ddtp_sources not in DDTP_SOURCES:
+            raise ValueError(f"ddtp_sources must be one of {list(DDTP_SOURCES)}, got {self.ddtp_sources!r}.")
+        if self.max_rows_per_language is not None and self.max_rows_per_language < 1:
+            raise ValueError(f"max_rows_per_language must be >= 1, got {self.max_rows_per_language}.")
+        if self.vocabulary_min_count < 0:
+            raise ValueError(f"vocabulary_min_count must be >= 0, got {self.vocabulary_min_count}.")
+        if not 0.0 <= self.min_coverage <= 1.0:
+            raise ValueError(f"min_coverage must be in [0, 1], got {self.min_coverage}.")
+        for name in ("student_hidden_size", "student_num_hidden_layers", "student_num_attention_heads",
+                     "student_intermediate_size", "student_max_position_embeddings"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}.")
+
+
+# ---------------------------------------------------------------------- teachers
+TeacherSpec = Union[str, dict]
+
+
+def teacher_entries(specs: Optional[Sequence[TeacherSpec]]) -> list[dict[str, Any]]:
+    """Normalise teacher entries (``"PATH=en,de"`` strings or mappings) into ``{path, languages, name, ...}``.
+
+    Raises ValueError naming the entry: no teachers, unknown keys, several teachers of which one has no
+    language, a language given to two teachers, or two teachers with the same name.
+    """
+    from ..pretrained import resolve_model
+
+    if not specs:
+        raise ValueError("No teachers: pass --teachers PATH=LANG[,LANG] ... or list `teachers:` in the run file.")
+    entries: list[dict[str, Any]] = []
+    for i, spec in enumerate(specs):
+        if isinstance(spec, dict):
+            unknown = set(spec) - TEACHER_KEYS
+            if "path" not in spec or unknown:
+                raise ValueError(
+                    f"Teacher {i}: a mapping needs 'path' and may hold {sorted(TEACHER_KEYS - {'path'})}; got "
+                    f"{sorted(spec)}" + (f" (unknown: {sorted(unknown)})" if unknown else "") + "."
+                )
+            entry = dict(spec)
+        elif isinstance(spec, str):
+            path, sep, languages = spec.rpartition("=")
+            entry = {"path": path, "languages": languages} if sep else {"path": spec}
+        else:
+            raise TypeError(f"Teacher {i}: expected 'PATH=LANG[,LANG]' or a mapping, got {type(spec).__name__}.")
+        languages = entry.get("languages") or []
+        if isinstance(languages, str):
+            languages = languages.split(",")
+        entry["languages"] = [str(lang).strip() for lang in languages if str(lang).strip()]
+        entry["path"] = str(resolve_model(str(entry["path"])))
+        entry["name"] = str(entry.get("name") or os.path.basename(os.path.normpath(entry["path"])))
+        entries.append(entry)
+    names = [e["name"] for e in entries]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"Two teachers are named {duplicates}; give each a distinct `name:` in the run file.")
+    if len(entries) > 1:
+        for i, entry in enumerate(entries):
+            if not entry["languages"]:
+                raise ValueError(
+                    f"Teacher {i} ({entry['name']}) has no languages; with several teachers each needs its languages "
+                    "(PATH=en,de on the command line, `languages: [en, de]` in the run file)."
+                )
+    owner: dict[str, str] = {}
+    for entry in entries:
+        for language in entry["languages"]:
+            if language in owner:
+                raise ValueError(
+                    f"Language {language!r} is given to two teachers ({owner[language]!r} and {entry['name']!r}); "
+                    "give each language one teacher."
+                )
+            owner[language] = entry["name"]
+    return entries
+
+
+def build_teachers(entries: Sequence[dict[str, Any]]) -> list:
+    """:class:`~ki_trainer.merge_distill.MaskedLMTeacher` objects from :func:`teacher_entries`."""
+    from .teacher import MaskedLMTeacher
+
+    teachers = []
+    for entry in entries:
+        tokenizer = entry.get("tokenizer")
+        with quiet_model_loading():
+            teachers.append(MaskedLMTeacher(entry["path"], tokenizer=None if tokenizer is None else str(tokenizer),
+                                            languages=entry["languages"], name=entry["name"],
+                                            max_length=entry.get("max_length")))
+    return teachers
+
+
+# ---------------------------------------------------------------------- text
+def ddtp_split_of(source: str) -> str:
+    """debian_sections20's split of a source package (``shared/data/README.md``): train / val / test by
+    ``int(sha1("split:" + source)) % 100`` below 70 / 80 / else."""
+    u = int(hashlib.sha1(f"split:{source}".encode()).hexdigest(), 16) % 100
+    return "train" if u < 70 else "val" if u < 80 else "test"
+
+
+def read_rows(path: str) -> list[dict[str, Any]]:
+    """The rows of a ``.jsonl`` / ``.json`` (a list or JSON Lines) / ``.csv`` / ``.tsv`` file, optionally
+    compressed (``.gz``, ``.xz``, ``.bz2``)."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"Text file not found: {path}")
+    suffixes = file.suffixes
+    opener = _OPENERS.get(suffixes[-1] if suffixes else "", open)
+    kind = (suffixes[-2] if opener is not open and len(suffixes) > 1 else file.suffix).lower()
+    with opener(file, "rt", encoding="utf-8") as handle:
+        text = handle.read()
+    if kind in (".csv", ".tsv"):
+        return list(csv.DictReader(io.StringIO(text), delimiter="\t" if kind == ".tsv" else ","))
+    if kind not in (".json", ".jsonl"):
+        raise ValueError(f"{path}: unknown text file type {kind!r}; use .jsonl, .json, .csv or .tsv (optionally .gz/.xz/.bz2).")
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except ValueError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from None
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError as error:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({error}).") from None
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, row {number}: expected an object with named fields, got {type(row).__name__}.")
+    return rows
+
+
+def load_texts(
+    files: Sequence[str],
+    languages: Sequence[str],
+    *,
+    split: str = "train",
+    data_format: str = "auto",
+    ddtp_sources: str = "by_split",
+    max_rows_per_language: Optional[int] = None,
+    text_column: str = "text",
+    language_column: str = "language",
+    id_column: str = "id",
+):
+    """Unlabeled rows ``{id, text, language}`` (under the given column names) as a ``datasets.Dataset``.
+
+    Args:
+        files: text files (see :func:`read_rows`).
+        languages: the languages that have a teacher; empty = one teacher that reads every text.
+        split: ``"train"`` or ``"eval"``: which debian_ddtp sources are read with ``ddtp_sources="by_split"``.
+        data_format: ``"rows"``, ``"debian_ddtp"`` or ``"auto"`` (per file, from its first row).
+        max_rows_per_language: keep the first N rows of each language, in file order.
+
+    The rows come grouped by language, in the order of ``languages``, in file order within a language.
+
+    Raises:
+        ValueError: a row without text or language (named by file and row), a row whose language has no
+            teacher, a teacher language without any text, or no text at all.
+    """
+    from datasets import Dataset
+
+    wanted = set(languages)
+    kept: list[dict[str, str]] = []
+    per_language: Counter = Counter()
+    ddtp_split = "train" if split == "train" else "val"
+    for path in files:
+        rows = read_rows(path)
+        if not rows:
+            continue
+        kind = data_format
+        if kind == "auto":
+            kind = "debian_ddtp" if language_column not in rows[0] and {"lang", "package", "text"} <= set(rows[0]) else "rows"
+        for number, row in enumerate(rows, start=1):
+            where = f"{path}, row {number}"
+            if kind == "debian_ddtp":
+                missing = [key for key in ("lang", "package", "text") if key not in row]
+                if missing:
+                    raise ValueError(f"{where}: a debian_ddtp row needs lang, package and text (missing {missing}).")
+                language = str(row["lang"])
+                if (wanted and language not in wanted) or not str(row["text"]).strip():
+                    continue
+                if ddtp_sources == "by_split" and ddtp_split_of(str(row.get("source") or row["package"])) != ddtp_split:
+                    continue
+                example = {id_column: f"{language}:{row['package']}", text_column: str(row["text"]), language_column: language}
+            else:
+                text, language = row.get(text_column), row.get(language_column)
+                if not isinstance(text, str) or not text.strip():
+                    raise ValueError(f"{where}: no text in field {text_column!r} (fields: {sorted(row)}).")
+                if wanted or language_column in row:
+                    if language is None or not str(language).strip():
+                        raise ValueError(f"{where}: no language in field {language_column!r} (fields: {sorted(row)}); "
+                                         "each text needs the language that picks its teacher.")
+                    language = str(language)
+                    if wanted and language not in wanted:
+                        raise ValueError(f"{where}: language {language!r} has no teacher; teachers cover "
+                                         f"{sorted(wanted)}. Add a teacher for it or remove those rows.")
+                else:
+                    language = ""
+                row_id = row.get(id_column)
+                example = {id_column: str(row_id) if row_id not in (None, "") else f"{Path(path).name}:{number}",
+                           text_column: text, language_column: language}
+            if max_rows_per_language is not None and per_language[example[language_column]] >= max_rows_per_language:
+                continue
+            per_language[example[language_column]] += 1
+            kept.append(example)
+    # Grouped by language, in the order of `languages` (then first appearance), file order within a language.
+    order = {lang: i for i, lang in enumerate(dict.fromkeys([*languages, *(row[language_column] for row in kept)]))}
+    kept.sort(key=lambda row: order[row[language_column]])  # stable
+    if not kept:
+        raise ValueError(f"No {split} text in {list(files)}" + (f" for languages {sorted(wanted)}." if wanted else "."))
+    without = sorted(wanted - set(per_language))
+    if without and split == "train":
+        raise ValueError(f"No training text for language(s) {without} in {list(files)}: their teacher would teach nothing.")
+    return Dataset.from_list(kept)
+
+
+# ---------------------------------------------------------------------- vocabulary and student
+def build_vocabulary(teachers: Sequence, train, script_args: MergeDistillArguments, args: MergeDistillConfig):
+    """The student vocabulary: a given tokenizer (``student_tokenizer``) or the union of the teachers'
+    vocabularies, restricted to tokens seen ``vocabulary_min_count`` times in the text of their languages."""
+    from transformers import AutoTokenizer
+
+    from ..pretrained import resolve_model
+    from .vocabulary import StudentVocabulary, count_tokens
+
+    texts = train[args.text_column]
+    languages = train[args.language_column] if args.language_column in train.column_names else [""] * len(texts)
+    counts = []
+    for teacher in teachers:
+        own = [t for t, lang in zip(texts, languages) if not teacher.languages or lang in teacher.languages]
+        counts.append(count_tokens(teacher.tokenizer, own, args.max_length))
+    tokenizers, names = [t.tokenizer for t in teachers], [t.name for t in teachers]
+    if script_args.student_tokenizer:
+        student_tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(script_args.student_tokenizer)))
+        return StudentVocabulary.from_tokenizer(student_tokenizer, tokenizers, names, counts,
+                                                min_coverage=script_args.min_coverage)
+    if script_args.vocabulary_min_count == 0:
+        return StudentVocabulary.union(tokenizers, names)
+    return StudentVocabulary.union(tokenizers, names, counts, min_count=script_args.vocabulary_min_count)
+
+
+def build_student_for(vocabulary, teachers: Sequence, script_args: MergeDistillArguments):
+    """The student ``BertForMaskedLM`` of the size ``script_args`` asks for (width: the teachers' by default)."""
+    from .student import build_student
+
+    widths = {t.name: int(t.model.get_input_embeddings().weight.shape[1]) for t in teachers}
+    hidden = script_args.student_hidden_size
+    if hidden is None:
+        if len(set(widths.values())) != 1:
+            raise ValueError(f"The teachers embed tokens in different widths {widths}: set --student_hidden_size "
+                             "(and --no_init_embeddings, since their embeddings cannot all initialise the student's).")
+        hidden = next(iter(widths.values()))
+    if script_args.init_embeddings:
+        other = {name: width for name, width in widths.items() if width != hidden}
+        if other:
+            raise ValueError(f"Teacher embedding widths {other} differ from the student's {hidden}: their embeddings "
+                             "cannot initialise the student's. Pass --no_init_embeddings or a matching --student_hidden_size.")
+    heads = script_args.student_num_attention_heads or max(1, hidden // 64)
+    return build_student(
+        vocabulary,
+        teachers,
+        hidden_size=hidden,
+        num_hidden_layers=script_args.student_num_hidden_layers,
+        num_attention_heads=heads,
+        intermediate_size=script_args.student_intermediate_size,
+        max_position_embeddings=script_args.student_max_position_embeddings,
+        init_embeddings=script_args.init_embeddings,
+    )
+
+
+def _coverage_line(vocabulary) -> str:
+    parts = []
+    for report in vocabulary.coverage:
+        share = report.occurrence_share
+        parts.append(f"{report.teacher}: {report.vocab_mapped}/{report.vocab_size} tokens"
+                     + (f", {share:.1%} of its text's tokens" if share is not None else ""))
+    return f"student vocabulary: {len(vocabulary)} tokens ({'; '.join(parts)})"
+
+
+# ---------------------------------------------------------------------- the command
+def build_parser(full_help: bool = False, prog: str = "ki-trainer merge-distill") -> CommandParser:
+    return CommandParser(
+        (MergeDistillArguments, MergeDistillConfig),
+        prog=prog,
+        description=DESCRIPTION,
+        groups=[
+            ("what to merge", list(MergeDistillArguments.__dataclass_fields__)),
+            ("MergeDistill options (MergeDistillConfig)", own_fields(MergeDistillConfig)),
+        ],
+        full_help=full_help,
+    )
+
+
+def run(script_args: MergeDistillArguments, args: MergeDistillConfig) -> dict[str, Any]:
+    """The merge-distill job: read the text, load the teachers, build vocabulary and student, train, save.
+
+    Returns the summary also written to ``<output_dir>/merge_distill.json``.
+    """
+    from .trainer import MergeDistillTrainer
+
+    entries = teacher_entries(script_args.teachers)  # before any work: a bad entry fails in milliseconds
+    if not script_args.train_files:
+        raise ValueError("No training text: pass --train_files FILE [FILE ...] or list `train_files:` in the run file.")
+    check_launch(args)
+    hide_progress_bars(bool(args.disable_tqdm))
+    if args.dataloader_pin_memory and args.device.type == "cpu":
+        args.dataloader_pin_memory = False  # nothing to pin on CPU (and torch warns about it)
+    main_process = args.process_index == 0
+    languages = list(dict.fromkeys(lang for entry in entries for lang in entry["languages"]))  # teacher order
+    columns = dict(text_column=args.text_column, language_column=args.language_column, id_column=args.id_column)
+    options = dict(data_format=script_args.data_format, ddtp_sources=script_args.ddtp_sources,
+                   max_rows_per_language=script_args.max_rows_per_language, **columns)
+    with phase("reading text", enabled=main_process):
+        # Shuffled once with a fixed seed so the languages mix; the Trainer's sampler shuffles again by --seed.
+        train = load_texts(script_args.train_files, languages, split="train", **options).shuffle(seed=0)
+        evaluation = (load_texts(script_args.eval_files, languages, split="eval", **options)
+                      if script_args.eval_files else None)
+    rows = dict(sorted(Counter(train[args.language_column]).items()))
+    if main_process:
+        print(f"training texts per language: {rows}" + (f"; evaluation texts: {len(evaluation)}" if evaluation else ""))
+    with phase(f"loading {len(entries)} teacher(s)", enabled=main_process):
+        teachers = build_teachers(entries)
+    with phase("building the student vocabulary and student", enabled=main_process):
+        vocabulary = build_vocabulary(teachers, train, script_args, args)
+        student = build_student_for(vocabulary, teachers, script_args)
+    if main_process:
+        print(_coverage_line(vocabulary))
+    trainer = MergeDistillTrainer(model=student, args=args, teachers=teachers, vocabulary=vocabulary,
+                                  train_dataset=train, eval_dataset=evaluation)
+    use_row_progress(trainer)
+    with phase(f"training the student ({student.num_parameters() / 1e6:.2f} M parameters) on {len(train)} texts",
+               enabled=main_process):
+        train_result = trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        with quiet_model_loading():
+            trainer.save_model()  # a plain BertForMaskedLM + PreTrainedTokenizerFast
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.save_state()
+    metrics: dict[str, float] = {}
+    if evaluation is not None:
+        with phase("evaluating", enabled=main_process):
+            metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+    trainer.create_model_card()
+    summary = {
+        "teachers": [{"name": e["name"], "path": e["path"], "languages": e["languages"]} for e in entries],
+        "train_texts_per_language": rows,
+        "eval_texts": len(evaluation) if evaluation is not None else 0,
+        "student_vocabulary_size": len(vocabulary),
+        "student_parameters": int(student.num_parameters()),
+        "coverage": vocabulary.coverage_table(),
+        "train": train_result.metrics,
+        "eval": metrics,
+    }
+    if trainer.is_world_process_zero():
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(args.output_dir) / "merge_distill.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: Optional[Sequence[str]] = None, prog: str = "ki-trainer merge-distill") -> dict[str, Any]:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    script_args, args = build_parser(is_help_all(argv), prog).parse(argv)
+    return run(script_args, args)
