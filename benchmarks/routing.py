@@ -155,12 +155,15 @@ def student_job(args, cfg, data, blocks, method: str, seed: int) -> dict[str, An
 
 
 def student_level(args, cfg, data, blocks, routing_rows) -> list[dict[str, Any]]:
-    methods = ["oracle", "vanilla_kd", f"muki:{PUBLISHED}"] + [f"muki:{name}" for name in args.student_routers]
+    shown = ["oracle", "vanilla_kd", f"muki:{PUBLISHED}"] + [f"muki:{name}" for name in args.student_routers]
+    # Computed in this order (the routers first, so that an interrupted CPU run has the rows that matter most);
+    # reported in `shown` order.
+    order = ["oracle"] + [f"muki:{name}" for name in args.student_routers] + [f"muki:{PUBLISHED}", "vanilla_kd"]
     records_dir = Path(args.output_dir) / "records"
     records_dir.mkdir(parents=True, exist_ok=True)
     routing_of = {row.get("router"): row for row in routing_rows}
     rows = []
-    for method in methods:
+    for method in order:
         results = []
         for seed in args.seeds:
             file = records_dir / f"{method.replace(':', '-')}-seed{seed}.json"
@@ -182,7 +185,9 @@ def student_level(args, cfg, data, blocks, routing_rows) -> list[dict[str, Any]]
             "routing_accuracy": routing_of.get(router, {}).get("routing_accuracy") if router else None,
             "n_seeds": len(results), "seeds": [r["seed"] for r in results],
             "train_seconds": float(np.mean([r["train_seconds"] for r in results])),
+            "_method": method,
         })
+    rows.sort(key=lambda row: shown.index(row.pop("_method")))
     return rows
 
 
