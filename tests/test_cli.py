@@ -184,11 +184,12 @@ def test_demo_on_a_tiny_model(tmp_path: Path, capsys) -> None:
     test = cap_per_class(data["test"], 1, seed=0)
     students = demo.STUDENTS + [("student: hard MUKI", "muki", {"selection": "hard", "run_name": "muki_hard"})]
     rows = demo.demo_rows(args, teachers, unlabeled, test, students=students, train_student=one_student)
-    assert calls == ["muki", "vanilla_kd", "muki"]
-    assert list(rows)[2:] == ["student: MUKI (soft, MC K=2)", "student: vanilla KD", "student: hard MUKI"]
+    assert calls == [strategy for _, strategy, _ in demo.STUDENTS] + ["muki"]
+    assert list(rows)[2:] == [name.format(mc_samples=2) for name, _, _ in demo.STUDENTS] + ["student: hard MUKI"]
+    assert "student: MUKI + relative_mahalanobis router" in rows  # the recommended router beside MUKI as published
     assert all(0.0 <= row["accuracy"] <= 1.0 for row in rows.values())
     assert "teacher_selection_accuracy" in rows["student: hard MUKI"]
-    assert "==> training student 3/3: hard MUKI ... " in capsys.readouterr().out
+    assert f"==> training student {len(students)}/{len(students)}: hard MUKI ... " in capsys.readouterr().out
 
 
 def _tiny_base(path: Path) -> Path:

@@ -134,6 +134,7 @@ def integrate_student(demo: DemoArguments, strategy: str, teachers: list, unlabe
 # A new row is one more entry here.
 STUDENTS: list[tuple[str, str, dict[str, Any]]] = [
     ("student: MUKI (soft, MC K={mc_samples})", "muki", {}),
+    ("student: MUKI + relative_mahalanobis router", "muki", {"router": "relative_mahalanobis", "run_name": "muki_rmd"}),
     ("student: vanilla KD", "vanilla_kd", {}),
 ]
 
