@@ -61,7 +61,7 @@ class Router:
     # ------------------------------------------------------------------ the interface
     def fit(self, signals: TeacherSignals) -> "Router":
         """Fit on the whole unlabeled pool (label-free). The default does nothing."""
-        self._check(signals)
+        self._check(signals, fitting=True)
         self.fitted = True
         return self
 
@@ -87,7 +87,8 @@ class Router:
         return self
 
     # ------------------------------------------------------------------ helpers
-    def _check(self, signals: TeacherSignals) -> None:
+    def _check(self, signals: TeacherSignals, fitting: bool = False) -> None:
+        """The signals carry what the router reads; a transductive router is fitted (unless ``fitting``)."""
         missing = []
         if "mc" in self.requires and (signals.certainty is None or signals.mutual_information is None):
             missing.append("Monte-Carlo statistics")
@@ -95,7 +96,7 @@ class Router:
             missing.append("pooled teacher features")
         if missing:
             raise ValueError(f"Router {self.name!r} needs {' and '.join(missing)}; the signals carry none.")
-        if self.needs_fit and not self.fitted and not getattr(self, "_fitting", False):
+        if self.needs_fit and not self.fitted and not fitting:
             raise RuntimeError(
                 f"Router {self.name!r} is transductive: fit it on the unlabeled pool first "
                 "(KnowledgeIntegrationTrainer.fit_router(), called by train() with teacher_signals='cached')."

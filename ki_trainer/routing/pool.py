@@ -101,7 +101,7 @@ class _ZScoredRouter(Router):
         raise NotImplementedError
 
     def fit(self, signals: TeacherSignals) -> "Router":
-        self._check_signals(signals)
+        self._check(signals, fitting=True)
         self.raw_fit(signals)
         raw = self.raw_score(signals)
         self.state["zscore"] = _zscore_fit(raw)
@@ -114,13 +114,6 @@ class _ZScoredRouter(Router):
 
     def score(self, signals: TeacherSignals) -> torch.Tensor:
         return _probabilities(self.zscores(signals), self.options.get("temperature", 1.0))
-
-    def _check_signals(self, signals: TeacherSignals) -> None:
-        self._fitting = True
-        try:
-            self._check(signals)
-        finally:
-            self._fitting = False
 
 
 # ---------------------------------------------------------------------- routers
@@ -232,11 +225,7 @@ class ConsensusRouter(Router):
         self.requires = frozenset(kinds)  # what THIS combination reads (the class lists the widest case)
 
     def fit(self, signals: TeacherSignals) -> "Router":
-        self._fitting = True
-        try:
-            self._check(signals)
-        finally:
-            self._fitting = False
+        self._check(signals, fitting=True)
         members = []
         for name in self.options["members"]:
             router = build_router(name)
@@ -285,11 +274,7 @@ class KNNSmoothingRouter(Router):
         self.requires = frozenset(set(build_router(self.options["base"]).requires) | {"logits", "features"})
 
     def fit(self, signals: TeacherSignals) -> "Router":
-        self._fitting = True
-        try:
-            self._check(signals)
-        finally:
-            self._fitting = False
+        self._check(signals, fitting=True)
         base = build_router(self.options["base"]).fit(signals)
         self.state["base"] = base.state_dict()
         self.state["pool_features"] = _joint_features(signals).half()
@@ -350,11 +335,7 @@ class SelfTrainingRouter(Router):
         return torch.cat(parts, dim=1)
 
     def fit(self, signals: TeacherSignals) -> "Router":
-        self._fitting = True
-        try:
-            self._check(signals)
-        finally:
-            self._fitting = False
+        self._check(signals, fitting=True)
         seed = build_router(self.options["seed_router"]).fit(signals)
         scores = seed.score(signals)
         x = self._inputs(signals)
