@@ -7,22 +7,20 @@ cached, and what the teachers say about a set of rows.
 
 Everything is cached on disk and keyed by its settings, so an interrupted benchmark resumes:
 a teacher set lives in ``<root>/teachers/<data>/<split>/`` (``teachers.json`` beside it), and the
-teachers' signals on a list of rows in an ``.npz`` file named by a hash of teachers, rows and settings.
+teachers' signals in the trainer's own fingerprinted signal cache (``<root>/cache/<data>/<split>/``), which every
+router and student of that teacher set reuses.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,8 +29,6 @@ if str(REPO) not in sys.path:
 
 from ki_trainer import Teacher  # noqa: E402
 from ki_trainer.data import DEFAULT_DATA_PATH, load_debian_sections, partition_labels  # noqa: E402
-from ki_trainer.numerics import certainty_from_logits  # noqa: E402
-from ki_trainer.querying import query_teachers  # noqa: E402
 
 
 def load_train_teachers_module():
@@ -104,75 +100,6 @@ def load_teacher_set(out_dir: Path) -> list[Teacher]:
         Teacher(str(Path(out_dir) / record["path"]), tokenizer=str(Path(out_dir) / record["path"]), name=f"teacher_{i}")
         for i, record in enumerate(summary["teachers"])
     ]
-
-
-def _hash_dir(directory: Path) -> str:
-    hasher = hashlib.sha256()
-    for name in sorted(os.listdir(directory)):
-        file = directory / name
-        if file.is_file() and name.endswith((".safetensors", ".json", ".bin", ".txt")):
-            hasher.update(name.encode())
-            hasher.update(str(file.stat().st_size).encode())
-            hasher.update(str(int(file.stat().st_mtime)).encode())
-    return hasher.hexdigest()[:16]
-
-
-def teacher_signals(
-    teacher_dir: Path,
-    ids: Sequence[str],
-    texts: Sequence[str],
-    cache_dir: Path,
-    max_length: int,
-    mc_samples: int,
-    mc_top_layers: Optional[int],
-    batch_size: int = 64,
-    tag: str = "",
-) -> dict[str, np.ndarray]:
-    """What every teacher of a set says about ``texts``: logits, certainty (deterministic and MC), MC mutual
-    information and top-probability variance, pooled features (fp16). Cached in an ``.npz`` keyed by the
-    teachers, the rows and the settings; computed in batches with the library's own querying code."""
-    teacher_dir = Path(teacher_dir)
-    teachers = load_teacher_set(teacher_dir)
-    key = hashlib.sha256(
-        json.dumps([
-            [_hash_dir(Path(t.model.name_or_path)) for t in teachers], list(ids), max_length, mc_samples, mc_top_layers,
-        ]).encode()
-    ).hexdigest()[:16]
-    path = Path(cache_dir) / f"signals-{tag}{key}.npz"
-    if path.is_file():
-        with np.load(path) as stored:
-            return dict(stored)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    for teacher in teachers:
-        teacher.prepare(device, torch.float32)
-    parts: dict[str, list[np.ndarray]] = {}
-    torch.manual_seed(0)
-    start = time.time()
-    for begin in range(0, len(texts), batch_size):
-        batch_texts = list(texts[begin : begin + batch_size])
-        inputs = []
-        for teacher in teachers:
-            encoded = teacher.tokenizer(batch_texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-            accepted = teacher.accepted_inputs()
-            inputs.append({k: v.to(device) for k, v in encoded.items() if k in accepted})
-        signals = query_teachers(
-            teachers, inputs, certainty_source="mc", mc_samples=mc_samples, mc_top_layers=mc_top_layers, features=True
-        )
-        values = {"mc_certainty": signals.certainty, "mutual_information": signals.mutual_information,
-                  "top_variance": signals.top_variance,
-                  "deterministic_certainty": torch.stack([certainty_from_logits(x) for x in signals.logits], 1)}
-        for t, (logits, features) in enumerate(zip(signals.logits, signals.features)):
-            values[f"logits_{t}"] = logits
-            values[f"features_{t}"] = features.half()
-        for name, value in values.items():
-            parts.setdefault(name, []).append(value.cpu().numpy())
-    arrays = {name: np.concatenate(value) for name, value in parts.items()}
-    arrays["seconds"] = np.array(time.time() - start)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp-{os.getpid()}.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-    return arrays
 
 
 def machine() -> dict[str, Any]:

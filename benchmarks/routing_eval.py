@@ -13,21 +13,9 @@ import time
 from typing import Any, Optional, Sequence
 
 import numpy as np
-import torch
 
 from ki_trainer.routing import build_router
 from ki_trainer.strategies import TeacherSignals
-
-
-def signals_from_arrays(arrays: dict[str, np.ndarray], num_teachers: int) -> TeacherSignals:
-    """The library's TeacherSignals from a bench_common.teacher_signals() array dict."""
-    return TeacherSignals(
-        logits=[torch.from_numpy(arrays[f"logits_{t}"]).float() for t in range(num_teachers)],
-        certainty=torch.from_numpy(arrays["mc_certainty"]).float(),
-        mutual_information=torch.from_numpy(arrays["mutual_information"]).float(),
-        top_variance=torch.from_numpy(arrays["top_variance"]).float(),
-        features=[torch.from_numpy(arrays[f"features_{t}"]).float() for t in range(num_teachers)],
-    )
 
 
 def owners_and_gold(labels: Sequence[str], blocks: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray]:

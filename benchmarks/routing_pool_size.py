@@ -17,27 +17,20 @@ import random
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_common as common  # noqa: E402
 from routing_eval import evaluate_router  # noqa: E402
 
+from ki_trainer.signal_cache import TeacherSignalCache  # noqa: E402
 from ki_trainer.strategies import TeacherSignals  # noqa: E402
 
 
 def cached_signals(path: str, ids, label_sizes) -> TeacherSignals:
-    """Rows ``ids`` of a compacted signal-cache file written by the trainer (with pooled features)."""
-    payload = torch.load(path, weights_only=True)
-    position = {example_id: n for n, example_id in enumerate(payload["ids"])}
-    rows = torch.tensor([position[str(i)] for i in ids])
-    tensors = payload["tensors"]
-    return TeacherSignals(
-        logits=list(tensors["logits"][rows].split(label_sizes, 1)), certainty=tensors["mc"][rows],
-        mutual_information=tensors["mutual_information"][rows], top_variance=tensors["top_variance"][rows],
-        features=[tensors[f"features_{t}"][rows].float() for t in range(len(label_sizes))],
-    )
+    """Rows ``ids`` of a signal-cache file the trainer wrote (``<fingerprint>[.<suffix>].pt``, with pooled features),
+    read and checked by the library's own cache class."""
+    fingerprint = Path(path).name.split(".")[0]
+    return TeacherSignalCache.load(path, fingerprint, label_sizes).lookup([str(i) for i in ids], "mc")
 
 
 def main(argv=None) -> dict:
