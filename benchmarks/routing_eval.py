@@ -13,6 +13,7 @@ import time
 from typing import Any, Optional, Sequence
 
 import numpy as np
+import torch
 
 from ki_trainer.routing import build_router
 from ki_trainer.strategies import TeacherSignals
@@ -82,6 +83,32 @@ def ceiling(pool: TeacherSignals, test: TeacherSignals, blocks, pool_labels, tes
         prefix = "" if split == "test" else "pool_"
         record[f"{prefix}routing_accuracy"] = 1.0
         record[f"{prefix}accuracy"] = float(np.mean(routed_predictions(owners, signals, blocks) == gold))
+    return record
+
+
+def supervised_bound(pool: TeacherSignals, test: TeacherSignals, blocks, pool_labels, test_labels) -> dict[str, Any]:
+    """A router TRAINED WITH THE GOLD OWNERS of every pool row (USES LABELS: a reference, not a method).
+
+    The same logistic-regression head as ``self_training`` (over every teacher's normalised features and
+    predictions), fitted on the true owners instead of pseudo-routes: how well these signals can route at
+    all. A label-free router near this row has little left to gain from the same signals.
+    """
+    from ki_trainer.routing.pool import SelfTrainingRouter
+
+    router = SelfTrainingRouter()
+    x_pool = SelfTrainingRouter._inputs(pool)
+    mean, std = x_pool.mean(0), x_pool.std(0, unbiased=False).clamp_min(1e-6)
+    owners, _ = owners_and_gold(pool_labels, blocks)
+    weight, bias = router._train((x_pool - mean) / std, torch.as_tensor(owners), len(blocks))
+    record: dict[str, Any] = {"method": "supervised router (LR on teacher signals, fitted on gold owners; uses labels)",
+                              "kind": "ceiling", "accuracy_std": 0.0, "n_seeds": 1}
+    for split, signals, labels in (("pool", pool, pool_labels), ("test", test, test_labels)):
+        owners, gold = owners_and_gold(labels, blocks)
+        x = (SelfTrainingRouter._inputs(signals) - mean) / std
+        selected = (x @ weight + bias).argmax(1).numpy()
+        prefix = "" if split == "test" else "pool_"
+        record[f"{prefix}routing_accuracy"] = float(np.mean(selected == owners))
+        record[f"{prefix}accuracy"] = float(np.mean(routed_predictions(selected, signals, blocks) == gold))
     return record
 
 
