@@ -1,0 +1,77 @@
+"""Downstream accuracy (``fine_tune_accuracy``): masked-LM checkpoints saved with their own tokenizers
+(WordPiece English, SentencePiece-style Italian, as in tests/test_merge_distill.py) fine-tuned as
+sequence classifiers on a toy task whose label is the sentence's noun."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from test_merge_distill import IT_PIECES, tiny_mlm, unigram_tokenizer, wordpiece_tokenizer
+
+from ki_trainer.merge_distill import fine_tune_accuracy
+
+
+def noun_task(n: int, seed: int) -> tuple[list[str], list[str]]:
+    """English toy sentences labelled by their noun (cat / dog): learnable from one token."""
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for _ in range(n):
+        noun = rng.choice(["cat", "dog"])
+        words = ["the", rng.choice(["big", "small"]), noun, rng.choice(["walk", "run"]), "and", "the", rng.choice(["big", "small"])]
+        texts.append(" ".join(words))
+        labels.append(noun)
+    return texts, labels
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Two masked LMs, each saved with its own tokenizer; embedding count = tokenizer size."""
+    root = tmp_path_factory.mktemp("downstream")
+    out = {}
+    for name, tokenizer, seed in (("en", wordpiece_tokenizer(), 1), ("it", unigram_tokenizer(IT_PIECES), 2)):
+        out[name] = str(root / name)
+        tiny_mlm(len(tokenizer), seed=seed).save_pretrained(out[name])
+        tokenizer.save_pretrained(out[name])
+    return out
+
+
+SETTING = dict(epochs=8, batch_size=8, learning_rate=3e-3, max_length=16)
+
+
+def test_accuracy_in_range_learns_and_is_deterministic_per_seed(checkpoints):
+    train, test = noun_task(40, seed=0), noun_task(30, seed=1)
+    first = fine_tune_accuracy(checkpoints["en"], *train, *test, seed=3, **SETTING)
+    again = fine_tune_accuracy(checkpoints["en"], *train, *test, seed=3, **SETTING)
+    other = fine_tune_accuracy(checkpoints["en"], *train, *test, seed=4, **SETTING)
+    for result in (first, other):
+        assert 0.0 <= result["accuracy"] <= 1.0
+        assert (result["train_rows"], result["test_rows"], result["labels"], result["steps"]) == (40, 30, 2, 8 * 5)
+    # the noun is in the WordPiece vocabulary: a fine-tuned classifier must do far better than chance (0.5)
+    assert first["accuracy"] >= 0.9
+    timing = ("seconds", "train_seconds")
+    assert {k: v for k, v in first.items() if k not in timing} == {k: v for k, v in again.items() if k not in timing}
+    assert first["last_epoch_loss"] != other["last_epoch_loss"]  # the seed reaches head init / order / dropout
+
+
+def test_each_model_uses_its_own_tokenizer(checkpoints):
+    train, test = noun_task(16, seed=0), noun_task(8, seed=1)
+    setting = dict(SETTING, epochs=1)
+    en = fine_tune_accuracy(checkpoints["en"], *train, *test, **setting)
+    it = fine_tune_accuracy(checkpoints["it"], *train, *test, **setting)
+    assert en["vocab_size"] == len(wordpiece_tokenizer()) and it["vocab_size"] == len(unigram_tokenizer(IT_PIECES))
+    # the English WordPiece tokenizer reads every word; the Italian pieces lack 'dog', 'walk', 'big', ...
+    assert en["unknown_share"] == 0.0 and it["unknown_share"] > 0.2
+    # a tokenizer that is not the model's (more tokens than its embeddings) is refused, not silently clamped
+    with pytest.raises(ValueError, match="not this model's tokenizer"):
+        fine_tune_accuracy(checkpoints["en"], *train, *test, tokenizer=unigram_tokenizer(IT_PIECES), **setting)
+
+
+def test_errors_name_the_problem(checkpoints):
+    train, test = noun_task(8, seed=0), noun_task(4, seed=1)
+    with pytest.raises(ValueError, match="test row 0 has label 'bird'"):
+        fine_tune_accuracy(checkpoints["en"], *train, test[0], ["bird"] * 4, **SETTING)
+    with pytest.raises(ValueError, match="8 train texts but 7 train labels"):
+        fine_tune_accuracy(checkpoints["en"], train[0], train[1][:7], *test, **SETTING)
+    with pytest.raises(ValueError, match="exceeds the 64 position embeddings"):
+        fine_tune_accuracy(checkpoints["en"], *train, *test, **dict(SETTING, max_length=100))
