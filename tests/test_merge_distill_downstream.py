@@ -4,7 +4,12 @@ sequence classifiers on a toy task whose label is the sentence's noun."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import math
 import random
+import shutil
+from pathlib import Path
 
 import pytest
 from test_merge_distill import IT_PIECES, tiny_mlm, unigram_tokenizer, wordpiece_tokenizer
@@ -75,3 +80,49 @@ def test_errors_name_the_problem(checkpoints):
         fine_tune_accuracy(checkpoints["en"], train[0], train[1][:7], *test, **SETTING)
     with pytest.raises(ValueError, match="exceeds the 64 position embeddings"):
         fine_tune_accuracy(checkpoints["en"], *train, *test, **dict(SETTING, max_length=100))
+
+
+def _load_benchmark():
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "merge_distill.py"
+    spec = importlib.util.spec_from_file_location("merge_distill_benchmark", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_stage_records_each_run_resumes_and_tabulates(checkpoints, tmp_path, monkeypatch):
+    """benchmarks/merge_distill.py stage 7 on real debian_sections20 rows with the tiny checkpoints standing
+    in for the teachers' encoders and the saved students."""
+    md = _load_benchmark()
+    teacher_dirs = {"teacher-en": checkpoints["en"], "teacher-it": checkpoints["it"]}
+    monkeypatch.setattr(md, "resolve_model", lambda name: teacher_dirs[name])
+    for variant, source in (("merge_distill", "it"), ("plain_mlm", "en")):  # students with differing tokenizers
+        shutil.copytree(checkpoints[source], tmp_path / "students" / f"{variant}-seed0")
+    cfg = dict(languages={"en": "teacher-en", "it": "teacher-it"}, variants=["merge_distill", "plain_mlm"], seeds=[0],
+               downstream=dict(train_per_class=1, test_per_class=1, max_length=16, epochs=1, batch=8, lr=1e-3,
+                               warmup_ratio=0.1, freeze_word_embeddings=True, seeds=[0, 1]))
+    record = md.Record(tmp_path / "results.json")
+    md.downstream_all(cfg, tmp_path, record)
+    runs = {k: v for k, v in record.data.items() if k.startswith("downstream:")}
+    assert len(runs) == 2 * 3 * 2  # languages x (teacher + 2 students) x fine-tuning seeds
+    sizes = {"en": len(wordpiece_tokenizer()), "it": len(unigram_tokenizer(IT_PIECES))}
+    for lang in ("en", "it"):
+        for seed in (0, 1):
+            teacher = runs[f"downstream:{lang}:teacher (teacher-{lang}):-:{seed}"]
+            distilled = runs[f"downstream:{lang}:student: merge_distill:0:{seed}"]
+            plain = runs[f"downstream:{lang}:student: plain_mlm:0:{seed}"]
+            assert (teacher["vocab_size"], distilled["vocab_size"], plain["vocab_size"]) == (sizes[lang], sizes["it"], sizes["en"])
+            for run in (teacher, distilled, plain):
+                assert 0.0 <= run["accuracy"] <= 1.0 and run["train_rows"] == 20 and run["labels"] == 20
+    assert json.loads((tmp_path / "results.json").read_text()) == record.data  # saved as it goes
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a recorded run was fine-tuned again")
+
+    monkeypatch.setattr(md, "fine_tune_accuracy", must_not_run)
+    md.downstream_all(cfg, tmp_path, md.Record(tmp_path / "results.json"))  # resumes: nothing left to do
+    table = md.downstream_table(cfg, record).splitlines()
+    assert len(table) == 2 + 2 * 3
+    row = next(line for line in table if line.startswith("| en | student: plain_mlm |"))
+    values = [runs[f"downstream:en:student: plain_mlm:0:{s}"]["accuracy"] for s in (0, 1)]
+    assert f"| {sum(values) / 2:.3f} ± {abs(values[0] - values[1]) / math.sqrt(2):.3f} | 2 | 20 |" in row

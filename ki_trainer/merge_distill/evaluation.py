@@ -198,8 +198,9 @@ def fine_tune_accuracy(
     the same accuracy on the same machine. Nothing is chosen on the test texts.
 
     Returns ``accuracy`` plus what explains it: rows, steps, the last epoch's mean training loss, the
-    tokenizer's size, the share of non-special tokens that are unknown and of texts cut at ``max_length``
-    (both on train + test text: a tokenizer that cannot read the language shows here), and seconds.
+    tokenizer's size, the share of non-special tokens that are unknown, of texts cut at ``max_length`` and
+    the mean tokens per uncut text (on train + test text: a tokenizer that reads the language poorly, or
+    splits it into many pieces so that ``max_length`` covers less of each text, shows here), and seconds.
 
     Raises:
         ValueError: empty or misaligned texts/labels, a test label absent from the label set, a tokenizer
@@ -255,6 +256,7 @@ def fine_tune_accuracy(
     ordinary = [i for ids in full for i in ids if i not in specials]
     unknown_share = sum(i == tokenizer.unk_token_id for i in ordinary) / max(1, len(ordinary))
     truncated_share = sum(len(ids) > max_length for ids in full) / len(full)
+    mean_tokens = sum(map(len, full)) / len(full)
     train_y = torch.tensor([label2id[label] for label in train_labels], dtype=torch.long)
     test_y = torch.tensor([label2id[label] for label in test_labels], dtype=torch.long)
 
@@ -299,6 +301,7 @@ def fine_tune_accuracy(
         "vocab_size": len(tokenizer),
         "unknown_share": round(unknown_share, 4),
         "truncated_share": round(truncated_share, 4),
+        "mean_tokens_per_text": round(mean_tokens, 1),
         "train_seconds": round(train_seconds, 1),
         "seconds": round(time.time() - start, 1),
     }
