@@ -391,21 +391,36 @@ def downstream_all(cfg: dict, work: Path, record: Record) -> None:
                 log(f"{key}: accuracy {result['accuracy']:.3f} ({result['seconds']}s, unknown {result['unknown_share']:.3f})")
 
 
-def downstream_table(cfg: dict, record: Record) -> str:
-    """Test accuracy per (language, model): mean ± sample std over fine-tuning (and student) seeds."""
-    lines = ["| language | model | test accuracy | runs | train rows / run | test rows | [UNK] share | tokens per text | texts cut |",
-             "|---|---|---|---|---|---|---|---|---|"]
+def downstream_summary(cfg: dict, record: Record) -> dict[str, dict[str, dict]]:
+    """language -> model -> test accuracy mean, sample std (None for one run), runs, and the first run's
+    rows and tokenizer statistics, over the configured fine-tuning (and student) seeds."""
+    seeds, out = cfg["downstream"]["seeds"], {}
     for lang, teacher in cfg["languages"].items():
-        for label in [f"teacher ({teacher})", *[f"student: {v}" for v in cfg["variants"]]]:
-            runs = [v for k, v in record.data.items() if k.startswith(f"downstream:{lang}:{label}:")]
+        rows = {f"teacher ({teacher})": ["-"], **{f"student: {v}": [str(s) for s in cfg["seeds"]] for v in cfg["variants"]}}
+        for label, student_seeds in rows.items():
+            runs = [record[k] for k in (f"downstream:{lang}:{label}:{s}:{f}" for s in student_seeds for f in seeds) if k in record]
             if not runs:
                 continue
             values = [r["accuracy"] for r in runs]
             mean = sum(values) / len(values)
-            std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else float("nan")
-            lines.append(f"| {lang} | {label} | {mean:.3f} ± {std:.3f} | {len(runs)} | {runs[0]['train_rows']} | "
-                         f"{runs[0]['test_rows']} | {runs[0]['unknown_share']:.3f} | {runs[0]['mean_tokens_per_text']:.0f} | "
-                         f"{runs[0]['truncated_share']:.2f} |")
+            std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+            first = runs[0]
+            out.setdefault(lang, {})[label] = {
+                "accuracy_mean": mean, "accuracy_std": std, "runs": len(runs),
+                **{k: first[k] for k in ("train_rows", "test_rows", "unknown_share", "mean_tokens_per_text", "truncated_share")},
+            }
+    return out
+
+
+def downstream_table(cfg: dict, record: Record) -> str:
+    """Test accuracy per (language, model): mean ± sample std over fine-tuning (and student) seeds."""
+    lines = ["| language | model | test accuracy | runs | train rows / run | test rows | [UNK] share | tokens per text | texts cut |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for lang, models in downstream_summary(cfg, record).items():
+        for label, r in models.items():
+            std = "-" if r["accuracy_std"] is None else f"{r['accuracy_std']:.3f}"
+            lines.append(f"| {lang} | {label} | {r['accuracy_mean']:.3f} ± {std} | {r['runs']} | {r['train_rows']} | "
+                         f"{r['test_rows']} | {r['unknown_share']:.3f} | {r['mean_tokens_per_text']:.0f} | {r['truncated_share']:.2f} |")
     return "\n".join(lines)
 
 
@@ -480,6 +495,7 @@ def main() -> None:
         start = time.time()
         downstream_all(cfg, work, record)
         record.put("downstream_seconds_last_invocation", round(time.time() - start, 1))
+        record.put("downstream_summary", downstream_summary(cfg, record))
     record.put("wall_seconds_last_invocation", round(time.time() - wall, 1))
     tables = table(cfg, record) + "\n\nDownstream (debian_sections20, fine-tuned per language):\n\n" + downstream_table(cfg, record)
     (work / "table.md").write_text(tables + "\n")
