@@ -3,7 +3,7 @@
 One command reproduces the table of docs/merge_distill.md:
 
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 python benchmarks/merge_distill.py --config cpu
-    # a 2-minute end-to-end check of the pipeline (numbers meaningless)
+    # a 2-3-minute end-to-end check of the pipeline, downstream stage included (numbers meaningless)
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 python benchmarks/merge_distill.py --config smoke
 
 Stages (each recorded in ``<work_dir>/results.json`` as it finishes; a rerun resumes after the last
@@ -27,7 +27,15 @@ finished stage, reusing the saved teachers, signal cache and students):
    at all); optionally ``plain_mlm_teacher_init`` (alpha = 0 with teacher-initialised embeddings);
 6. per language on held-out text: masked-token top-1 accuracy and pseudo-perplexity of the teacher,
    the students (same tokens: teacher(ℓ)'s tokenization, positions whose token is in the student
-   vocabulary, each masked once in ``eval_groups`` rounds).
+   vocabulary, each masked once in ``eval_groups`` rounds);
+7. downstream, per language: each model fine-tuned as a 20-way sequence classifier on debian_sections20
+   in that language (``load_debian_sections(language=ℓ)``, the DDTP translations) and scored on its
+   test split: the teacher's ORIGINAL encoder (``resolve_model``; its MLM continuation froze the encoder,
+   so this is the teacher) and every student, each with its own tokenizer (a student: the union
+   tokenizer saved with it), on identical rows and hyper-parameters (``cfg['downstream']``): per
+   fine-tuning seed s, ``train_per_class`` rows per class drawn from train with seed s (the same rows for
+   every model), a fixed test subset (``test_per_class`` per class, seed 0); val is not used. One record
+   per (language, model, student seed, fine-tuning seed) as it finishes.
 """
 
 from __future__ import annotations
@@ -50,7 +58,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from transformers import AutoModelForMaskedLM, AutoTokenizer  # noqa: E402
+from transformers.utils import logging as transformers_logging  # noqa: E402
 
+from ki_trainer.data import cap_per_class, load_debian_sections  # noqa: E402
 from ki_trainer.merge_distill import (  # noqa: E402
     MaskedLMTeacher,
     MergeDistillConfig,
@@ -58,6 +68,7 @@ from ki_trainer.merge_distill import (  # noqa: E402
     StudentVocabulary,
     build_student,
     count_tokens,
+    fine_tune_accuracy,
     masked_lm_logits,
     score_masked_lm,
     select_teachers,
@@ -76,6 +87,8 @@ CONFIGS = {
         min_count=2, student_layers=2, student_hidden=384, student_heads=6, student_ffn=1024,
         epochs=2, batch=32, lr=5e-4, alpha=0.5, top_k=8, eval_groups=7, seeds=[0],
         variants=["merge_distill", "plain_mlm", "plain_mlm_teacher_init"],
+        downstream=dict(train_per_class=10, test_per_class=15, max_length=48, epochs=3, batch=16, lr=1e-4,
+                        warmup_ratio=0.1, freeze_word_embeddings=True, seeds=[0, 1, 2]),
     ),
     "smoke": dict(
         languages={"en": "all-MiniLM-L6-v2", "it": "multilingual-e5-small"},
@@ -84,6 +97,8 @@ CONFIGS = {
         min_count=1, student_layers=1, student_hidden=384, student_heads=6, student_ffn=256,
         epochs=1, batch=8, lr=5e-4, alpha=0.5, top_k=8, eval_groups=3, seeds=[0],
         variants=["merge_distill", "plain_mlm"],
+        downstream=dict(train_per_class=2, test_per_class=2, max_length=24, epochs=1, batch=16, lr=1e-4,
+                        warmup_ratio=0.1, freeze_word_embeddings=True, seeds=[0, 1]),
     ),
     "gpu": dict(
         languages={"en": "all-MiniLM-L6-v2", "it": "multilingual-e5-small", "de": "multilingual-e5-small"},
@@ -92,6 +107,8 @@ CONFIGS = {
         min_count=2, student_layers=4, student_hidden=384, student_heads=6, student_ffn=1536,
         epochs=5, batch=64, lr=5e-4, alpha=0.5, top_k=8, eval_groups=7, seeds=[0, 1, 2],
         variants=["merge_distill", "plain_mlm", "plain_mlm_teacher_init"],
+        downstream=dict(train_per_class=None, test_per_class=None, max_length=128, epochs=3, batch=32, lr=1e-4,
+                        warmup_ratio=0.1, freeze_word_embeddings=False, seeds=[0, 1, 2]),
     ),
 }
 
@@ -348,6 +365,65 @@ def evaluate_all(cfg: dict, text, teachers, vocabulary, work: Path, record: Reco
                 log(f"{key}: {record[key]}")
 
 
+# ---------------------------------------------------------------------- 7. downstream
+def downstream_all(cfg: dict, work: Path, record: Record) -> None:
+    """Fine-tune every model on debian_sections20 in each language (identical rows and settings for all)."""
+    d = cfg["downstream"]
+    transformers_logging.set_verbosity_error()  # every load reports the fresh classifier head: expected
+    settings = dict(epochs=d["epochs"], batch_size=d["batch"], learning_rate=d["lr"], warmup_ratio=d["warmup_ratio"],
+                    max_length=d["max_length"], freeze_word_embeddings=d["freeze_word_embeddings"])
+    for lang, teacher in cfg["languages"].items():
+        data = load_debian_sections(language=lang)
+        labels = sorted(set(data["train"]["label"]))
+        test = cap_per_class(data["test"], d["test_per_class"], seed=0)
+        # (label, path, student seed): the teacher's original encoder, then every student with its union tokenizer
+        models = [(f"teacher ({teacher})", resolve_model(teacher), "-")]
+        models += [(f"student: {v}", str(work / "students" / f"{v}-seed{s}"), str(s)) for v in cfg["variants"] for s in cfg["seeds"]]
+        for seed in d["seeds"]:
+            train = cap_per_class(data["train"], d["train_per_class"], seed=seed)
+            for label, path, student_seed in models:
+                key = f"downstream:{lang}:{label}:{student_seed}:{seed}"
+                if key in record:
+                    continue
+                result = fine_tune_accuracy(path, train["text"], train["label"], test["text"], test["label"], labels=labels,
+                                            seed=seed, **settings)
+                record.put(key, result)
+                log(f"{key}: accuracy {result['accuracy']:.3f} ({result['seconds']}s, unknown {result['unknown_share']:.3f})")
+
+
+def downstream_summary(cfg: dict, record: Record) -> dict[str, dict[str, dict]]:
+    """language -> model -> test accuracy mean, sample std (None for one run), runs, and the first run's
+    rows and tokenizer statistics, over the configured fine-tuning (and student) seeds."""
+    seeds, out = cfg["downstream"]["seeds"], {}
+    for lang, teacher in cfg["languages"].items():
+        rows = {f"teacher ({teacher})": ["-"], **{f"student: {v}": [str(s) for s in cfg["seeds"]] for v in cfg["variants"]}}
+        for label, student_seeds in rows.items():
+            runs = [record[k] for k in (f"downstream:{lang}:{label}:{s}:{f}" for s in student_seeds for f in seeds) if k in record]
+            if not runs:
+                continue
+            values = [r["accuracy"] for r in runs]
+            mean = sum(values) / len(values)
+            std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+            first = runs[0]
+            out.setdefault(lang, {})[label] = {
+                "accuracy_mean": mean, "accuracy_std": std, "runs": len(runs),
+                **{k: first[k] for k in ("train_rows", "test_rows", "unknown_share", "mean_tokens_per_text", "truncated_share")},
+            }
+    return out
+
+
+def downstream_table(cfg: dict, record: Record) -> str:
+    """Test accuracy per (language, model): mean ± sample std over fine-tuning (and student) seeds."""
+    lines = ["| language | model | test accuracy | runs | train rows / run | test rows | [UNK] share | tokens per text | texts cut |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for lang, models in downstream_summary(cfg, record).items():
+        for label, r in models.items():
+            std = "-" if r["accuracy_std"] is None else f"{r['accuracy_std']:.3f}"
+            lines.append(f"| {lang} | {label} | {r['accuracy_mean']:.3f} ± {std} | {r['runs']} | {r['train_rows']} | "
+                         f"{r['test_rows']} | {r['unknown_share']:.3f} | {r['mean_tokens_per_text']:.0f} | {r['truncated_share']:.2f} |")
+    return "\n".join(lines)
+
+
 def table(cfg: dict, record: Record) -> str:
     def cell(key_prefix: str, metric: str, digits: int) -> str:
         values = [record[f"{key_prefix}:{s}"][metric] for s in cfg["seeds"] if f"{key_prefix}:{s}" in record]
@@ -376,7 +452,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="cpu", choices=sorted(CONFIGS))
     parser.add_argument("--work_dir", default=None, help="default: outputs/merge_distill/<config>")
-    parser.add_argument("--stop_after", default=None, choices=["vocabulary", "teachers", "selection", "students"])
+    parser.add_argument("--stop_after", default=None, choices=["vocabulary", "teachers", "selection", "students", "evaluation"])
     cli = parser.parse_args()
     cfg = CONFIGS[cli.config]
     work = Path(cli.work_dir or f"outputs/merge_distill/{cli.config}")
@@ -414,9 +490,16 @@ def main() -> None:
     if cli.stop_after == "students":
         return
     evaluate_all(cfg, text, teachers, vocabulary, work, record)
+    if cli.stop_after != "evaluation":
+        del teachers  # the downstream stage loads each model itself
+        start = time.time()
+        downstream_all(cfg, work, record)
+        record.put("downstream_seconds_last_invocation", round(time.time() - start, 1))
+        record.put("downstream_summary", downstream_summary(cfg, record))
     record.put("wall_seconds_last_invocation", round(time.time() - wall, 1))
-    (work / "table.md").write_text(table(cfg, record) + "\n")
-    print(table(cfg, record))
+    tables = table(cfg, record) + "\n\nDownstream (debian_sections20, fine-tuned per language):\n\n" + downstream_table(cfg, record)
+    (work / "table.md").write_text(tables + "\n")
+    print(tables)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ the masked positions.
 
 from .collator import MergeDistillCollator
 from .config import MergeDistillConfig
-from .evaluation import score_masked_lm, select_teachers
+from .evaluation import fine_tune_accuracy, score_masked_lm, select_teachers
 from .masking import example_generator, mask_tokens
 from .signals import TopKSignal, TopKSignalCache, masked_lm_logits, merge_distill_loss, topk_to_student
 from .student import build_student, init_student_embeddings
@@ -30,6 +30,7 @@ __all__ = [
     "build_union_tokenizer",
     "count_tokens",
     "example_generator",
+    "fine_tune_accuracy",
     "init_student_embeddings",
     "mask_tokens",
     "masked_lm_logits",

@@ -1,0 +1,128 @@
+"""Downstream accuracy (``fine_tune_accuracy``): masked-LM checkpoints saved with their own tokenizers
+(WordPiece English, SentencePiece-style Italian, as in tests/test_merge_distill.py) fine-tuned as
+sequence classifiers on a toy task whose label is the sentence's noun."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+from test_merge_distill import IT_PIECES, tiny_mlm, unigram_tokenizer, wordpiece_tokenizer
+
+from ki_trainer.merge_distill import fine_tune_accuracy
+
+
+def noun_task(n: int, seed: int) -> tuple[list[str], list[str]]:
+    """English toy sentences labelled by their noun (cat / dog): learnable from one token."""
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for _ in range(n):
+        noun = rng.choice(["cat", "dog"])
+        words = ["the", rng.choice(["big", "small"]), noun, rng.choice(["walk", "run"]), "and", "the", rng.choice(["big", "small"])]
+        texts.append(" ".join(words))
+        labels.append(noun)
+    return texts, labels
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Two masked LMs, each saved with its own tokenizer; embedding count = tokenizer size."""
+    root = tmp_path_factory.mktemp("downstream")
+    out = {}
+    for name, tokenizer, seed in (("en", wordpiece_tokenizer(), 1), ("it", unigram_tokenizer(IT_PIECES), 2)):
+        out[name] = str(root / name)
+        tiny_mlm(len(tokenizer), seed=seed).save_pretrained(out[name])
+        tokenizer.save_pretrained(out[name])
+    return out
+
+
+SETTING = dict(epochs=8, batch_size=8, learning_rate=3e-3, max_length=16)
+
+
+def test_accuracy_in_range_learns_and_is_deterministic_per_seed(checkpoints):
+    train, test = noun_task(40, seed=0), noun_task(30, seed=1)
+    first = fine_tune_accuracy(checkpoints["en"], *train, *test, seed=3, **SETTING)
+    again = fine_tune_accuracy(checkpoints["en"], *train, *test, seed=3, **SETTING)
+    other = fine_tune_accuracy(checkpoints["en"], *train, *test, seed=4, **SETTING)
+    for result in (first, other):
+        assert 0.0 <= result["accuracy"] <= 1.0
+        assert (result["train_rows"], result["test_rows"], result["labels"], result["steps"]) == (40, 30, 2, 8 * 5)
+    # the noun is in the WordPiece vocabulary: a fine-tuned classifier must do far better than chance (0.5)
+    assert first["accuracy"] >= 0.9
+    timing = ("seconds", "train_seconds")
+    assert {k: v for k, v in first.items() if k not in timing} == {k: v for k, v in again.items() if k not in timing}
+    assert first["last_epoch_loss"] != other["last_epoch_loss"]  # the seed reaches head init / order / dropout
+
+
+def test_each_model_uses_its_own_tokenizer(checkpoints):
+    train, test = noun_task(16, seed=0), noun_task(8, seed=1)
+    setting = dict(SETTING, epochs=1)
+    en = fine_tune_accuracy(checkpoints["en"], *train, *test, **setting)
+    it = fine_tune_accuracy(checkpoints["it"], *train, *test, **setting)
+    assert en["vocab_size"] == len(wordpiece_tokenizer()) and it["vocab_size"] == len(unigram_tokenizer(IT_PIECES))
+    # the English WordPiece tokenizer reads every word; the Italian pieces lack 'dog', 'walk', 'big', ...
+    assert en["unknown_share"] == 0.0 and it["unknown_share"] > 0.2
+    # a tokenizer that is not the model's (more tokens than its embeddings) is refused, not silently clamped
+    with pytest.raises(ValueError, match="not this model's tokenizer"):
+        fine_tune_accuracy(checkpoints["en"], *train, *test, tokenizer=unigram_tokenizer(IT_PIECES), **setting)
+
+
+def test_errors_name_the_problem(checkpoints):
+    train, test = noun_task(8, seed=0), noun_task(4, seed=1)
+    with pytest.raises(ValueError, match="test row 0 has label 'bird'"):
+        fine_tune_accuracy(checkpoints["en"], *train, test[0], ["bird"] * 4, **SETTING)
+    with pytest.raises(ValueError, match="8 train texts but 7 train labels"):
+        fine_tune_accuracy(checkpoints["en"], train[0], train[1][:7], *test, **SETTING)
+    with pytest.raises(ValueError, match="exceeds the 64 position embeddings"):
+        fine_tune_accuracy(checkpoints["en"], *train, *test, **dict(SETTING, max_length=100))
+
+
+def _load_benchmark():
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "merge_distill.py"
+    spec = importlib.util.spec_from_file_location("merge_distill_benchmark", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_stage_records_each_run_resumes_and_tabulates(checkpoints, tmp_path, monkeypatch):
+    """benchmarks/merge_distill.py stage 7 on real debian_sections20 rows with the tiny checkpoints standing
+    in for the teachers' encoders and the saved students."""
+    md = _load_benchmark()
+    teacher_dirs = {"teacher-en": checkpoints["en"], "teacher-it": checkpoints["it"]}
+    monkeypatch.setattr(md, "resolve_model", lambda name: teacher_dirs[name])
+    for variant, source in (("merge_distill", "it"), ("plain_mlm", "en")):  # students with differing tokenizers
+        shutil.copytree(checkpoints[source], tmp_path / "students" / f"{variant}-seed0")
+    cfg = dict(languages={"en": "teacher-en", "it": "teacher-it"}, variants=["merge_distill", "plain_mlm"], seeds=[0],
+               downstream=dict(train_per_class=1, test_per_class=1, max_length=16, epochs=1, batch=8, lr=1e-3,
+                               warmup_ratio=0.1, freeze_word_embeddings=True, seeds=[0, 1]))
+    record = md.Record(tmp_path / "results.json")
+    md.downstream_all(cfg, tmp_path, record)
+    runs = {k: v for k, v in record.data.items() if k.startswith("downstream:")}
+    assert len(runs) == 2 * 3 * 2  # languages x (teacher + 2 students) x fine-tuning seeds
+    sizes = {"en": len(wordpiece_tokenizer()), "it": len(unigram_tokenizer(IT_PIECES))}
+    for lang in ("en", "it"):
+        for seed in (0, 1):
+            teacher = runs[f"downstream:{lang}:teacher (teacher-{lang}):-:{seed}"]
+            distilled = runs[f"downstream:{lang}:student: merge_distill:0:{seed}"]
+            plain = runs[f"downstream:{lang}:student: plain_mlm:0:{seed}"]
+            assert (teacher["vocab_size"], distilled["vocab_size"], plain["vocab_size"]) == (sizes[lang], sizes["it"], sizes["en"])
+            for run in (teacher, distilled, plain):
+                assert 0.0 <= run["accuracy"] <= 1.0 and run["train_rows"] == 20 and run["labels"] == 20
+    assert json.loads((tmp_path / "results.json").read_text()) == record.data  # saved as it goes
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a recorded run was fine-tuned again")
+
+    monkeypatch.setattr(md, "fine_tune_accuracy", must_not_run)
+    md.downstream_all(cfg, tmp_path, md.Record(tmp_path / "results.json"))  # resumes: nothing left to do
+    table = md.downstream_table(cfg, record).splitlines()
+    assert len(table) == 2 + 2 * 3
+    row = next(line for line in table if line.startswith("| en | student: plain_mlm |"))
+    values = [runs[f"downstream:en:student: plain_mlm:0:{s}"]["accuracy"] for s in (0, 1)]
+    assert f"| {sum(values) / 2:.3f} ± {abs(values[0] - values[1]) / math.sqrt(2):.3f} | 2 | 20 |" in row
