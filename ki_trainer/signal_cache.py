@@ -439,18 +439,40 @@ def check_texts(texts: Sequence, ids: Optional[Sequence] = None, where: str = "d
             raise ValueError(f"{where}: column {column!r} at {who} {problem}. Fix or drop the row.")
 
 
+def shard_positions(positions: Sequence[int], rank: int, world_size: int, chunk_size: int) -> list[int]:
+    """This rank's share of ``positions``: consecutive chunks of ``chunk_size`` dealt round-robin
+    (chunk ``c`` goes to rank ``c % world_size``), in their original order.
+
+    Every chunk keeps the rows it would have in a single process, so each rank re-chunks its share into
+    exactly the batches one process would compute (same padding, same per-batch MC seed, same numbers).
+    """
+    if world_size <= 1:
+        return list(positions)
+    return [p for k, p in enumerate(positions) if (k // chunk_size) % world_size == rank]
+
+
+def batch_seed(seed: int, ids: Sequence[str]) -> int:
+    """The MC-dropout seed of one precompute batch: a hash of the run seed and the batch's example ids,
+    so the draws depend on the rows, never on which process computed them or on what ran before."""
+    digest = hashlib.blake2b(json.dumps([int(seed), [str(i) for i in ids]]).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
 def build_or_update_cache(
     cache: TeacherSignalCache,
     dataset,
     id_column: str,
     text_column: str,
     batches: Callable[[list[int]], Iterable[tuple[list[int], TeacherSignals]]],
+    shard: tuple[int, int, int] = (0, 1, 1),
 ) -> int:
-    """Compute signals for the dataset rows the cache lacks; returns how many were computed.
+    """Compute signals for the dataset rows the cache lacks; returns how many were missing (over all
+    ranks).
 
     ``batches(positions)`` yields ``(positions, signals)`` for the requested dataset positions
     (signals carrying MC certainty). Rows are flushed to shard files as they are computed; on an
-    error the rows computed so far are flushed before it propagates.
+    error the rows computed so far are flushed before it propagates. ``shard=(rank, world_size,
+    chunk_size)`` computes only this rank's share of the missing rows (see :func:`shard_positions`).
     """
     columns = column_names(dataset)
     if id_column not in columns:
@@ -465,8 +487,9 @@ def build_or_update_cache(
     texts = column_values(dataset, text_column)
     check_texts(texts, ids, "dataset", text_column)
     todo = cache.missing(ids, texts)
+    rank, world_size, chunk_size = shard
     try:
-        for positions, signals in batches(todo):
+        for positions, signals in batches(shard_positions(todo, rank, world_size, chunk_size)):
             deterministic = torch.stack([certainty_from_logits(logits) for logits in signals.logits], dim=1)
             cache.add([ids[p] for p in positions], [texts[p] for p in positions], signals, deterministic)
             cache.maybe_flush()

@@ -48,6 +48,7 @@ from .querying import query_teachers
 from .routing import Router, build_router
 from .signal_cache import (
     TeacherSignalCache,
+    batch_seed,
     build_or_update_cache,
     check_texts,
     column_names,
@@ -594,8 +595,8 @@ class KnowledgeIntegrationTrainer(Trainer):
         """Compute (or load) the teacher signals of every row of ``dataset`` (default: the train set).
 
         The cache file is ``<signal_cache_dir>/<fingerprint>.pt``; rows already cached are reused, new
-        ids are added. Under several processes the main process computes and saves first, the others
-        then load the file.
+        ids are added. Under several processes each computes its share of the missing rows into its own
+        shard files; the main process then merges them and every process loads the whole cache.
         """
         dataset = dataset if dataset is not None else self.train_dataset
         self.signal_cache = self._cached_signals(dataset)
@@ -683,33 +684,84 @@ class KnowledgeIntegrationTrainer(Trainer):
         sizes = [len(t.labels) for t in self.teachers]
         device = self.accelerator.device
         rng_devices = [device.index or 0] if device.type == "cuda" else []
+        batches = (lambda todo: self._signal_batches(dataset, todo, features=with_features)) \
+            if with_features != self._needs_features else (lambda todo: self._signal_batches(dataset, todo))
         # fork_rng: the MC draws here must not shift the data order or dropout of the training run.
-        with self.accelerator.main_process_first(), torch.random.fork_rng(devices=rng_devices):
-            known = self._signal_caches.get(path)
-            if known is not None and known.fingerprint == fingerprint:
-                cache = known
-            elif TeacherSignalCache.exists(path):
-                cache = TeacherSignalCache.load(path, fingerprint, sizes)  # main file + shards of earlier writers
+        with torch.random.fork_rng(devices=rng_devices):
+            if self.accelerator.num_processes > 1:
+                cache, computed = self._sharded_signals(dataset, path, fingerprint, sizes, batches)
             else:
-                cache = TeacherSignalCache(fingerprint, sizes, path)
-            computed = build_or_update_cache(
-                cache, dataset, self.args.id_column, self.args.text_column,
-                lambda todo: self._signal_batches(dataset, todo, features=with_features)
-                if with_features != self._needs_features else self._signal_batches(dataset, todo),
-            )
-            cache.finalize(self.accelerator.device)
-            if (computed or os.path.isdir(path + ".shards")) and self.accelerator.is_main_process:
-                cache.save(path)  # compacts this run's and other writers' shards into the main file
+                known = self._signal_caches.get(path)
+                if known is not None and known.fingerprint == fingerprint:
+                    cache = known
+                elif TeacherSignalCache.exists(path):
+                    cache = TeacherSignalCache.load(path, fingerprint, sizes)  # main file + shards of earlier writers
+                else:
+                    cache = TeacherSignalCache(fingerprint, sizes, path)
+                computed = build_or_update_cache(cache, dataset, self.args.id_column, self.args.text_column, batches)
+                cache.finalize(self.accelerator.device)
+                if computed or os.path.isdir(path + ".shards"):
+                    cache.save(path)  # compacts this run's and other writers' shards into the main file
         logger.info(f"Teacher signals: {computed} computed, {len(cache) - computed} reused from {path}.")
         self._signal_caches[path] = cache
         return cache
 
+    def _sharded_signals(self, dataset, path: str, fingerprint: str, sizes: list[int], batches):
+        """Every process computes its share of the missing rows (batches dealt round-robin, see
+        :func:`~ki_trainer.signal_cache.shard_positions`) into its own shard files; after a barrier the main
+        process compacts them, and after a second one every process loads the whole cache.
+
+        A failure on any process stops every process (no rank waits forever at the barrier); the rows
+        written so far stay in their shards and are skipped by the next run.
+        """
+        accelerator = self.accelerator
+        known = self._signal_caches.get(path)
+        if known is not None and known.fingerprint == fingerprint:
+            cache = known
+        elif TeacherSignalCache.exists(path):
+            cache = TeacherSignalCache.load(path, fingerprint, sizes)
+        else:
+            cache = TeacherSignalCache(fingerprint, sizes, path)
+        error: Optional[BaseException] = None
+        computed = 0
+        shard = (accelerator.process_index, accelerator.num_processes, self.args.per_device_eval_batch_size)
+        self._signal_progress = accelerator.num_processes
+        try:
+            computed = build_or_update_cache(cache, dataset, self.args.id_column, self.args.text_column, batches, shard)
+            cache.flush()  # this process's rows, in its own shard files
+        except BaseException as err:  # reported below, after every process has reached the same point
+            error = err
+        finally:
+            self._signal_progress = 1
+        failed = accelerator.reduce(torch.tensor([int(error is not None)], device=accelerator.device), reduction="sum")
+        if error is not None:
+            raise error
+        if int(failed.item()):
+            raise RuntimeError(
+                f"{int(failed.item())} other process(es) failed while computing teacher signals (their error is in "
+                f"their log). The rows computed so far are kept in {path}.shards/ and are not recomputed next time."
+            )
+        if accelerator.is_main_process and (computed or os.path.isdir(path + ".shards")):
+            cache.save(path)  # merges every process's shards into the main file
+        accelerator.wait_for_everyone()
+        if computed:
+            cache = TeacherSignalCache.load(path, fingerprint, sizes)  # the rows of every process
+        cache.finalize(accelerator.device)
+        accelerator.wait_for_everyone()  # nobody compacts again (a later call) while another still reads
+        return cache, computed
+
     def _signal_batches(self, dataset, positions: list[int], features: Optional[bool] = None):
+        """Teacher signals of ``positions`` in batches of ``per_device_eval_batch_size``, each batch's MC dropout
+        seeded by its example ids (:func:`~ki_trainer.signal_cache.batch_seed`): the cache does not depend on
+        how many processes computed it. Under several processes the main one's progress bar counts all rows
+        (its own times the number of processes)."""
         from tqdm.auto import tqdm
 
         size = self.args.per_device_eval_batch_size
-        disable = self.args.disable_tqdm or not positions
-        with tqdm(total=len(positions), unit="rows", desc="Teacher signals", disable=disable) as bar:
+        processes = getattr(self, "_signal_progress", 1)
+        total = len(positions) * processes
+        disable = self.args.disable_tqdm or not positions or not self.accelerator.is_main_process
+        with tqdm(total=total, unit="rows", desc="Teacher signals", disable=disable) as bar:
             for start in range(0, len(positions), size):
                 chunk = positions[start : start + size]
                 rows = [dataset[p] for p in chunk]
@@ -717,10 +769,11 @@ class KnowledgeIntegrationTrainer(Trainer):
                 teacher_batches = batch.pop(TEACHER_INPUTS_KEY, {})
                 student_inputs = {k: v for k, v in batch.items() if k not in ("labels", EXAMPLE_IDS_KEY)}
                 ids = [str(row.get(self.args.id_column)) for row in rows]
+                torch.manual_seed(batch_seed(self.args.seed, ids))
                 yield chunk, self.teacher_signals(
                     student_inputs, teacher_batches, certainty_source="mc", example_ids=ids, features=features
                 )
-                bar.update(len(chunk))
+                bar.update(min(len(chunk) * processes, total - bar.n))
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         resume_from_checkpoint = self._checked_resume(resume_from_checkpoint)
