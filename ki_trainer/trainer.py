@@ -46,6 +46,7 @@ from .model_card import MODEL_CARD_TAGS, render_model_card
 from .peft_support import is_peft_model, merged_copy, unwrap, wrap_student, write_labels
 from .querying import query_teachers
 from .routing import Router, build_router
+from .signal_cache import SUFFIX as SIGNAL_CACHE_SUFFIX
 from .signal_cache import (
     TeacherSignalCache,
     batch_seed,
@@ -594,7 +595,7 @@ class KnowledgeIntegrationTrainer(Trainer):
     def precompute_teacher_signals(self, dataset=None) -> TeacherSignalCache:
         """Compute (or load) the teacher signals of every row of ``dataset`` (default: the train set).
 
-        The cache file is ``<signal_cache_dir>/<fingerprint>.pt``; rows already cached are reused, new
+        The cache file is ``<signal_cache_dir>/<fingerprint>.safetensors``; rows already cached are reused, new
         ids are added. Under several processes each computes its share of the missing rows into its own
         shard files; the main process then merges them and every process loads the whole cache.
         """
@@ -670,15 +671,15 @@ class KnowledgeIntegrationTrainer(Trainer):
         return dataclasses.replace(signals, certainty=(signals.certainty.float() - mean) / std)
 
     def _cached_signals(self, dataset, file_suffix: str = "") -> TeacherSignalCache:
-        """The cache in ``<signal_cache_dir>/<fingerprint><file_suffix>.pt``, extended with ``dataset``'s missing rows."""
+        """The cache in ``<signal_cache_dir>/<fingerprint><file_suffix>.safetensors``, extended with ``dataset``'s missing rows."""
         fingerprint = self.signal_fingerprint()  # hashes every teacher weight
         directory = self.args.signal_cache_dir or os.path.join(self.args.output_dir, "teacher_signals")
-        path = os.path.join(directory, f"{fingerprint}{file_suffix}.pt")
+        path = os.path.join(directory, f"{fingerprint}{file_suffix}{SIGNAL_CACHE_SUFFIX}")
         with_features = self._needs_features
         if not with_features:
             # A cache that also holds pooled features (written for a feature router) serves this run as well.
             richer = self.signal_fingerprint(features=True)
-            richer_path = os.path.join(directory, f"{richer}{file_suffix}.pt")
+            richer_path = os.path.join(directory, f"{richer}{file_suffix}{SIGNAL_CACHE_SUFFIX}")
             if richer_path in self._signal_caches or TeacherSignalCache.exists(richer_path):
                 fingerprint, path, with_features = richer, richer_path, True
         sizes = [len(t.labels) for t in self.teachers]
@@ -895,7 +896,7 @@ class KnowledgeIntegrationTrainer(Trainer):
     def _evaluation_signals(self, dataset, metric_key_prefix: str):
         """With ``teacher_signals="cached"``, evaluate from cached signals of ``dataset``'s rows.
 
-        Each ``metric_key_prefix`` gets its own file (``<fingerprint>.<prefix>.pt``), so evaluation sets
+        Each ``metric_key_prefix`` gets its own file (``<fingerprint>.<prefix>.<digest>.safetensors``), so evaluation sets
         that reuse ids of other splits (row numbers, or translations sharing ids) never collide; the
         first evaluation computes the signals (MC dropout), later ones reuse them, so repeated
         evaluations score the same teacher draws. Rows without ids fall back to live queries.
