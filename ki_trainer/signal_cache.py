@@ -749,10 +749,85 @@ def build_or_update_cache(
     return len(todo)
 
 
+def build_or_update_cache_streaming(
+    cache: TeacherSignalCache,
+    rows: Iterable[dict],
+    id_column: str,
+    text_column: str,
+    compute: Callable[[list[dict]], TeacherSignals],
+    batch_size: int,
+    shard: tuple[int, int] = (0, 1),
+) -> tuple[int, list[str]]:
+    """:func:`build_or_update_cache` for a dataset that can only be iterated (``IterableDataset``, streaming):
+    one pass over ``rows``, holding one batch at a time. Returns how many rows were missing (over all ranks)
+    and every row's id in order.
+
+    The missing rows are grouped into batches of ``batch_size`` in the order they come, exactly as the
+    map-style path groups them, and ``compute(batch_rows)`` gives their signals; ``shard=(rank, world_size)``
+    computes only every ``world_size``-th batch. Each rank reads the whole stream (cheap next to the teachers).
+    """
+    rank, world_size = shard
+    ids: list[str] = []
+    seen: set[str] = set()
+    batch: list[dict] = []
+    missing = batches = 0
+
+    def finish(batch: list[dict]) -> None:
+        nonlocal missing, batches
+        if batches % world_size == rank:
+            signals = compute(batch)
+            deterministic = torch.stack([certainty_from_logits(logits) for logits in signals.logits], dim=1)
+            cache.add([str(r[id_column]) for r in batch], [r[text_column] for r in batch], signals, deterministic)
+            cache.maybe_flush()
+        missing += len(batch)
+        batches += 1
+
+    try:
+        for position, row in enumerate(rows):
+            if id_column not in row:
+                raise ValueError(
+                    f"Cached teacher signals need an example id column {id_column!r}; the streamed rows have "
+                    f"{sorted(row)}. Add one (e.g. dataset.map(lambda r, i: {{'id': str(i)}}, with_indices=True)) or "
+                    "set id_column=, or use teacher_signals='on_the_fly'."
+                )
+            example_id, text = str(row[id_column]), row.get(text_column)
+            try:
+                check_texts([text], [example_id], "The streamed dataset", text_column)
+            except ValueError as err:  # name the row's position in the stream, not in the one-row check
+                raise ValueError(str(err).replace("at row 0 ", f"at row {position} ", 1)) from None
+            if example_id in seen:
+                raise ValueError(f"Column {id_column!r} has duplicate ids ({example_id!r} at row {position}); cached "
+                                 "signals need unique ids.")
+            seen.add(example_id)
+            ids.append(example_id)
+            if cache.missing([example_id], [text]):
+                batch.append(row)
+                if len(batch) == batch_size:
+                    finish(batch)
+                    batch = []
+        if batch:
+            finish(batch)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            cache.flush()  # keep what was computed; the original error is what the user must see
+        raise
+    return missing, ids
+
+
+def is_streaming(dataset) -> bool:
+    """Whether ``dataset`` can only be iterated (``IterableDataset``, ``datasets`` streaming), not indexed."""
+    return isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__")
+
+
 def column_names(dataset) -> list[str]:
-    """Column names of a ``datasets.Dataset``, or the keys of the first row of any indexable dataset."""
+    """Column names of a ``datasets.Dataset``, or the keys of the first row of any indexable dataset (of an
+    iterable one: its declared ``column_names``, else ``[]``: unknown before iterating)."""
     names = getattr(dataset, "column_names", None)
-    return list(names) if names is not None else (list(dataset[0]) if len(dataset) else [])
+    if names is not None:
+        return list(names)
+    if is_streaming(dataset):
+        return []
+    return list(dataset[0]) if len(dataset) else []
 
 
 def column_values(dataset, name: str) -> list:

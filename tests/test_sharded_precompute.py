@@ -32,6 +32,7 @@ def _trainer(out: str, cache_dir: str, dataset) -> KnowledgeIntegrationTrainer:
     args = KnowledgeIntegrationConfig(
         output_dir=out, strategy="muki", teacher_signals="cached", signal_cache_dir=cache_dir, mc_samples=4,
         per_device_eval_batch_size=4, report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0,
+        max_steps=1,
     )
     return KnowledgeIntegrationTrainer(model=tiny_bert(4, len(tok), seed=3), args=args, teachers=teachers,
                                        train_dataset=dataset, processing_class=tok)
@@ -43,17 +44,18 @@ def _signals(cache, ids) -> dict[str, torch.Tensor]:
             "mutual_information": found.mutual_information, "top_variance": found.top_variance}
 
 
-def _worker(rank: int, world: int, port: int, out: str, fail_rank: int = -1) -> None:
+def _worker(rank: int, world: int, port: int, out: str, fail_rank: int = -1, streaming: bool = False) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     AcceleratorState._reset_state(reset_partial_state=True)  # forked from the single-process test process
     data = _rows()
-    trainer = _trainer(os.path.join(out, "run"), os.path.join(out, "cache"), data)
+    trainer = _trainer(os.path.join(out, "run"), os.path.join(out, "cache"), data.to_iterable_dataset() if streaming else data)
     assert trainer.accelerator.num_processes == world
-    computed = []
-    original = trainer._signal_batches
-    trainer._signal_batches = lambda ds, todo: (computed.extend(todo), original(ds, todo))[1]
+    computed = []  # the dataset positions this process computed
+    original = trainer._signal_rows
+    trainer._signal_rows = lambda rows, features=None: (
+        computed.extend(int(row["id"][1:]) for row in rows), original(rows, features))[1]
     if rank == fail_rank:
         def broken(ds, todo):
             raise ValueError("teacher broke on this rank")
@@ -83,7 +85,8 @@ def test_rows_are_dealt_in_whole_batches():
     assert shard_positions(todo, 0, 1, 4) == todo
 
 
-def test_two_processes_precompute_the_single_process_cache(tmp_path):
+@pytest.mark.parametrize("streaming", [False, True], ids=["dataset", "iterable"])
+def test_two_processes_precompute_the_single_process_cache(tmp_path, streaming):
     data = _rows()
     ids = list(data["id"])
     torch.set_num_threads(1)
@@ -92,7 +95,8 @@ def test_two_processes_precompute_the_single_process_cache(tmp_path):
 
     # An earlier (interrupted) run cached the first 8 rows: the two processes compute only the other 16.
     _trainer(str(tmp_path / "early"), str(tmp_path / "cache"), data.select(range(8))).precompute_teacher_signals()
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path), -1, streaming), nprocs=2, join=True,
+                       start_method="fork")
 
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert sorted(ranks[0]["rows"] + ranks[1]["rows"]) == list(range(8, 24))  # each missing row once
