@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import mmap
 import os
 import socket
@@ -51,8 +52,14 @@ from .numerics import certainty_from_logits
 from .strategies import TeacherSignals
 from .teacher import Teacher
 
+logger = logging.getLogger(__name__)
+
 CACHE_FORMAT_VERSION = 3  # 3: memory-mapped safetensors layout, per-block checksums (2: torch.save payloads)
 SUFFIX = ".safetensors"  # cache files and shards
+LEGACY_SUFFIX = ".pt"  # cache format 2 (torch.save payloads): migrated when met (see _migrate_legacy)
+# The format part of the fingerprint, frozen at 2: since format 3 each file names its format in its header, so
+# the same teachers and settings keep their fingerprint and a format-2 cache is migrated, not recomputed.
+_FINGERPRINT_FORMAT = 2
 BLOCK_ROWS = 4096  # rows per checksummed block of a cache file
 VERIFY_EAGER_BYTES = 1 << 30  # files up to this size are fully checked when opened; larger ones block by block
 # Bump when the way signals are computed from a teacher changes (querying.py / numerics.py): old caches
@@ -105,7 +112,7 @@ def teachers_fingerprint(
 ) -> str:
     """A short hash of everything that determines the teachers' signals for a given text."""
     settings = (
-        f"ki-signals-v{CACHE_FORMAT_VERSION}.{SIGNAL_COMPUTATION_VERSION}|K={mc_samples}|top={mc_top_layers}|{dtype}"
+        f"ki-signals-v{_FINGERPRINT_FORMAT}.{SIGNAL_COMPUTATION_VERSION}|K={mc_samples}|top={mc_top_layers}|{dtype}"
     )
     if features:
         settings += "|features"  # caches that also hold every teacher's pooled features (feature routers)
@@ -181,8 +188,8 @@ def _block_digest(pieces: Sequence[bytes]) -> str:
 class _MemoryPart:
     """Rows held in memory (computed by this process and not written yet)."""
 
-    def __init__(self, ids: Sequence[str], tensors: dict[str, torch.Tensor]) -> None:
-        self.source = "memory"
+    def __init__(self, ids: Sequence[str], tensors: dict[str, torch.Tensor], source: str = "memory") -> None:
+        self.source = source
         self.ids = list(ids)
         self.tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
         self.specs = {name: (_dtype_code(name, t.dtype, self.source), list(t.shape[1:])) for name, t in self.tensors.items()}
@@ -565,7 +572,7 @@ class TeacherSignalCache:
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         with _directory_lock(directory):
-            parts, shards = _read_parts(path, self.fingerprint)
+            parts, shards = _read_parts(path, self.fingerprint, self.label_sizes)
             ids, hashes = list(self.index), list(self.text_hashes)
             sources = [("memory", ids, hashes, self._segments())]
             sources += [(part.source, part.ids, part.text_hashes,
@@ -600,21 +607,83 @@ class TeacherSignalCache:
     def load(cls, path: str, fingerprint: str, label_sizes: Sequence[int]) -> "TeacherSignalCache":
         """The main file ``path`` merged with every shard in ``<path>.shards/`` (either may be missing), all
         memory-mapped."""
-        parts, _ = _read_parts(path, fingerprint)
+        parts, _ = _read_parts(path, fingerprint, label_sizes)
         cache = cls(fingerprint, label_sizes, path)
         cache._adopt(parts)
         return cache
 
     @staticmethod
     def exists(path: str) -> bool:
-        """Whether a main file or shards exist for ``path``."""
+        """Whether a main file or shards exist for ``path`` (or a format-2 main file, migrated when loaded)."""
         shards = path + ".shards"
-        return os.path.exists(path) or (os.path.isdir(shards) and any(n.endswith(SUFFIX) for n in os.listdir(shards)))
+        legacy = _legacy_path(path)
+        return os.path.exists(path) or (os.path.isdir(shards) and any(n.endswith(SUFFIX) for n in os.listdir(shards))) \
+            or (legacy is not None and os.path.exists(legacy))
 
 
-def _read_parts(path: str, fingerprint: str) -> tuple[list[_FilePart], list[str]]:
-    """The main file and the shards (opened and checked), plus the shard paths that were read."""
+def _legacy_path(path: str) -> Optional[str]:
+    return path[: -len(SUFFIX)] + LEGACY_SUFFIX if path.endswith(SUFFIX) else None
+
+
+def _read_legacy(path: str, fingerprint: str) -> _MemoryPart:
+    """A format-2 file (a ``torch.save`` payload with one checksum over all rows), checked as that format was."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # torch's own message suggests weights_only=False: never pass that on
+        raise _corrupt(path, f"unreadable: {type(err).__name__}") from None
+    keys = ("version", "fingerprint", "ids", "text_hashes", "tensors")
+    if not isinstance(payload, dict) or any(k not in payload for k in keys):
+        raise _corrupt(path, "not a signal cache payload")
+    if payload["version"] != 2 or payload["fingerprint"] != fingerprint:
+        raise StaleSignalCacheError(
+            f"Signal cache {path} was computed for other teachers or settings (fingerprint "
+            f"{payload.get('fingerprint')!r}, format {payload.get('version')!r}; expected {fingerprint!r}, format 2). "
+            "Delete it or point signal_cache_dir elsewhere."
+        )
+    ids, hashes, tensors = payload["ids"], payload["text_hashes"], payload["tensors"]
+    if not isinstance(tensors, dict) or not all(torch.is_tensor(t) for t in tensors.values()):
+        raise _corrupt(path, "tensors missing")
+    if len(hashes) != len(ids) or any(t.dim() == 0 or t.shape[0] != len(ids) for t in tensors.values()):
+        raise _corrupt(path, "tensors or text hashes of another length than the ids")
+    hasher = hashlib.sha256(json.dumps([list(ids), list(hashes)]).encode())
+    for name in sorted(tensors):
+        hasher.update(name.encode())
+        _hash_tensor(hasher, tensors[name])
+    if payload.get("checksum") != hasher.hexdigest():
+        raise _corrupt(path, "checksum mismatch: the rows were changed after they were written")
+    part = _MemoryPart(ids, tensors, source=path)
+    part.text_hashes = [int(h) for h in hashes]
+    return part
+
+
+def _migrate_legacy(path: str, fingerprint: str, label_sizes: Sequence[int]) -> bool:
+    """Convert a format-2 cache (``<name>.pt`` and its ``<name>.pt.shards/*.pt``) into ``path`` (format 3) when
+    ``path`` does not exist yet. The old files are checked as before and left in place (they may be deleted).
+    Returns whether a conversion happened."""
+    legacy = _legacy_path(path)
+    if legacy is None or os.path.exists(path):
+        return False
+    files = [legacy] if os.path.exists(legacy) else []
+    directory = legacy + ".shards"
+    if os.path.isdir(directory):
+        files += [os.path.join(directory, n) for n in sorted(os.listdir(directory)) if n.endswith(LEGACY_SUFFIX)]
+    if not files:
+        return False
+    parts = [_read_legacy(file, fingerprint) for file in files]
+    sources = [(p.source, p.ids, p.text_hashes, [(p, np.arange(len(p.ids), dtype=np.int64))]) for p in parts]
+    ids, hashes, specs, segments = _merge(sources, legacy)
+    _write_file(path, fingerprint, label_sizes, ids, hashes, specs, segments)
+    logger.info(f"Signal cache {legacy} (format 2) migrated to {path}; the old file(s) can be deleted.")
+    return True
+
+
+def _read_parts(path: str, fingerprint: str, label_sizes: Sequence[int] = ()) -> tuple[list[_FilePart], list[str]]:
+    """The main file and the shards (opened and checked), plus the shard paths that were read. A format-2 cache
+    of the same fingerprint is migrated first."""
     parts, shards = [], []
+    _migrate_legacy(path, fingerprint, label_sizes)
     if os.path.exists(path):
         parts.append(_FilePart(path, fingerprint))
     directory = path + ".shards"

@@ -751,6 +751,8 @@ class KnowledgeIntegrationTrainer(Trainer):
             cache = TeacherSignalCache.load(path, fingerprint, sizes)
         else:
             cache = TeacherSignalCache(fingerprint, sizes, path)
+        # Every process has read the same files before any writes a shard: they find the same missing rows.
+        accelerator.wait_for_everyone()
         error: Optional[BaseException] = None
         computed = 0
         shard = (accelerator.process_index, accelerator.num_processes, self.args.per_device_eval_batch_size)

@@ -104,3 +104,50 @@ def test_lookups_cross_files_and_rows_still_in_memory(tmp_path):
     loaded = TeacherSignalCache.load(str(path), "fp", [1, 1])
     assert loaded.lookup(["b", "c"], None).logits[1].flatten().tolist() == [2.0, 3.0]
     assert np.array_equal(loaded.text_hashes, [1, 2, 3])
+
+
+def _legacy_file(path, fingerprint: str, ids, tensors) -> None:
+    """A cache file as ki-trainer wrote it before the memory-mapped format (cache format 2: torch.save)."""
+    import hashlib
+
+    hashes = [signal_cache.text_hash(f"text {i}") for i in ids]
+    hasher = hashlib.sha256(json.dumps([list(ids), hashes]).encode())
+    for name in sorted(tensors):
+        hasher.update(name.encode())
+        signal_cache._hash_tensor(hasher, tensors[name])
+    torch.save({"version": 2, "fingerprint": fingerprint, "label_sizes": [2, 2], "ids": list(ids), "text_hashes": hashes,
+                "tensors": tensors, "checksum": hasher.hexdigest()}, path)
+
+
+def test_a_cache_of_the_previous_format_is_migrated_not_recomputed(tmp_path):
+    ids = ["a", "b", "c"]
+    tensors = {"logits": torch.rand(3, 4), "mc": torch.rand(3, 2)}
+    _legacy_file(tmp_path / "fp.pt", "fp", ids, tensors)
+    (tmp_path / "fp.pt.shards").mkdir()
+    _legacy_file(tmp_path / "fp.pt.shards" / "w-000000.pt", "fp", ["d"], {"logits": torch.rand(1, 4), "mc": torch.rand(1, 2)})
+    path = str(tmp_path / "fp.safetensors")
+    assert TeacherSignalCache.exists(path)
+    cache = TeacherSignalCache.load(path, "fp", [2, 2])
+    assert sorted(cache.index) == ["a", "b", "c", "d"] and (tmp_path / "fp.safetensors").exists()
+    torch.testing.assert_close(torch.cat(cache.lookup(ids, "mc").logits, 1), tensors["logits"], rtol=0, atol=0)
+    assert cache.missing(["b", "e"], ["text b", "new"]) == [1]  # the text hashes came along
+
+    _legacy_file(tmp_path / "other.pt", "fp", ids, tensors)
+    raw = bytearray((tmp_path / "other.pt").read_bytes())
+    position = raw.find(tensors["logits"].numpy().tobytes()[:8])
+    raw[position] ^= 0x01  # bit rot in a legacy file: refused as before, never migrated
+    (tmp_path / "other.pt").write_bytes(bytes(raw))
+    with pytest.raises(CorruptSignalCacheError, match="other.pt is corrupt"):
+        TeacherSignalCache.load(str(tmp_path / "other.safetensors"), "fp", [2, 2])
+    assert not (tmp_path / "other.safetensors").exists()
+
+
+def test_the_fingerprint_of_a_teacher_set_is_the_one_format_2_used(monkeypatch):
+    """Format 2 and 3 files of the same teachers share a fingerprint (the format lives in each file's header)."""
+    assert signal_cache._FINGERPRINT_FORMAT == 2
+    monkeypatch.setattr(signal_cache, "CACHE_FORMAT_VERSION", 99)
+    model = torch.nn.Linear(2, 2)
+    teacher = type("T", (), {"tokenizer": None, "labels": ["x", "y"], "model": model})()
+    first = signal_cache.teachers_fingerprint([teacher], None, [8], 4, torch.float32)
+    monkeypatch.setattr(signal_cache, "CACHE_FORMAT_VERSION", 3)
+    assert signal_cache.teachers_fingerprint([teacher], None, [8], 4, torch.float32) == first
