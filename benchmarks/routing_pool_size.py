@@ -27,7 +27,7 @@ from ki_trainer.strategies import TeacherSignals  # noqa: E402
 
 
 def cached_signals(path: str, ids, label_sizes) -> TeacherSignals:
-    """Rows ``ids`` of a signal-cache file the trainer wrote (``<fingerprint>[.<suffix>].pt``, with pooled features),
+    """Rows ``ids`` of a signal-cache file the trainer wrote (``<fingerprint>[.<suffix>].safetensors``, with pooled features),
     read and checked by the library's own cache class."""
     fingerprint = Path(path).name.split(".")[0]
     return TeacherSignalCache.load(path, fingerprint, label_sizes).lookup([str(i) for i in ids], "mc")
@@ -49,8 +49,11 @@ def main(argv=None) -> dict:
     blocks = [r["labels"] for r in json.loads((root / "teachers" / common.data_name(args.data) / slug / "teachers.json").read_text())["teachers"]]
     sizes = [len(b) for b in blocks]
     cache = root / "cache" / common.data_name(args.data) / slug
-    pool_file = next(f for f in glob.glob(str(cache / "*.pt")) if ".test" not in Path(f).name)
-    test_file = next(iter(glob.glob(str(cache / "*.test*.pt"))))
+    # the cache files by their format-3 names (a format-2 `.pt` file of the same name is migrated when loaded)
+    files = sorted({str(Path(f).with_suffix(".safetensors")) for f in glob.glob(str(cache / "*.safetensors"))
+                    + glob.glob(str(cache / "*.pt"))})
+    pool_file = next(f for f in files if ".test" not in Path(f).name)
+    test_file = next(f for f in files if ".test" in Path(f).name)
     test = cached_signals(test_file, data["test"]["id"], sizes)
     rows = []
     for n in args.sizes:

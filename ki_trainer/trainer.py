@@ -46,12 +46,16 @@ from .model_card import MODEL_CARD_TAGS, render_model_card
 from .peft_support import is_peft_model, merged_copy, unwrap, wrap_student, write_labels
 from .querying import query_teachers
 from .routing import Router, build_router
+from .signal_cache import SUFFIX as SIGNAL_CACHE_SUFFIX
 from .signal_cache import (
     TeacherSignalCache,
+    batch_seed,
     build_or_update_cache,
+    build_or_update_cache_streaming,
     check_texts,
     column_names,
     column_values,
+    is_streaming,
     teachers_fingerprint,
     text_hash,
 )
@@ -304,6 +308,7 @@ class KnowledgeIntegrationTrainer(Trainer):
         self.signal_cache: Optional[TeacherSignalCache] = None  # the training rows' cached signals
         self._eval_signal_cache: Optional[TeacherSignalCache] = None  # set while evaluating from cached signals
         self._signal_caches: dict[str, TeacherSignalCache] = {}  # every cache loaded, by file
+        self._streamed_ids: dict[int, list[str]] = {}  # ids of iterable datasets, read by their precompute pass
         self.certainty_statistics: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # per-teacher mean, std
         self._margin_warned = False
         super().__init__(
@@ -411,6 +416,14 @@ class KnowledgeIntegrationTrainer(Trainer):
             texts = column_values(dataset, args.text_column)
             ids = column_values(dataset, args.id_column) if args.id_column in column_names(dataset) else None
             check_texts(texts, ids, f"The {split} dataset", args.text_column)
+        if split == "train" and is_streaming(dataset) and args.teacher_signals == "cached" and columns is not None \
+                and args.id_column not in columns:
+            raise ValueError(
+                f"The {split} dataset is an IterableDataset without an example id column {args.id_column!r} (columns: "
+                f"{columns}). teacher_signals='cached' precomputes its signals in one pass and looks rows up by id: add "
+                "an id column (e.g. dataset.map(lambda r, i: {'id': str(i)}, with_indices=True)) or set id_column=, "
+                "or use teacher_signals='on_the_fly'."
+            )
         column = args.label_column
         if columns is not None and column not in columns and GOLD_LABEL_FALLBACK in columns:
             column = GOLD_LABEL_FALLBACK  # `labels`, as HF scripts name it: read like `label`
@@ -593,9 +606,9 @@ class KnowledgeIntegrationTrainer(Trainer):
     def precompute_teacher_signals(self, dataset=None) -> TeacherSignalCache:
         """Compute (or load) the teacher signals of every row of ``dataset`` (default: the train set).
 
-        The cache file is ``<signal_cache_dir>/<fingerprint>.pt``; rows already cached are reused, new
-        ids are added. Under several processes the main process computes and saves first, the others
-        then load the file.
+        The cache file is ``<signal_cache_dir>/<fingerprint>.safetensors``; rows already cached are reused, new
+        ids are added. Under several processes each computes its share of the missing rows into its own
+        shard files; the main process then merges them and every process loads the whole cache.
         """
         dataset = dataset if dataset is not None else self.train_dataset
         self.signal_cache = self._cached_signals(dataset)
@@ -621,7 +634,7 @@ class KnowledgeIntegrationTrainer(Trainer):
             raise ValueError(f"Router {self.router.name!r} is fitted on the unlabeled training rows: pass train_dataset.")
         if self.signal_cache is None:
             self.signal_cache = self._cached_signals(dataset)
-        ids = [str(x) for x in column_values(dataset, self.args.id_column)]
+        ids = self._dataset_ids(dataset)
         pool = self.signal_cache.lookup(ids, self._certainty_source)
         self.router.fit(pool)
         logger.info(f"Router {self.router.name!r} fitted on {len(ids)} unlabeled rows.")
@@ -653,7 +666,7 @@ class KnowledgeIntegrationTrainer(Trainer):
         source = self._certainty_source
         if self.args.certainty_normalization == "none" or source is None:
             return
-        ids = [str(x) for x in column_values(dataset, self.args.id_column)]
+        ids = self._dataset_ids(dataset)
         certainty = self.route(self.signal_cache.lookup(ids, source)).certainty.float()
         self.certainty_statistics = (certainty.mean(0), certainty.std(0, unbiased=False).clamp_min(1e-6))
         logger.info(f"Certainty standardization ({self.router.name if self.router else source}): mean "
@@ -668,59 +681,150 @@ class KnowledgeIntegrationTrainer(Trainer):
         mean, std = (t.to(signals.certainty.device) for t in self.certainty_statistics)
         return dataclasses.replace(signals, certainty=(signals.certainty.float() - mean) / std)
 
+    def _dataset_ids(self, dataset) -> list[str]:
+        """Every example id of ``dataset`` (of a streamed one: as read by its precompute pass)."""
+        if is_streaming(dataset):
+            if id(dataset) not in self._streamed_ids:
+                self._cached_signals(dataset)
+            return self._streamed_ids[id(dataset)]
+        return [str(x) for x in column_values(dataset, self.args.id_column)]
+
     def _cached_signals(self, dataset, file_suffix: str = "") -> TeacherSignalCache:
-        """The cache in ``<signal_cache_dir>/<fingerprint><file_suffix>.pt``, extended with ``dataset``'s missing rows."""
+        """The cache in ``<signal_cache_dir>/<fingerprint><file_suffix>.safetensors``, extended with ``dataset``'s missing rows."""
         fingerprint = self.signal_fingerprint()  # hashes every teacher weight
         directory = self.args.signal_cache_dir or os.path.join(self.args.output_dir, "teacher_signals")
-        path = os.path.join(directory, f"{fingerprint}{file_suffix}.pt")
+        path = os.path.join(directory, f"{fingerprint}{file_suffix}{SIGNAL_CACHE_SUFFIX}")
         with_features = self._needs_features
         if not with_features:
             # A cache that also holds pooled features (written for a feature router) serves this run as well.
             richer = self.signal_fingerprint(features=True)
-            richer_path = os.path.join(directory, f"{richer}{file_suffix}.pt")
+            richer_path = os.path.join(directory, f"{richer}{file_suffix}{SIGNAL_CACHE_SUFFIX}")
             if richer_path in self._signal_caches or TeacherSignalCache.exists(richer_path):
                 fingerprint, path, with_features = richer, richer_path, True
         sizes = [len(t.labels) for t in self.teachers]
         device = self.accelerator.device
         rng_devices = [device.index or 0] if device.type == "cuda" else []
+        batches = (lambda todo: self._signal_batches(dataset, todo, features=with_features)) \
+            if with_features != self._needs_features else (lambda todo: self._signal_batches(dataset, todo))
+        world = (self.accelerator.process_index, self.accelerator.num_processes)
+        if is_streaming(dataset):  # one pass over the stream; the ids are kept for the router / normalization
+            def build(cache, shard=(0, 1, 1)):
+                computed, ids = self._streamed_signals(cache, dataset, with_features, shard[:2])
+                self._streamed_ids[id(dataset)] = ids
+                return computed
+        else:
+            def build(cache, shard=(0, 1, 1)):
+                return build_or_update_cache(cache, dataset, self.args.id_column, self.args.text_column, batches, shard)
         # fork_rng: the MC draws here must not shift the data order or dropout of the training run.
-        with self.accelerator.main_process_first(), torch.random.fork_rng(devices=rng_devices):
-            known = self._signal_caches.get(path)
-            if known is not None and known.fingerprint == fingerprint:
-                cache = known
-            elif TeacherSignalCache.exists(path):
-                cache = TeacherSignalCache.load(path, fingerprint, sizes)  # main file + shards of earlier writers
+        with torch.random.fork_rng(devices=rng_devices):
+            if world[1] > 1:
+                cache, computed = self._sharded_signals(path, fingerprint, sizes, build)
             else:
-                cache = TeacherSignalCache(fingerprint, sizes, path)
-            computed = build_or_update_cache(
-                cache, dataset, self.args.id_column, self.args.text_column,
-                lambda todo: self._signal_batches(dataset, todo, features=with_features)
-                if with_features != self._needs_features else self._signal_batches(dataset, todo),
-            )
-            cache.finalize(self.accelerator.device)
-            if (computed or os.path.isdir(path + ".shards")) and self.accelerator.is_main_process:
-                cache.save(path)  # compacts this run's and other writers' shards into the main file
+                known = self._signal_caches.get(path)
+                if known is not None and known.fingerprint == fingerprint:
+                    cache = known
+                elif TeacherSignalCache.exists(path):
+                    cache = TeacherSignalCache.load(path, fingerprint, sizes)  # main file + shards of earlier writers
+                else:
+                    cache = TeacherSignalCache(fingerprint, sizes, path)
+                computed = build(cache)
+                cache.finalize(self.accelerator.device)
+                if computed or os.path.isdir(path + ".shards"):
+                    cache.save(path)  # compacts this run's and other writers' shards into the main file
         logger.info(f"Teacher signals: {computed} computed, {len(cache) - computed} reused from {path}.")
         self._signal_caches[path] = cache
         return cache
 
+    def _sharded_signals(self, path: str, fingerprint: str, sizes: list[int], build):
+        """Every process computes its share of the missing rows (batches dealt round-robin, see
+        :func:`~ki_trainer.signal_cache.shard_positions`) into its own shard files; after a barrier the main
+        process compacts them, and after a second one every process loads the whole cache.
+
+        A failure on any process stops every process (no rank waits forever at the barrier); the rows
+        written so far stay in their shards and are skipped by the next run.
+        """
+        accelerator = self.accelerator
+        known = self._signal_caches.get(path)
+        if known is not None and known.fingerprint == fingerprint:
+            cache = known
+        elif TeacherSignalCache.exists(path):
+            cache = TeacherSignalCache.load(path, fingerprint, sizes)
+        else:
+            cache = TeacherSignalCache(fingerprint, sizes, path)
+        # Every process has read the same files before any writes a shard: they find the same missing rows.
+        accelerator.wait_for_everyone()
+        error: Optional[BaseException] = None
+        computed = 0
+        shard = (accelerator.process_index, accelerator.num_processes, self.args.per_device_eval_batch_size)
+        self._signal_progress = accelerator.num_processes
+        try:
+            computed = build(cache, shard)
+            cache.flush()  # this process's rows, in its own shard files
+        except BaseException as err:  # reported below, after every process has reached the same point
+            error = err
+        finally:
+            self._signal_progress = 1
+        failed = accelerator.reduce(torch.tensor([int(error is not None)], device=accelerator.device), reduction="sum")
+        if error is not None:
+            raise error
+        if int(failed.item()):
+            raise RuntimeError(
+                f"{int(failed.item())} other process(es) failed while computing teacher signals (their error is in "
+                f"their log). The rows computed so far are kept in {path}.shards/ and are not recomputed next time."
+            )
+        if accelerator.is_main_process and (computed or os.path.isdir(path + ".shards")):
+            cache.save(path)  # merges every process's shards into the main file
+        accelerator.wait_for_everyone()
+        if computed:
+            cache = TeacherSignalCache.load(path, fingerprint, sizes)  # the rows of every process
+        cache.finalize(accelerator.device)
+        accelerator.wait_for_everyone()  # nobody compacts again (a later call) while another still reads
+        return cache, computed
+
+    def _streamed_signals(self, cache: TeacherSignalCache, dataset, features: bool, shard: tuple[int, int]):
+        """Fill ``cache`` from a dataset that can only be iterated: one pass, one batch in memory (see
+        :func:`~ki_trainer.signal_cache.build_or_update_cache_streaming`). Returns (missing rows, all ids)."""
+        from tqdm.auto import tqdm
+
+        disable = self.args.disable_tqdm or not self.accelerator.is_main_process
+        with tqdm(unit="rows", desc="Teacher signals (stream)", disable=disable) as bar:
+            def compute(rows: list[dict]) -> TeacherSignals:
+                signals = self._signal_rows(rows, features)
+                bar.update(len(rows) * shard[1])
+                return signals
+
+            return build_or_update_cache_streaming(
+                cache, dataset, self.args.id_column, self.args.text_column, compute,
+                self.args.per_device_eval_batch_size, shard,
+            )
+
+    def _signal_rows(self, rows: list[dict], features: Optional[bool] = None) -> TeacherSignals:
+        """MC teacher signals of one precompute batch, its dropout seeded by the batch's example ids."""
+        batch = self._prepare_inputs(self.data_collator(rows))
+        teacher_batches = batch.pop(TEACHER_INPUTS_KEY, {})
+        student_inputs = {k: v for k, v in batch.items() if k not in ("labels", EXAMPLE_IDS_KEY)}
+        ids = [str(row.get(self.args.id_column)) for row in rows]
+        torch.manual_seed(batch_seed(self.args.seed, ids))
+        return self.teacher_signals(
+            student_inputs, teacher_batches, certainty_source="mc", example_ids=ids, features=features
+        )
+
     def _signal_batches(self, dataset, positions: list[int], features: Optional[bool] = None):
+        """Teacher signals of ``positions`` in batches of ``per_device_eval_batch_size``, each batch's MC dropout
+        seeded by its example ids (:func:`~ki_trainer.signal_cache.batch_seed`): the cache does not depend on
+        how many processes computed it. Under several processes the main one's progress bar counts all rows
+        (its own times the number of processes)."""
         from tqdm.auto import tqdm
 
         size = self.args.per_device_eval_batch_size
-        disable = self.args.disable_tqdm or not positions
-        with tqdm(total=len(positions), unit="rows", desc="Teacher signals", disable=disable) as bar:
+        processes = getattr(self, "_signal_progress", 1)
+        total = len(positions) * processes
+        disable = self.args.disable_tqdm or not positions or not self.accelerator.is_main_process
+        with tqdm(total=total, unit="rows", desc="Teacher signals", disable=disable) as bar:
             for start in range(0, len(positions), size):
                 chunk = positions[start : start + size]
-                rows = [dataset[p] for p in chunk]
-                batch = self._prepare_inputs(self.data_collator(rows))
-                teacher_batches = batch.pop(TEACHER_INPUTS_KEY, {})
-                student_inputs = {k: v for k, v in batch.items() if k not in ("labels", EXAMPLE_IDS_KEY)}
-                ids = [str(row.get(self.args.id_column)) for row in rows]
-                yield chunk, self.teacher_signals(
-                    student_inputs, teacher_batches, certainty_source="mc", example_ids=ids, features=features
-                )
-                bar.update(len(chunk))
+                yield chunk, self._signal_rows([dataset[p] for p in chunk], features)
+                bar.update(min(len(chunk) * processes, total - bar.n))
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         resume_from_checkpoint = self._checked_resume(resume_from_checkpoint)
@@ -842,13 +946,14 @@ class KnowledgeIntegrationTrainer(Trainer):
     def _evaluation_signals(self, dataset, metric_key_prefix: str):
         """With ``teacher_signals="cached"``, evaluate from cached signals of ``dataset``'s rows.
 
-        Each ``metric_key_prefix`` gets its own file (``<fingerprint>.<prefix>.pt``), so evaluation sets
+        Each ``metric_key_prefix`` gets its own file (``<fingerprint>.<prefix>.<digest>.safetensors``), so evaluation sets
         that reuse ids of other splits (row numbers, or translations sharing ids) never collide; the
         first evaluation computes the signals (MC dropout), later ones reuse them, so repeated
         evaluations score the same teacher draws. Rows without ids fall back to live queries.
         """
         usable = (
-            self.args.teacher_signals == "cached" and dataset is not None and self.args.id_column in column_names(dataset)
+            self.args.teacher_signals == "cached" and dataset is not None and not is_streaming(dataset)
+            and self.args.id_column in column_names(dataset)
         )
         previous = self._eval_signal_cache
         if usable:
@@ -974,7 +1079,8 @@ class KnowledgeIntegrationTrainer(Trainer):
                              if any(k.startswith("eval_") for k in log)), {})
         collator = self.data_collator
         max_length = getattr(collator, "max_length", None) if isinstance(collator, KnowledgeIntegrationCollator) else None
-        if self.train_dataset is not None and "input_ids" in column_names(self.train_dataset):
+        if self.train_dataset is not None and not is_streaming(self.train_dataset) \
+                and "input_ids" in column_names(self.train_dataset):
             longest = max(len(ids) for ids in column_values(self.train_dataset, "input_ids"))
             max_length = f"{longest} (longest pre-tokenized training row; the user's own truncation)"
         text = render_model_card(

@@ -5,6 +5,7 @@ so every test here can be run against older code and fails there for its own rea
 """
 
 import copy
+import json
 import logging
 import os
 
@@ -286,7 +287,7 @@ def test_an_interrupted_precompute_keeps_the_rows_it_computed(tmp_path, tok, mon
     cache = second.precompute_teacher_signals()
     assert computed == [len(rows) - 12]  # the 12 rows of the 3 finished batches were kept
     assert len(cache) == len(rows)
-    assert sorted(os.listdir(tmp_path / "out" / "teacher_signals")) == [f"{second.signal_fingerprint()}.pt"]
+    assert sorted(os.listdir(tmp_path / "out" / "teacher_signals")) == [f"{second.signal_fingerprint()}.safetensors"]
 
 
 @pytest.mark.parametrize("bad, problem", [(7, "not a string"), ("bad \ud800 text", "lone surrogate")])
@@ -321,7 +322,7 @@ def _cache_with(path, ids, fill):
 
 
 def test_the_cache_holds_any_named_per_row_tensors(tmp_path):
-    path = tmp_path / "fp.pt"
+    path = tmp_path / "fp.safetensors"
     cache = TeacherSignalCache("fp", [2, 2], str(path))
     extra = {"logits": torch.rand(3, 4), "mc": torch.rand(3, 2), "pooled_fp16": torch.rand(3, 2, 5).half()}
     cache.add_rows(["a", "b", "c"], [1, 2, 3], extra)
@@ -332,7 +333,7 @@ def test_the_cache_holds_any_named_per_row_tensors(tmp_path):
 
 
 def test_two_writers_sharing_a_cache_merge_instead_of_overwriting(tmp_path):
-    path = tmp_path / "c" / "fp.pt"
+    path = tmp_path / "c" / "fp.safetensors"
     a = _cache_with(path, ["a0", "a1"], 1.0)  # both started from an empty cache ...
     b = _cache_with(path, ["b0", "b1", "b2"], 2.0)
     a.save()
@@ -343,7 +344,7 @@ def test_two_writers_sharing_a_cache_merge_instead_of_overwriting(tmp_path):
 
 
 def test_shards_of_several_writers_are_merged_on_load(tmp_path):
-    path = tmp_path / "fp.pt"
+    path = tmp_path / "fp.safetensors"
     for ids in (["r0", "r1"], ["r2"]):
         assert _cache_with(path, ids, 0.5).flush() is not None  # e.g. one writer per rank, never compacted
     assert not path.exists()
@@ -353,15 +354,20 @@ def test_shards_of_several_writers_are_merged_on_load(tmp_path):
 
 # ---------------------------------------------------------------- 8. corrupt cache files
 def _saved_cache(tmp_path):
-    path = tmp_path / "fp.pt"
+    path = tmp_path / "fp.safetensors"
     _cache_with(path, ["a", "b", "c"], 1.0).save()
     return path
 
 
 def _rewrite(path, change):
-    payload = torch.load(path, weights_only=True)
-    change(payload)
-    torch.save(payload, path)
+    """Change the header (safetensors layout: 8 bytes of length, JSON) or the data of a cache file."""
+    raw = bytearray(path.read_bytes())
+    length = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + length])
+    change(header, raw, 8 + length)
+    text = json.dumps(header).encode()
+    assert len(text) <= length
+    path.write_bytes(bytes(raw[:8] + text + b" " * (length - len(text)) + raw[8 + length :]))
 
 
 def _cut(path):
@@ -369,12 +375,12 @@ def _cut(path):
     path.write_bytes(data[: len(data) // 2])
 
 
-def _short_tensors(payload):
-    payload["tensors"]["mc"] = payload["tensors"]["mc"][:2]
+def _short_tensors(header, raw, start):
+    header["mc"]["shape"][0] -= 1  # the header claims fewer rows than ids
 
 
-def _bit_rot(payload):
-    payload["tensors"]["logits"][1, 2] += 1e-3
+def _bit_rot(header, raw, start):
+    raw[start + header["logits"]["data_offsets"][0] + 9] ^= 0x04  # one bit of one logit
 
 
 @pytest.mark.parametrize(

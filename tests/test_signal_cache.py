@@ -181,7 +181,7 @@ def test_cached_evaluation_queries_teachers_once_and_keeps_its_own_file(tmp_path
     assert second == pytest.approx({**first, **{k: second[k] for k in second if "runtime" in k or "per_second" in k}})
     fingerprint = trainer.signal_fingerprint()
     digest = trainer._dataset_digest(eval_rows)  # eval caches are scoped by prefix and dataset content
-    assert sorted(os.listdir(tmp_path / "cache")) == sorted([f"{fingerprint}.pt", f"{fingerprint}.test.{digest}.pt"])
+    assert sorted(os.listdir(tmp_path / "cache")) == sorted([f"{fingerprint}.safetensors", f"{fingerprint}.test.{digest}.safetensors"])
     assert trainer._eval_signal_cache is None  # training never reads the evaluation cache
 
 
@@ -200,7 +200,7 @@ def test_each_named_eval_dataset_gets_its_own_cache(tmp_path, trained_teachers, 
     assert "eval_en_accuracy" in metrics and "eval_other_accuracy" in metrics
     fingerprint = trainer.signal_fingerprint()
     en, other = (trainer._dataset_digest(trainer.eval_dataset[k]) for k in ("en", "other"))
-    assert {f"{fingerprint}.eval_en.{en}.pt", f"{fingerprint}.eval_other.{other}.pt"} <= set(os.listdir(tmp_path / "cache"))
+    assert {f"{fingerprint}.eval_en.{en}.safetensors", f"{fingerprint}.eval_other.{other}.safetensors"} <= set(os.listdir(tmp_path / "cache"))
 
 
 def test_standardized_certainty_needs_cached_signals():
@@ -238,4 +238,4 @@ def test_cached_evaluation_works_without_datasets(tmp_path, trained_teachers, da
     trainer = trainer_for(tmp_path, trained_teachers, data, "cached")
     rows = [eval_rows[i] for i in range(len(eval_rows))]
     assert "eval_accuracy" in trainer.evaluate(rows)
-    assert f"{trainer.signal_fingerprint()}.eval.{trainer._dataset_digest(rows)}.pt" in os.listdir(tmp_path / "cache")
+    assert f"{trainer.signal_fingerprint()}.eval.{trainer._dataset_digest(rows)}.safetensors" in os.listdir(tmp_path / "cache")
