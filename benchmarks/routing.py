@@ -175,11 +175,15 @@ def student_level(args, cfg, data, blocks, routing_rows) -> list[dict[str, Any]]
             if file.is_file():
                 results.append(json.loads(file.read_text()))
                 continue
+            if args.records_only:
+                continue
             result = student_job(args, cfg, data, blocks, method, seed)
             file.write_text(json.dumps(result, indent=2) + "\n")
             print(f"[{time.strftime('%H:%M:%S')}] {method} seed {seed}: {result['accuracy']:.4f} "
                   f"({result['train_seconds']} s)", flush=True)
             results.append(result)
+        if not results:
+            continue
         accuracies = np.array([r["accuracy"] for r in results])
         router = method.split(":", 1)[1] if method.startswith("muki:") else None
         name = {"oracle": "oracle (student trained WITH all labels)", "vanilla_kd": "student: vanilla KD"}.get(
@@ -248,6 +252,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--routers", nargs="+", default=ROUTERS)
     parser.add_argument("--student_routers", nargs="*", default=["self_training", "knn_smoothing", "consensus"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--records_only", action="store_true",
+                        help="students: report only the (method, seed) runs already recorded under DIR/records; train none")
     parser.add_argument("--cache_root", default="outputs/routing", help="where teachers and signal caches are kept")
     args = parser.parse_args(argv)
     cfg = CONFIGS[args.config]
