@@ -16,6 +16,7 @@ import json
 import os
 import re
 import tempfile
+import weakref
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
@@ -48,6 +49,7 @@ from .querying import query_teachers
 from .routing import Router, build_router
 from .signal_cache import SUFFIX as SIGNAL_CACHE_SUFFIX
 from .signal_cache import (
+    StaleSignalCacheError,
     TeacherSignalCache,
     batch_seed,
     build_or_update_cache,
@@ -308,7 +310,9 @@ class KnowledgeIntegrationTrainer(Trainer):
         self.signal_cache: Optional[TeacherSignalCache] = None  # the training rows' cached signals
         self._eval_signal_cache: Optional[TeacherSignalCache] = None  # set while evaluating from cached signals
         self._signal_caches: dict[str, TeacherSignalCache] = {}  # every cache loaded, by file
-        self._streamed_ids: dict[int, list[str]] = {}  # ids of iterable datasets, read by their precompute pass
+        # ids of iterable datasets, read by their precompute pass: {id(dataset): (reference to it, ids)}; the
+        # reference is checked on lookup, so a new dataset at a freed one's address never gets its ids.
+        self._streamed_ids: dict[int, tuple[Callable[[], Any], list[str]]] = {}
         self.certainty_statistics: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # per-teacher mean, std
         self._margin_warned = False
         super().__init__(
@@ -684,10 +688,25 @@ class KnowledgeIntegrationTrainer(Trainer):
     def _dataset_ids(self, dataset) -> list[str]:
         """Every example id of ``dataset`` (of a streamed one: as read by its precompute pass)."""
         if is_streaming(dataset):
-            if id(dataset) not in self._streamed_ids:
+            ids = self._known_stream_ids(dataset)
+            if ids is None:
                 self._cached_signals(dataset)
-            return self._streamed_ids[id(dataset)]
+                ids = self._known_stream_ids(dataset)
+            return ids
         return [str(x) for x in column_values(dataset, self.args.id_column)]
+
+    def _known_stream_ids(self, dataset) -> Optional[list[str]]:
+        entry = self._streamed_ids.get(id(dataset))
+        return entry[1] if entry is not None and entry[0]() is dataset else None
+
+    def _remember_stream_ids(self, dataset, ids: list[str]) -> None:
+        for key in [k for k, (ref, _) in self._streamed_ids.items() if ref() is None]:
+            del self._streamed_ids[key]  # datasets that are gone
+        try:
+            reference = weakref.ref(dataset)
+        except TypeError:  # not weakly referenceable: keep it alive instead
+            reference = (lambda kept: lambda: kept)(dataset)
+        self._streamed_ids[id(dataset)] = (reference, ids)
 
     def _cached_signals(self, dataset, file_suffix: str = "") -> TeacherSignalCache:
         """The cache in ``<signal_cache_dir>/<fingerprint><file_suffix>.safetensors``, extended with ``dataset``'s missing rows."""
@@ -710,7 +729,7 @@ class KnowledgeIntegrationTrainer(Trainer):
         if is_streaming(dataset):  # one pass over the stream; the ids are kept for the router / normalization
             def build(cache, shard=(0, 1, 1)):
                 computed, ids = self._streamed_signals(cache, dataset, with_features, shard[:2])
-                self._streamed_ids[id(dataset)] = ids
+                self._remember_stream_ids(dataset, ids)
                 return computed
         else:
             def build(cache, shard=(0, 1, 1)):
@@ -718,7 +737,7 @@ class KnowledgeIntegrationTrainer(Trainer):
         # fork_rng: the MC draws here must not shift the data order or dropout of the training run.
         with torch.random.fork_rng(devices=rng_devices):
             if world[1] > 1:
-                cache, computed = self._sharded_signals(path, fingerprint, sizes, build)
+                cache, computed = self._sharded_signals(path, fingerprint, sizes, build, lambda: self._dataset_ids(dataset))
             else:
                 known = self._signal_caches.get(path)
                 if known is not None and known.fingerprint == fingerprint:
@@ -735,51 +754,87 @@ class KnowledgeIntegrationTrainer(Trainer):
         self._signal_caches[path] = cache
         return cache
 
-    def _sharded_signals(self, path: str, fingerprint: str, sizes: list[int], build):
+    def _sharded_signals(self, path: str, fingerprint: str, sizes: list[int], build, dataset_ids: Callable[[], list[str]]):
         """Every process computes its share of the missing rows (batches dealt round-robin, see
-        :func:`~ki_trainer.signal_cache.shard_positions`) into its own shard files; after a barrier the main
-        process compacts them, and after a second one every process loads the whole cache.
+        :func:`~ki_trainer.signal_cache.shard_positions`) into its own shard files; then the main process
+        compacts them, and every process loads the whole cache and checks that it holds every row.
 
-        A failure on any process stops every process (no rank waits forever at the barrier); the rows
-        written so far stay in their shards and are skipped by the next run.
+        Every step (load, compute, merge, reload, check) ends with all processes agreeing whether any of them
+        failed: a failure on one process stops every process with an error (no rank waits at a barrier for a
+        rank that gave up); the rows written so far stay in their shards and are skipped by the next run.
+        ``signal_cache_dir`` must be one directory every process sees (a filesystem shared across nodes):
+        otherwise the check after the merge fails, naming the directory.
         """
         accelerator = self.accelerator
-        known = self._signal_caches.get(path)
-        if known is not None and known.fingerprint == fingerprint:
-            cache = known
-        elif TeacherSignalCache.exists(path):
-            cache = TeacherSignalCache.load(path, fingerprint, sizes)
-        else:
-            cache = TeacherSignalCache(fingerprint, sizes, path)
+
+        def load():
+            known = self._signal_caches.get(path)
+            if known is not None and known.fingerprint == fingerprint:
+                return known
+            if TeacherSignalCache.exists(path):
+                return TeacherSignalCache.load(path, fingerprint, sizes)
+            return TeacherSignalCache(fingerprint, sizes, path)
+
         # Every process has read the same files before any writes a shard: they find the same missing rows.
-        accelerator.wait_for_everyone()
-        error: Optional[BaseException] = None
-        computed = 0
+        cache = self._on_every_process(load, "loading the teacher-signal cache", path)
         shard = (accelerator.process_index, accelerator.num_processes, self.args.per_device_eval_batch_size)
         self._signal_progress = accelerator.num_processes
-        try:
-            computed = build(cache, shard)
+
+        def compute():
+            done = build(cache, shard)
             cache.flush()  # this process's rows, in its own shard files
-        except BaseException as err:  # reported below, after every process has reached the same point
-            error = err
+            return done
+
+        try:
+            computed = self._on_every_process(compute, "computing teacher signals", path)
         finally:
             self._signal_progress = 1
+        total = int(accelerator.reduce(torch.tensor([computed], device=accelerator.device), reduction="sum").item())
+
+        def merge():
+            if accelerator.is_main_process and (total or os.path.isdir(path + ".shards")):
+                cache.save(path)  # merges every process's shards into the main file
+
+        self._on_every_process(merge, "merging the teacher-signal shards", path)
+        if total:  # every process reloads, also one that computed nothing itself
+            cache = self._on_every_process(lambda: TeacherSignalCache.load(path, fingerprint, sizes),
+                                           "loading the merged teacher-signal cache", path)
+
+        def check():
+            cache.finalize(accelerator.device)
+            ids = dataset_ids()
+            missing = [example_id for example_id in ids if example_id not in cache.index]
+            if missing:
+                raise StaleSignalCacheError(
+                    f"After the sharded precompute, process {accelerator.process_index} finds {len(missing)} of "
+                    f"{len(ids)} rows missing from {path} (e.g. id {missing[0]!r}): signal_cache_dir must be ONE "
+                    "directory that every process reads and writes (on several nodes: a shared filesystem). Set "
+                    "signal_cache_dir to a shared path, or precompute on one node first."
+                )
+
+        # The last agreement also keeps anyone from compacting again (a later call) while another still reads.
+        self._on_every_process(check, "checking the merged teacher-signal cache", path)
+        return cache, computed
+
+    def _on_every_process(self, step: Callable[[], Any], what: str, path: str) -> Any:
+        """Run ``step`` on this process, then agree with every process whether any failed (an all-reduce,
+        which is also a barrier): this process's own error is re-raised; another's becomes a RuntimeError."""
+        accelerator = self.accelerator
+        error: Optional[BaseException] = None
+        result = None
+        try:
+            result = step()
+        except BaseException as err:  # reported below, after every process has reached the same point
+            error = err
         failed = accelerator.reduce(torch.tensor([int(error is not None)], device=accelerator.device), reduction="sum")
         if error is not None:
             raise error
         if int(failed.item()):
             raise RuntimeError(
-                f"{int(failed.item())} other process(es) failed while computing teacher signals (their error is in "
-                f"their log). The rows computed so far are kept in {path}.shards/ and are not recomputed next time."
+                f"{int(failed.item())} other process(es) failed while {what} (their error is in their log). The "
+                f"rows computed so far are kept in {path}.shards/ and are not recomputed next time."
             )
-        if accelerator.is_main_process and (computed or os.path.isdir(path + ".shards")):
-            cache.save(path)  # merges every process's shards into the main file
-        accelerator.wait_for_everyone()
-        if computed:
-            cache = TeacherSignalCache.load(path, fingerprint, sizes)  # the rows of every process
-        cache.finalize(accelerator.device)
-        accelerator.wait_for_everyone()  # nobody compacts again (a later call) while another still reads
-        return cache, computed
+        return result
 
     def _streamed_signals(self, cache: TeacherSignalCache, dataset, features: bool, shard: tuple[int, int]):
         """Fill ``cache`` from a dataset that can only be iterated: one pass, one batch in memory (see

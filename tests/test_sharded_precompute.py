@@ -44,13 +44,15 @@ def _signals(cache, ids) -> dict[str, torch.Tensor]:
             "mutual_information": found.mutual_information, "top_variance": found.top_variance}
 
 
-def _worker(rank: int, world: int, port: int, out: str, fail_rank: int = -1, streaming: bool = False) -> None:
+def _worker(rank: int, world: int, port: int, out: str, fail_rank: int = -1, streaming: bool = False,
+            own_cache_dir: bool = False) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     AcceleratorState._reset_state(reset_partial_state=True)  # forked from the single-process test process
     data = _rows()
-    trainer = _trainer(os.path.join(out, "run"), os.path.join(out, "cache"), data.to_iterable_dataset() if streaming else data)
+    cache_dir = os.path.join(out, f"cache_rank{rank}" if own_cache_dir else "cache")  # own: node-local disks
+    trainer = _trainer(os.path.join(out, "run"), cache_dir, data.to_iterable_dataset() if streaming else data)
     assert trainer.accelerator.num_processes == world
     computed = []  # the dataset positions this process computed
     original = trainer._signal_rows
@@ -121,3 +123,38 @@ def test_a_failing_process_stops_every_process_and_keeps_the_others_rows(tmp_pat
     again._signal_batches = lambda ds, todo: (computed.extend(todo), original(ds, todo))[1]
     assert len(again.precompute_teacher_signals()) == len(data)
     assert computed == shard_positions(list(range(len(data))), 1, 2, 4)  # rank 0's share was kept in its shards
+
+
+def test_a_process_that_computes_nothing_still_sees_the_other_processes_rows(tmp_path):
+    data = _rows()
+    # 20 of 24 rows cached: the one missing batch (4 rows) goes to rank 0, rank 1 computes nothing.
+    _trainer(str(tmp_path / "early"), str(tmp_path / "cache"), data.select(range(20))).precompute_teacher_signals()
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="fork")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert sorted(ranks[0]["rows"]) == [20, 21, 22, 23] and ranks[1]["rows"] == []
+    assert ranks[0]["size"] == ranks[1]["size"] == len(data)
+    for name in NAMES:
+        torch.testing.assert_close(ranks[1]["signals"][name], ranks[0]["signals"][name], msg=name)
+
+
+def test_a_cache_dir_that_the_processes_do_not_share_is_a_clear_error(tmp_path):
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path), -1, False, True), nprocs=2, join=True,
+                       start_method="fork")
+    for rank in (0, 1):  # each process saw only its own half: none trains on a partial cache
+        error = (tmp_path / f"rank{rank}.err").read_text()
+        assert "signal_cache_dir must be ONE directory that every process reads and writes" in error or \
+            error.startswith("RuntimeError: 1 other process(es) failed while checking"), error
+    assert "missing from" in (tmp_path / "rank0.err").read_text() + (tmp_path / "rank1.err").read_text()
+
+
+def test_the_ids_of_a_stream_are_never_another_streams(tmp_path):
+    import gc
+
+    data = _rows()
+    trainer = _trainer(str(tmp_path / "run"), str(tmp_path / "cache"), data)
+    for start in (0, 6, 12):  # temporary streams, freed in turn: a new one may reuse a freed one's address
+        stream = data.select(range(start, start + 6)).to_iterable_dataset()
+        assert trainer._dataset_ids(stream) == [f"r{i}" for i in range(start, start + 6)]
+        del stream
+        gc.collect()
+    assert len(trainer._streamed_ids) <= 1  # entries of freed streams are dropped
