@@ -16,7 +16,8 @@ shuffling silently misaligned them):
 What keeps work from being lost (see docs/reliability.md):
 - rows are written while they are computed, every ``FLUSH_ROWS`` rows or ``FLUSH_SECONDS``, as
   immutable shard files ``<cache>.shards/<writer>-<n>.safetensors`` (written to a temporary name, then renamed):
-  a bad row, a kill or a full disk near the end keeps every shard written so far;
+  a bad row, a kill or a full disk near the end keeps every shard written so far; a writer merges its own
+  shards as they accumulate (the new file first, then the old ones deleted), so open files stay bounded;
 - loading merges the main file and every shard (rows by id), so several writers (processes sharing
   a cache directory, or one writer per rank of a sharded precompute) never overwrite each other;
   :meth:`save` compacts the shards into the main file under an exclusive lock on the directory;
@@ -67,6 +68,12 @@ VERIFY_EAGER_BYTES = 1 << 30  # files up to this size are fully checked when ope
 SIGNAL_COMPUTATION_VERSION = 2  # 2: MC mutual information and top-class variance, optional features
 FLUSH_ROWS = 4096  # rows computed between two shard writes (at most this much work is lost on a kill)
 FLUSH_SECONDS = 120.0  # ... or this much time
+# Open files stay bounded (each memory-mapped file holds a descriptor): a writer merges its newest
+# SHARD_MERGE_FANOUT shards of one size into one shard (sizes grow geometrically, so each row is rewritten only
+# about log16(flushes) times), and reading never opens more than MAX_OPEN_SHARDS shards: beyond that they are
+# first merged in batches of that many (under the directory lock).
+SHARD_MERGE_FANOUT = 16
+MAX_OPEN_SHARDS = 32
 _CONFIG_KEYS_IGNORED = ("_name_or_path", "transformers_version", "_commit_hash")
 
 
@@ -212,23 +219,30 @@ class _FilePart:
 
     def __init__(self, path: str, fingerprint: str) -> None:
         self.source = path
-        size = os.path.getsize(path)  # FileNotFoundError passes through (a shard compacted meanwhile)
+        self._map: Optional[mmap.mmap] = None
+        # The file is opened once: its size, header and rows all come from that one descriptor, so a concurrent
+        # compaction replacing `path` (os.replace) is never half seen. FileNotFoundError passes through (a shard
+        # compacted meanwhile).
         with open(path, "rb") as handle:
-            head = handle.read(8)
-            if head[:2] == b"PK":  # a zip archive: torch.save, the format before version 3
-                raise StaleSignalCacheError(
-                    f"Signal cache {path} was written by an older ki-trainer (torch.save, cache format 2; this one "
-                    f"reads format {CACHE_FORMAT_VERSION}). Delete it: the signals are recomputed."
-                )
-            if len(head) < 8:
-                raise _corrupt(path, f"{size} bytes, shorter than a header")
-            length = int.from_bytes(head, "little")
-            if length > size - 8:
-                raise _corrupt(path, f"header of {length} bytes in a {size}-byte file (cut off or not a cache file)")
-            try:
-                header = json.loads(handle.read(length).decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                raise _corrupt(path, "unreadable header") from None
+            size = os.fstat(handle.fileno()).st_size
+            if size == 0:
+                raise _corrupt(path, "empty, 0 bytes")
+            self._map = mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_READ)  # keeps its own descriptor
+        head = self._map[:8]
+        if head[:2] == b"PK":  # a zip archive: torch.save, the format before version 3
+            raise StaleSignalCacheError(
+                f"Signal cache {path} was written by an older ki-trainer (torch.save, cache format 2; this one "
+                f"reads format {CACHE_FORMAT_VERSION}). Delete it: the signals are recomputed."
+            )
+        if len(head) < 8:
+            raise _corrupt(path, f"{size} bytes, shorter than a header")
+        length = int.from_bytes(head, "little")
+        if length > size - 8:
+            raise _corrupt(path, f"header of {length} bytes in a {size}-byte file (cut off or not a cache file)")
+        try:
+            header = json.loads(self._map[8 : 8 + length].decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise _corrupt(path, "unreadable header") from None
         meta = header.pop("__metadata__", None) if isinstance(header, dict) else None
         if not isinstance(meta, dict) or meta.get("format") != _FORMAT_NAME:
             raise _corrupt(path, "not a signal cache file")
@@ -254,8 +268,6 @@ class _FilePart:
             raise _corrupt(path, "ids or text hashes missing")
         if len(self.blocks) != -(-rows // self.block_rows):
             raise _corrupt(path, f"{len(self.blocks)} block checksums for {rows} rows")
-        with open(path, "rb") as handle:  # the map keeps its own descriptor
-            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
         self.arrays: dict[str, np.ndarray] = {}
         self.specs: dict[str, tuple[str, list[int]]] = {}
         for name, (code, shape, (begin, stop)) in entries.items():
@@ -303,7 +315,12 @@ class _FilePart:
         return _to_torch(self.arrays[name][rows], self.specs[name][0])
 
     def close(self) -> None:
+        """Release the memory map and the file descriptor it holds; the part cannot be read afterwards."""
         self.arrays = {}
+        if self._map is not None:
+            with contextlib.suppress(BufferError):  # a view of its rows still alive: released with it instead
+                self._map.close()
+                self._map = None
 
 
 def _write_file(path: str, fingerprint: str, label_sizes: Sequence[int], ids: Sequence[str],
@@ -399,6 +416,7 @@ class TeacherSignalCache:
         self._last_flush = time.monotonic()
         self._writer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._shard_count = 0
+        self._own: list[tuple[str, int]] = []  # (path, merge level) of this writer's shards: the last parts
 
     # ------------------------------------------------------------------ building
     def missing(self, ids: Iterable[str], texts: Iterable[str]) -> list[int]:
@@ -468,8 +486,9 @@ class TeacherSignalCache:
         return self._pending_part
 
     def flush(self) -> Optional[str]:
-        """Write the rows added since the last flush as one new shard file; returns its path. The rows then
-        leave memory: they are read back from the (memory-mapped) shard."""
+        """Write the rows added since the last flush as one new shard file; returns the path of the shard holding
+        them (every ``SHARD_MERGE_FANOUT`` shards of one size, this writer's newest are merged into one). The rows
+        then leave memory: they are read back from the (memory-mapped) shard."""
         self._last_flush = time.monotonic()
         if self.path is None or not self._pending:
             return None
@@ -482,8 +501,36 @@ class TeacherSignalCache:
                     part.specs, [(part, rows)])
         self._shard_count += 1
         self._append_part(_FilePart(shard, self.fingerprint), rows, self._pending_start)
+        self._own.append((shard, 0))
         self._pending, self._pending_part = [], None
         self._pending_start = len(self.index)
+        while len(self._own) >= SHARD_MERGE_FANOUT and len({lvl for _, lvl in self._own[-SHARD_MERGE_FANOUT:]}) == 1:
+            shard = self._merge_own_shards(SHARD_MERGE_FANOUT)
+        return shard
+
+    def _merge_own_shards(self, count: int) -> str:
+        """Replace this writer's newest ``count`` shards (the last parts, one merge level) by one shard of the next
+        level holding their rows: the new shard is written (atomically) before the old ones are deleted, so every
+        row is always in some file, and the files this writer holds open stay bounded."""
+        k = len(self._parts) - count
+        start, level = self._starts[k], self._own[-count][1] + 1
+        ids = list(self.index)[start : self._pending_start]
+        directory = self.path + ".shards"
+        os.makedirs(directory, exist_ok=True)  # another process's save() removes it when it is empty
+        shard = os.path.join(directory, f"{self._writer}-{self._shard_count:06d}{SUFFIX}")
+        _write_file(shard, self.fingerprint, self.label_sizes, ids, self.text_hashes[start : self._pending_start],
+                    self._parts[k].specs, list(zip(self._parts[k:], self._local[k:])))
+        self._shard_count += 1
+        merged, old = _FilePart(shard, self.fingerprint), self._parts[k:]
+        old_files = [path for path, _ in self._own[-count:]]
+        del self._parts[k:], self._starts[k:], self._local[k:], self._own[-count:]
+        self._append_part(merged, np.arange(len(ids), dtype=np.int64), start)
+        self._own.append((shard, level))
+        for path in old_files:
+            with contextlib.suppress(FileNotFoundError):  # already compacted by another process's save()
+                os.remove(path)
+        for part in old:
+            part.close()
         return shard
 
     def _append_part(self, part, rows: np.ndarray, start: int) -> None:
@@ -572,21 +619,29 @@ class TeacherSignalCache:
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
         with _directory_lock(directory):
-            parts, shards = _read_parts(path, self.fingerprint, self.label_sizes)
-            ids, hashes = list(self.index), list(self.text_hashes)
-            sources = [("memory", ids, hashes, self._segments())]
-            sources += [(part.source, part.ids, part.text_hashes,
-                         [(part, np.arange(len(part.ids), dtype=np.int64))]) for part in parts]
-            merged_ids, merged_hashes, specs, segments = _merge(sources, path)
-            _write_file(path, self.fingerprint, self.label_sizes, merged_ids, merged_hashes, specs, segments)
-            for shard in shards:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(shard)
-            with contextlib.suppress(OSError):
-                os.rmdir(path + ".shards")  # only when empty
-            main = _FilePart(path, self.fingerprint)
+            # locked=True: this process holds the lock (a second flock here would wait for itself)
+            parts, shards = _read_parts(path, self.fingerprint, self.label_sizes, locked=True)
+            try:
+                ids, hashes = list(self.index), list(self.text_hashes)
+                sources = [("memory", ids, hashes, self._segments())]
+                sources += [(part.source, part.ids, part.text_hashes,
+                             [(part, np.arange(len(part.ids), dtype=np.int64))]) for part in parts]
+                merged_ids, merged_hashes, specs, segments = _merge(sources, path)
+                _write_file(path, self.fingerprint, self.label_sizes, merged_ids, merged_hashes, specs, segments)
+                for shard in shards:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(shard)
+                with contextlib.suppress(OSError):
+                    os.rmdir(path + ".shards")  # only when empty
+                main = _FilePart(path, self.fingerprint)
+            finally:
+                for part in parts:
+                    part.close()
+        old = self._parts
         self.path = path
         self._adopt([main])
+        for part in old:
+            part.close()
         return path
 
     def _adopt(self, parts: list) -> None:
@@ -602,6 +657,7 @@ class TeacherSignalCache:
             start += len(rows)
         self._pending, self._pending_part = [], None
         self._pending_start = len(self.index)
+        self._own = []
 
     @classmethod
     def load(cls, path: str, fingerprint: str, label_sizes: Sequence[int]) -> "TeacherSignalCache":
@@ -617,8 +673,7 @@ class TeacherSignalCache:
         """Whether a main file or shards exist for ``path`` (or a format-2 main file, migrated when loaded)."""
         shards = path + ".shards"
         legacy = _legacy_path(path)
-        return os.path.exists(path) or (os.path.isdir(shards) and any(n.endswith(SUFFIX) for n in os.listdir(shards))) \
-            or (legacy is not None and os.path.exists(legacy))
+        return os.path.exists(path) or bool(_shard_names(shards)) or (legacy is not None and os.path.exists(legacy))
 
 
 def _legacy_path(path: str) -> Optional[str]:
@@ -658,10 +713,18 @@ def _read_legacy(path: str, fingerprint: str) -> _MemoryPart:
     return part
 
 
+def _legacy_pending(path: str) -> bool:
+    """Whether ``path`` does not exist but a format-2 cache of it does (to migrate)."""
+    legacy = _legacy_path(path)
+    return legacy is not None and not os.path.exists(path) and (
+        os.path.exists(legacy) or os.path.isdir(legacy + ".shards"))
+
+
 def _migrate_legacy(path: str, fingerprint: str, label_sizes: Sequence[int]) -> bool:
     """Convert a format-2 cache (``<name>.pt`` and its ``<name>.pt.shards/*.pt``) into ``path`` (format 3) when
     ``path`` does not exist yet. The old files are checked as before and left in place (they may be deleted).
-    Returns whether a conversion happened."""
+    Returns whether a conversion happened. The caller holds the directory lock (a concurrent save() of new rows
+    into ``path`` must not be overwritten by a slower migration)."""
     legacy = _legacy_path(path)
     if legacy is None or os.path.exists(path):
         return False
@@ -679,23 +742,74 @@ def _migrate_legacy(path: str, fingerprint: str, label_sizes: Sequence[int]) -> 
     return True
 
 
-def _read_parts(path: str, fingerprint: str, label_sizes: Sequence[int] = ()) -> tuple[list[_FilePart], list[str]]:
-    """The main file and the shards (opened and checked), plus the shard paths that were read. A format-2 cache
-    of the same fingerprint is migrated first."""
-    parts, shards = [], []
-    _migrate_legacy(path, fingerprint, label_sizes)
-    if os.path.exists(path):
-        parts.append(_FilePart(path, fingerprint))
+def _shard_names(directory: str) -> list[str]:
+    """The shard files in ``directory`` (sorted), none when it does not exist."""
+    try:
+        return sorted(n for n in os.listdir(directory) if n.endswith(SUFFIX))
+    except (FileNotFoundError, NotADirectoryError):  # e.g. removed (empty) by another process's save() just now
+        return []
+
+
+def _consolidate_shards(path: str, fingerprint: str, label_sizes: Sequence[int]) -> None:
+    """Merge the shards of ``path`` in batches of ``MAX_OPEN_SHARDS`` (each batch written as one new shard, then
+    its shards deleted) until at most ``MAX_OPEN_SHARDS`` remain, so reading them never holds more files open.
+    The caller holds the directory lock."""
     directory = path + ".shards"
-    names = sorted(n for n in os.listdir(directory) if n.endswith(SUFFIX)) if os.path.isdir(directory) else []
-    for name in names:
-        shard = os.path.join(directory, name)
+    tag = f"merged-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    count = 0
+    while len(names := _shard_names(directory)) > MAX_OPEN_SHARDS:
+        parts, files = [], []
         try:
-            parts.append(_FilePart(shard, fingerprint))
-        except FileNotFoundError:  # compacted by another writer in the meantime: its rows are in the main file
-            continue
-        shards.append(shard)
-    return parts, shards
+            for name in names[:MAX_OPEN_SHARDS]:
+                try:
+                    parts.append(_FilePart(os.path.join(directory, name), fingerprint))
+                except FileNotFoundError:  # merged by its (live) writer meanwhile: its rows are in a newer shard
+                    continue
+                files.append(parts[-1].source)
+            sources = [(p.source, p.ids, p.text_hashes, [(p, np.arange(len(p.ids), dtype=np.int64))]) for p in parts]
+            ids, hashes, specs, segments = _merge(sources, directory)
+            if ids:
+                out = os.path.join(directory, f"{tag}-{count:06d}{SUFFIX}")
+                _write_file(out, fingerprint, label_sizes, ids, hashes, specs, segments)
+                count += 1
+        finally:
+            for part in parts:
+                part.close()
+        for file in files:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(file)
+
+
+def _read_parts(path: str, fingerprint: str, label_sizes: Sequence[int] = (),
+                locked: bool = False) -> tuple[list[_FilePart], list[str]]:
+    """The main file and the shards (opened and checked), plus the shard paths that were read. A format-2 cache
+    of the same fingerprint is migrated first, and more than ``MAX_OPEN_SHARDS`` shards are first merged in
+    batches; both change files, so both run under the directory lock: taken here unless ``locked`` says the
+    caller holds it (save(); a second flock in the same process would wait for itself)."""
+    directory = path + ".shards"
+    if _legacy_pending(path) or len(_shard_names(directory)) > MAX_OPEN_SHARDS:
+        lock = contextlib.nullcontext() if locked else _directory_lock(os.path.dirname(os.path.abspath(path)))
+        with lock:  # checked again inside: another process may have done it while this one waited
+            _migrate_legacy(path, fingerprint, label_sizes)
+            _consolidate_shards(path, fingerprint, label_sizes)
+    attempts = 3
+    while True:
+        parts, shards, vanished = [], [], False
+        if os.path.exists(path):
+            parts.append(_FilePart(path, fingerprint))
+        for name in _shard_names(directory):
+            shard = os.path.join(directory, name)
+            try:
+                parts.append(_FilePart(shard, fingerprint))
+            except FileNotFoundError:  # merged into the main file or a newer shard in the meantime
+                vanished = True
+                continue
+            shards.append(shard)
+        attempts -= 1
+        if not vanished or not attempts:
+            return parts, shards
+        for part in parts:  # read again: the file now holding the vanished shard's rows is listed by then
+            part.close()
 
 
 def _merge(sources: list, where: str) -> tuple[list[str], list[int], dict, list]:

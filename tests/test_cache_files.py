@@ -4,6 +4,8 @@ readable by safetensors, block checksums checked lazily for large files, old for
 from __future__ import annotations
 
 import json
+import os
+import threading
 import tracemalloc
 
 import numpy as np
@@ -151,3 +153,146 @@ def test_the_fingerprint_of_a_teacher_set_is_the_one_format_2_used(monkeypatch):
     first = signal_cache.teachers_fingerprint([teacher], None, [8], 4, torch.float32)
     monkeypatch.setattr(signal_cache, "CACHE_FORMAT_VERSION", 3)
     assert signal_cache.teachers_fingerprint([teacher], None, [8], 4, torch.float32) == first
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _add(cache, ids) -> None:
+    cache.add_rows(ids, [signal_cache.text_hash(i) for i in ids],
+                   {"logits": torch.tensor([[float(len(i)), float(hash(i) % 97)] for i in ids])})
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files through /proc")
+def test_many_flushes_keep_the_open_files_bounded_and_load_still_works(tmp_path):
+    """One descriptor per flushed shard until compaction ran a long precompute into EMFILE (a 1024 soft limit is
+    ~4M rows), and the next run could not load the shards it left. Under a soft limit of 80 more descriptors: a
+    writer flushes 150 times (its own shards are merged), 40 other writers leave a shard each (loading merges
+    them in batches), and every row is read back."""
+    resource = pytest.importorskip("resource")
+    path = str(tmp_path / "fp.safetensors")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    baseline = _open_fds()
+    # 80 more descriptors (new ones take the lowest free numbers): a save() holds its own parts and the files it
+    # compacts, at most MAX_OPEN_SHARDS + 1 each
+    resource.setrlimit(resource.RLIMIT_NOFILE, (baseline + 80, hard))
+    try:
+        cache = TeacherSignalCache("fp", [1, 1], path)
+        most = 0
+        for k in range(150):
+            _add(cache, [f"w{k}a", f"w{k}b"])
+            cache.flush()
+            most = max(most, _open_fds() - baseline)
+        assert most <= 2 * signal_cache.SHARD_MERGE_FANOUT
+        assert torch.cat(cache.lookup(["w0a", "w149b"], None).logits, 1)[0].tolist() == [3.0, hash("w0a") % 97]
+        del cache
+        for k in range(40):  # other writers (processes, ranks), one shard each
+            other = TeacherSignalCache("fp", [1, 1], path)
+            _add(other, [f"o{k}"])
+            other.flush()
+            del other
+        assert len(os.listdir(path + ".shards")) > signal_cache.MAX_OPEN_SHARDS
+        loaded = TeacherSignalCache.load(path, "fp", [1, 1])
+        assert len(loaded) == 340 and len(os.listdir(path + ".shards")) <= signal_cache.MAX_OPEN_SHARDS
+        assert _open_fds() - baseline <= signal_cache.MAX_OPEN_SHARDS + 1
+        assert torch.cat(loaded.lookup(["o39", "w77b"], None).logits, 1)[0].tolist() == [3.0, hash("o39") % 97]
+        loaded.save()
+        assert _open_fds() - baseline == 1  # the compacted main file only: the shards' maps were closed
+        assert len(TeacherSignalCache.load(path, "fp", [1, 1])) == 340
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    part = signal_cache._FilePart(path, "fp")
+    opened = _open_fds()
+    part.close()
+    assert _open_fds() == opened - 1  # close() releases the map's descriptor
+
+
+def test_a_format_2_migration_holds_the_directory_lock(tmp_path, monkeypatch):
+    """load() migrated a format-2 cache without the lock: a save() of new rows landing meanwhile was overwritten by
+    the slower migration (the rows lost from disk). The migration now runs under the directory lock."""
+    pytest.importorskip("fcntl")
+    _legacy_file(tmp_path / "fp.pt", "fp", ["a", "b"], {"logits": torch.rand(2, 4)})
+    path = str(tmp_path / "fp.safetensors")
+    migrating, saved = threading.Event(), threading.Event()
+    real = signal_cache._read_legacy
+
+    def slow_read(*args):
+        part = real(*args)
+        if threading.current_thread().name == "loader":
+            migrating.set()
+            saved.wait(0.5)  # a big legacy file: the save() below lands before the migration writes (unless locked)
+        return part
+
+    monkeypatch.setattr(signal_cache, "_read_legacy", slow_read)
+    loader = threading.Thread(target=TeacherSignalCache.load, args=(path, "fp", [2, 2]), name="loader")
+    loader.start()
+    assert migrating.wait(10)
+    saver = TeacherSignalCache("fp", [2, 2], path)
+    saver.add_rows(["new"], [signal_cache.text_hash("new")], {"logits": torch.zeros(1, 4)})
+    saver.save()
+    saved.set()
+    loader.join(10)
+    assert sorted(TeacherSignalCache.load(path, "fp", [2, 2]).index) == ["a", "b", "new"]
+
+
+def test_a_file_replaced_while_it_is_opened_is_read_as_one_file(tmp_path, monkeypatch):
+    """The header came through one open() and the rows through a second: a compaction replacing the file in between
+    made a healthy cache look corrupt. One descriptor now serves the size, the header and the rows."""
+    path = str(tmp_path / "fp.safetensors")
+    for target, n in ((path, 10), (path + ".new", 20)):  # the other writer's compacted version has more rows
+        cache = TeacherSignalCache("fp", [1, 1], target)
+        _add(cache, [str(i) for i in range(n)])
+        cache.save(target)
+    real_open = open
+
+    def racing_open(file, *args, **kwargs):
+        handle = real_open(file, *args, **kwargs)
+        if file == path and os.path.exists(path + ".new"):
+            os.replace(path + ".new", path)  # the other process's save() lands right after this open
+        return handle
+
+    monkeypatch.setattr(signal_cache, "open", racing_open, raising=False)
+    assert len(TeacherSignalCache.load(path, "fp", [1, 1])) == 10  # the file as it was opened, whole
+    assert len(TeacherSignalCache.load(path, "fp", [1, 1])) == 20
+    open(tmp_path / "empty.safetensors", "wb").close()
+    with pytest.raises(CorruptSignalCacheError, match="empty.safetensors is corrupt .*0 bytes"):
+        TeacherSignalCache.load(str(tmp_path / "empty.safetensors"), "fp", [1, 1])
+
+
+def test_loading_while_another_save_removes_the_shard_directory(tmp_path, monkeypatch):
+    path = str(tmp_path / "fp.safetensors")
+    cache = TeacherSignalCache("fp", [1, 1], path)
+    _add(cache, ["a"])
+    cache.save()
+    os.mkdir(path + ".shards")
+    real = os.listdir
+
+    def listdir(directory="."):
+        if str(directory).endswith(".shards"):  # the other process's save() removed it (empty) just now
+            raise FileNotFoundError(2, "No such file or directory", str(directory))
+        return real(directory)
+
+    monkeypatch.setattr(os, "listdir", listdir)
+    assert list(TeacherSignalCache.load(path, "fp", [1, 1]).index) == ["a"]
+
+
+def test_a_shard_merged_away_while_loading_is_found_in_its_new_file(tmp_path, monkeypatch):
+    """A writer merges its own shards (new file first, then the old ones deleted): a loader that listed an old one
+    reads the directory again instead of missing its rows."""
+    path = str(tmp_path / "fp.safetensors")
+    writer = TeacherSignalCache("fp", [1, 1], path)
+    _add(writer, ["a"])
+    first = writer.flush()
+    _add(writer, ["b"])
+    writer.flush()
+    real = signal_cache._FilePart
+
+    def racing_part(file, fingerprint):
+        if file == first and os.path.exists(first):  # the writer's merge lands between listing and opening
+            os.replace(first, first.replace("-000000", "-999999"))
+            raise FileNotFoundError(file)
+        return real(file, fingerprint)
+
+    monkeypatch.setattr(signal_cache, "_FilePart", racing_part)
+    assert sorted(TeacherSignalCache.load(path, "fp", [1, 1]).index) == ["a", "b"]
