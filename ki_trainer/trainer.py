@@ -739,13 +739,7 @@ class KnowledgeIntegrationTrainer(Trainer):
             if world[1] > 1:
                 cache, computed = self._sharded_signals(path, fingerprint, sizes, build, lambda: self._dataset_ids(dataset))
             else:
-                known = self._signal_caches.get(path)
-                if known is not None and known.fingerprint == fingerprint:
-                    cache = known
-                elif TeacherSignalCache.exists(path):
-                    cache = TeacherSignalCache.load(path, fingerprint, sizes)  # main file + shards of earlier writers
-                else:
-                    cache = TeacherSignalCache(fingerprint, sizes, path)
+                cache = self._open_signal_cache(path, fingerprint, sizes)
                 computed = build(cache)
                 cache.finalize(self.accelerator.device)
                 if computed or os.path.isdir(path + ".shards"):
@@ -753,6 +747,15 @@ class KnowledgeIntegrationTrainer(Trainer):
         logger.info(f"Teacher signals: {computed} computed, {len(cache) - computed} reused from {path}.")
         self._signal_caches[path] = cache
         return cache
+
+    def _open_signal_cache(self, path: str, fingerprint: str, sizes: list[int]) -> TeacherSignalCache:
+        """The cache already loaded for ``path``, else its main file + shards of earlier writers, else a new one."""
+        known = self._signal_caches.get(path)
+        if known is not None and known.fingerprint == fingerprint:
+            return known
+        if TeacherSignalCache.exists(path):
+            return TeacherSignalCache.load(path, fingerprint, sizes)
+        return TeacherSignalCache(fingerprint, sizes, path)
 
     def _sharded_signals(self, path: str, fingerprint: str, sizes: list[int], build, dataset_ids: Callable[[], list[str]]):
         """Every process computes its share of the missing rows (batches dealt round-robin, see
@@ -767,16 +770,9 @@ class KnowledgeIntegrationTrainer(Trainer):
         """
         accelerator = self.accelerator
 
-        def load():
-            known = self._signal_caches.get(path)
-            if known is not None and known.fingerprint == fingerprint:
-                return known
-            if TeacherSignalCache.exists(path):
-                return TeacherSignalCache.load(path, fingerprint, sizes)
-            return TeacherSignalCache(fingerprint, sizes, path)
-
         # Every process has read the same files before any writes a shard: they find the same missing rows.
-        cache = self._on_every_process(load, "loading the teacher-signal cache", path)
+        cache = self._on_every_process(lambda: self._open_signal_cache(path, fingerprint, sizes),
+                                       "loading the teacher-signal cache", path)
         shard = (accelerator.process_index, accelerator.num_processes, self.args.per_device_eval_batch_size)
         self._signal_progress = accelerator.num_processes
 
