@@ -91,6 +91,7 @@ def worker(rank: int, world: int, port: int, settings: dict) -> None:
     out = Path(settings["work"]) / f"p{world}"
     args = KnowledgeIntegrationConfig(
         output_dir=str(out / "run"), teacher_signals="cached", signal_cache_dir=str(out / "cache"), strategy="muki",
+        router="mc_entropy",
         mc_samples=settings["mc_samples"], mc_top_layers=settings["top_layers"], max_length=settings["max_length"],
         per_device_eval_batch_size=settings["batch"], use_cpu=True, report_to="none", save_strategy="no",
         disable_tqdm=rank != 0, seed=0, max_steps=1,

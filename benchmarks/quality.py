@@ -431,6 +431,8 @@ def job_student(cfg, out: Path, setting: str, seed: int, teacher_seed: int, meth
     extra = {}
     if HAS_SIGNAL_CACHE:
         extra = dict(teacher_signals="cached", signal_cache_dir=str(teacher_set_dir(out, setting, teacher_seed) / "signal_cache"))
+        if strategy == "muki":
+            extra["router"] = "mc_entropy"  # MUKI as published (the cached default would be relative_mahalanobis)
     args = KnowledgeIntegrationConfig(
         **common_training_args(cfg, run_dir, seed, cfg["epochs"]),
         strategy=strategy,

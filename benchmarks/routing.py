@@ -143,7 +143,7 @@ def student_job(args, cfg, data, blocks, method: str, seed: int) -> dict[str, An
             config = dict(strategy="vanilla_kd")
         else:
             router = method.split(":", 1)[1]
-            config = dict(strategy="muki", router=None if router == PUBLISHED else router)
+            config = dict(strategy="muki", router=router)  # named explicitly: the cached default is not MUKI's
         set_seed(seed)  # the trainer builds the student's new head before Trainer seeds anything
         trainer = common.ki_trainer_for(
             teacher_dir, cfg["model"], run_dir, root / "cache" / common.data_name(args.data) / slug,

@@ -240,6 +240,7 @@ class Bench:
         trainer, model = self.ki_trainer(
             batch, dataset=table, with_ids=True, tokenizer=synthetic_tokenizer(),
             collator=PretokenizedCollator(with_ids=True), teacher_signals="cached", signal_cache_dir=str(cache_dir),
+            router="mc_entropy",  # the same MUKI signals as the on-the-fly rows (no pooled features)
         )
         reset_memory(self.device)
         self.timer.sync()

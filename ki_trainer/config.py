@@ -61,9 +61,11 @@ class KnowledgeIntegrationConfig(TrainingArguments):
         default=None,
         metadata={
             "help": f"Competence estimator that scores each teacher on each example for the certainty-based "
-            f"strategies, one of {list_routers()}. Default: the strategy's own certainty (muki: 'mc_entropy', "
-            "MUKI as published; entropy: 'entropy'). Transductive routers (fitted label-free on the whole "
-            "unlabeled pool before training) need teacher_signals='cached'. See docs/routing.md."
+            f"strategies, one of {list_routers()}. Default for muki: 'relative_mahalanobis' with "
+            "teacher_signals='cached' (fitted label-free on the whole unlabeled pool; it routes better than MC "
+            "entropy on every split measured), 'mc_entropy' (MUKI as published) on the fly; "
+            "set router='mc_entropy' for the published recipe with cached signals. entropy: 'entropy'. "
+            "Transductive routers need teacher_signals='cached'. See docs/routing.md."
         },
     )
     router_options: Optional[Union[dict, str]] = field(
@@ -236,8 +238,18 @@ class KnowledgeIntegrationConfig(TrainingArguments):
 
     # ------------------------------------------------------------------ helpers
     def resolved_router(self) -> Optional[str]:
-        """The router in use: the configured one, else the strategy's default (``None`` for strategies without one)."""
-        return self.router or get_strategy(self.strategy).default_router
+        """The router in use: the configured one, else the strategy's default (``None`` for strategies without one).
+
+        ``muki``'s default depends on the signal mode: with ``teacher_signals="cached"`` the
+        ``relative_mahalanobis`` router (fitted label-free on the pool); on the fly, MUKI's published Monte-Carlo
+        entropy (``mc_entropy``), since a transductive router needs every pool row's signals first.
+        """
+        if self.router:
+            return self.router
+        strategy = get_strategy(self.strategy)
+        if self.teacher_signals == "cached" and strategy.cached_default_router:
+            return strategy.cached_default_router
+        return strategy.default_router
 
     def router_kwargs(self) -> dict[str, Any]:
         return dict(self.router_options or {})

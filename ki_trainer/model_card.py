@@ -52,6 +52,14 @@ def _languages(value) -> list[str]:
     return [value] if isinstance(value, str) else [str(v) for v in value]
 
 
+def _router(args: Any) -> str:
+    """The router the run used: the configured one, else the strategy's default for the signal mode."""
+    resolved = args.resolved_router() if hasattr(args, "resolved_router") else getattr(args, "router", None)
+    if not resolved:
+        return "none (the strategy does not select teachers)"
+    return resolved if getattr(args, "router", None) else f"{resolved} (the default of strategy {args.strategy!r})"
+
+
 def _strategy_settings(args) -> dict[str, Any]:
     settings = {name: getattr(args, name) for name in STRATEGY_FIELDS if hasattr(args, name)}
     for name in sorted(vars(args)):
@@ -143,7 +151,7 @@ def render_model_card(
             for t in teachers
         ],
         "strategy": getattr(args, "strategy", "unknown"),
-        "router": getattr(args, "router", None) or "none configured (the strategy's own teacher certainty)",
+        "router": _router(args),
         "strategy_settings": _strategy_settings(args),
         "train_rows": train_rows,
         "max_length": max_length,

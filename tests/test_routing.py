@@ -227,6 +227,40 @@ def make_trainer(tmp_path, trained_teachers, dataset, router="self_training", mo
     )
 
 
+def test_default_router_depends_on_the_signal_mode():
+    """muki: relative_mahalanobis with cached signals (fitted on the pool), MUKI's mc_entropy on the fly."""
+    def resolved(**kw):
+        return KnowledgeIntegrationConfig(output_dir="unused", report_to=[], **kw).resolved_router()
+
+    assert resolved() == "mc_entropy"
+    assert resolved(teacher_signals="cached") == "relative_mahalanobis"
+    assert resolved(teacher_signals="cached", router="mc_entropy") == "mc_entropy"
+    assert resolved(strategy="entropy", teacher_signals="cached") == "entropy"
+    assert resolved(strategy="vanilla_kd", teacher_signals="cached") is None
+
+
+def test_model_card_names_the_router_the_run_used():
+    from ki_trainer.model_card import _router
+
+    def card(**kw):
+        return _router(KnowledgeIntegrationConfig(output_dir="unused", report_to=[], **kw))
+
+    assert card(teacher_signals="cached") == "relative_mahalanobis (the default of strategy 'muki')"
+    assert card() == "mc_entropy (the default of strategy 'muki')"
+    assert card(router="energy") == "energy"
+    assert card(strategy="vanilla_kd").startswith("none")
+
+
+def test_default_cached_muki_fits_the_feature_router(tmp_path, trained_teachers, pool_rows):
+    trainer = make_trainer(tmp_path, trained_teachers, pool_rows, router=None)
+    assert trainer.router.name == "relative_mahalanobis"
+    trainer.train()
+    assert trainer.router.fitted and (tmp_path / "out" / "router_state.pt").is_file()
+    assert "features_0" in trainer.signal_cache.tensors
+    metrics = trainer.evaluate(pool_rows)
+    assert math.isfinite(metrics["eval_loss"]) and "eval_teacher_selection_accuracy" in metrics
+
+
 def test_transductive_router_needs_cached_signals():
     with pytest.raises(ValueError, match="teacher_signals='cached'"):
         KnowledgeIntegrationConfig(output_dir="unused", router="self_training", report_to=[])
@@ -308,7 +342,7 @@ def test_a_cache_with_features_serves_a_run_that_needs_none(tmp_path, trained_te
     """MUKI as published (no features) reuses the signals a feature router's run computed: no teacher query."""
     shared = str(tmp_path / "shared")
     make_trainer(tmp_path / "a", trained_teachers, pool_rows, signal_cache_dir=shared).precompute_teacher_signals()
-    plain = make_trainer(tmp_path / "b", trained_teachers, pool_rows, router=None, signal_cache_dir=shared)
+    plain = make_trainer(tmp_path / "b", trained_teachers, pool_rows, router="mc_entropy", signal_cache_dir=shared)
     calls = []
     monkeypatch.setattr(plain, "teacher_signals", lambda *a, **k: calls.append(1))
     cache = plain.precompute_teacher_signals()

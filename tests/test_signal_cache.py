@@ -211,7 +211,8 @@ def test_standardized_certainty_needs_cached_signals():
 
 
 def test_standardized_certainty_compares_each_teacher_with_itself(tmp_path, trained_teachers, data, eval_rows):
-    trainer = trainer_for(tmp_path, trained_teachers, data, "cached", strategy="muki", certainty_normalization="standardize")
+    trainer = trainer_for(tmp_path, trained_teachers, data, "cached", strategy="muki", router="mc_entropy",
+                          certainty_normalization="standardize")
     cache = trainer.precompute_teacher_signals()
     raw = cache.lookup(list(data["id"]), "mc")
     z = trainer.normalize_certainty(raw).certainty

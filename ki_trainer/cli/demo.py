@@ -16,19 +16,12 @@
 
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 ki-trainer demo      # or: make demo
 
-Measured on this project's 2-core CPU machine (no GPU, OMP_NUM_THREADS=1): `make demo` in a fresh
-clone took 4 min 49 s including the venv and model set-up (the demo itself 190 s: teachers 2 x ~45 s,
-signal caches, two students); a second run reuses the cached teachers and signals. Result (seed 0):
-teachers 83.3% / 75.5% on their own classes; MUKI student 50.2% accuracy (43.5% macro-F1, teacher
-selection 77.1%), vanilla KD student 50.2% (45.2%), on all 20 classes. (The MUKI student's test
-signals are cached since evaluation sets are cached too; they come from other MC draws than the
-earlier live evaluation, which measured a selection of 76.1%.) These are small-data numbers (600 training rows,
-2 epochs): they show the pipeline working; benchmarks/quality.py and docs/results.md hold the
-real comparison.
-
-Re-measured after the routing row was added (`python examples/demo.py`, teachers cached, the cores shared
-with other jobs: 794 s): MUKI 50.2% (43.5% macro-F1, selection 77.1%) and vanilla KD 50.2% (45.2%) as
-above; MUKI + relative_mahalanobis router 53.6% (48.1% macro-F1, selection 78.8%).
+Measured on this project's 2-core CPU machine (no GPU, OMP_NUM_THREADS=1), `make demo` in a fresh clone
+after the per-batch MC seeding (seed 0): teachers 83.3% / 75.5% on their own classes; on all 20 classes the
+MUKI student (as published) 50.5%, MUKI + relative_mahalanobis router 53.6%, vanilla KD 50.2% (the README
+keeps the current table). A second run reuses the cached teachers and signals. These are small-data numbers
+(600 unlabeled training rows, 2 epochs): they show the pipeline working; benchmarks/routing.py,
+benchmarks/quality.py, docs/routing.md and docs/results.md hold the real comparison.
 """
 
 from __future__ import annotations
@@ -138,7 +131,7 @@ def integrate_student(demo: DemoArguments, strategy: str, teachers: list, unlabe
 # The students of the results table: (row name, strategy, extra KnowledgeIntegrationConfig options).
 # A new row is one more entry here.
 STUDENTS: list[tuple[str, str, dict[str, Any]]] = [
-    ("student: MUKI (soft, MC K={mc_samples})", "muki", {}),
+    ("student: MUKI (soft, MC K={mc_samples})", "muki", {"router": "mc_entropy"}),  # as published
     ("student: MUKI + relative_mahalanobis router", "muki", {"router": "relative_mahalanobis", "run_name": "muki_rmd"}),
     ("student: vanilla KD", "vanilla_kd", {}),
 ]

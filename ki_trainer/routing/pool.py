@@ -174,7 +174,9 @@ class RelativeMahalanobisRouter(_ZScoredRouter):
     @staticmethod
     def _precision(centred: torch.Tensor, shrinkage: float) -> torch.Tensor:
         cov = centred.T @ centred / max(len(centred), 1)
-        cov = cov + shrinkage * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+        # The floor keeps a degenerate pool (one row, identical rows) invertible: the scores then tie.
+        ridge = max(shrinkage * float(cov.diagonal().mean()), 1e-6)
+        cov = cov + ridge * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
         return torch.linalg.inv(cov.double()).float()
 
     def raw_fit(self, signals: TeacherSignals) -> None:
