@@ -175,7 +175,7 @@ def student_level(args, cfg, data, blocks, routing_rows) -> list[dict[str, Any]]
             if file.is_file():
                 results.append(json.loads(file.read_text()))
                 continue
-            if args.records_only:
+            if args.records_only or (args.only and method not in args.only):
                 continue
             result = student_job(args, cfg, data, blocks, method, seed)
             file.write_text(json.dumps(result, indent=2) + "\n")
@@ -254,6 +254,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--records_only", action="store_true",
                         help="students: report only the (method, seed) runs already recorded under DIR/records; train none")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="students: train only these methods (oracle, vanilla_kd, muki:ROUTER), e.g. to split the "
+                             "work between processes sharing DIR/records; the others are reported from their records")
     parser.add_argument("--cache_root", default="outputs/routing", help="where teachers and signal caches are kept")
     args = parser.parse_args(argv)
     cfg = CONFIGS[args.config]

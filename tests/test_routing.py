@@ -259,6 +259,8 @@ def test_default_cached_muki_fits_the_feature_router(tmp_path, trained_teachers,
     assert "features_0" in trainer.signal_cache.tensors
     metrics = trainer.evaluate(pool_rows)
     assert math.isfinite(metrics["eval_loss"]) and "eval_teacher_selection_accuracy" in metrics
+    live = trainer.evaluate(pool_rows.remove_columns("id"))  # rows without ids: queried live, scored by the same fit
+    assert math.isfinite(live["eval_loss"]) and "eval_teacher_selection_accuracy" in live
 
 
 def test_transductive_router_needs_cached_signals():
