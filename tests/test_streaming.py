@@ -37,6 +37,15 @@ def test_an_iterable_train_set_trains(tmp_path, rows, mode):
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
+def test_an_iterable_train_set_trains_with_the_cached_default_router(tmp_path, rows):
+    """muki's cached default (relative_mahalanobis) is fitted on the streamed pool's cached signals."""
+    trainer = _trainer(tmp_path, rows.to_iterable_dataset(), "cached", "default", router=None)
+    assert trainer.router.name == "relative_mahalanobis"
+    trainer.train()
+    assert trainer.router.fitted and trainer.state.global_step == 2
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
 def test_a_streamed_precompute_equals_the_map_style_cache(tmp_path, rows):
     mapped = _trainer(tmp_path, rows, "cached", "mapped").precompute_teacher_signals()
     streamed_trainer = _trainer(tmp_path, rows.to_iterable_dataset(), "cached", "streamed",
