@@ -74,14 +74,19 @@ def signals_for(args, cfg) -> tuple[Any, Any, Any, list[list[str]]]:
 
 
 def routing_level(args, cfg, data, pool_signals, test_signals, blocks) -> list[dict[str, Any]]:
-    rows = routing_eval.teacher_rows(test_signals, blocks, data["test"]["label"])
-    rows.append(routing_eval.ceiling(pool_signals, test_signals, blocks, data["train"]["label"], data["test"]["label"]))
-    rows.append(routing_eval.supervised_bound(pool_signals, test_signals, blocks, data["train"]["label"],
-                                              data["test"]["label"]))
-    for name in args.routers:
+    return routing_rows(args.routers, cfg, pool_signals, test_signals, blocks, data["train"]["label"],
+                        data["test"]["label"])
+
+
+def routing_rows(routers, cfg, pool_signals, test_signals, blocks, pool_labels, test_labels) -> list[dict[str, Any]]:
+    """Teachers, the two labelled references and every router (fitted on the pool, label-free) on the test rows."""
+    rows = routing_eval.teacher_rows(test_signals, blocks, test_labels)
+    rows.append(routing_eval.ceiling(pool_signals, test_signals, blocks, pool_labels, test_labels))
+    rows.append(routing_eval.supervised_bound(pool_signals, test_signals, blocks, pool_labels, test_labels))
+    for name in routers:
         record = routing_eval.evaluate_router(
-            name, None, pool_signals, test_signals, blocks, data["train"]["label"], data["test"]["label"],
-            cfg["mc_samples"], cfg["mc_top_layers"],
+            name, None, pool_signals, test_signals, blocks, pool_labels, test_labels,
+            cfg["mc_samples"], cfg.get("mc_top_layers"),
         )
         record["method"] = f"ensemble routed by {name}" + (" (MUKI as published)" if name == PUBLISHED else "")
         record["router"] = name

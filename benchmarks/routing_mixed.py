@@ -32,22 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as common  # noqa: E402
 import quality  # noqa: E402
 import routing  # noqa: E402
-import routing_eval  # noqa: E402
 
 ROUTABLE = ("heterogeneous", "cross-lingual-halves")  # settings whose teachers own disjoint label blocks
-
-
-def test_rows(cfg: dict[str, Any], setting: "quality.Setting"):
-    """The test rows in every transfer language (ids suffixed by language when there are several)."""
-    from datasets import concatenate_datasets
-
-    parts = []
-    for language in setting.transfer:
-        rows = quality.load_data(cfg, language)[2]
-        if len(setting.transfer) > 1:
-            rows = rows.map(lambda row, language=language: {"id": f"{row['id']}/{language}"})
-        parts.append(rows)
-    return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
 def setting_signals(cfg: dict[str, Any], out: Path, name: str):
@@ -62,7 +48,7 @@ def setting_signals(cfg: dict[str, Any], out: Path, name: str):
               f"{record['val_accuracy']:.3f} ({'cached' if record['cached'] else 'trained'})", flush=True)
     labelled_pool = quality.transfer_set(cfg, setting, labeled=True)
     pool = labelled_pool.remove_columns("label")
-    test = test_rows(cfg, setting)
+    test = quality.transfer_set(cfg, setting, labeled=True, split=2)  # test rows in every transfer language
     args = KnowledgeIntegrationConfig(
         output_dir=str(out / "precompute" / name), teacher_signals="cached", router="prototype",  # caches features
         signal_cache_dir=str(quality.teacher_set_dir(out, name, 0) / "signal_cache"), max_length=cfg["max_length"],
@@ -110,17 +96,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         start = time.time()
         print(f"[{time.strftime('%H:%M:%S')}] {name}", flush=True)
         setting, pool, test, blocks, pool_labels, labels = setting_signals(cfg, root / args.config, name)
-        rows = routing_eval.teacher_rows(test, blocks, labels)
-        rows.append(routing_eval.ceiling(pool, test, blocks, pool_labels, labels))
-        rows.append(routing_eval.supervised_bound(pool, test, blocks, pool_labels, labels))
-        for router in args.routers:
-            record = routing_eval.evaluate_router(router, None, pool, test, blocks, pool_labels, labels,
-                                                  cfg["mc_samples"], cfg.get("mc_top_layers"))
-            record["method"] = f"ensemble routed by {router}" + (" (MUKI as published)" if router == routing.PUBLISHED else "")
-            record["router"] = router
-            rows.append(record)
-            print(f"  {router:24s} routing {record['routing_accuracy']:.3f} (pool {record['pool_routing_accuracy']:.3f}) "
-                  f"ensemble {record['accuracy']:.3f}", flush=True)
+        rows = routing.routing_rows(args.routers, cfg, pool, test, blocks, pool_labels, labels)
         results["settings"][name] = {
             "describe": setting.describe(), "rows": rows, "pool_rows": len(pool_labels), "test_rows": len(labels),
             "teacher_blocks": blocks, "wall_seconds": round(time.time() - start, 1),
