@@ -144,11 +144,13 @@ def student_job(args, cfg, data, blocks, method: str, seed: int) -> dict[str, An
         Trainer(model=model, args=training, train_dataset=encoded["train"], processing_class=tokenizer).train()
     else:
         pool = data["train"].remove_columns([c for c in ("label", "split") if c in data["train"].column_names])
-        if method == "vanilla_kd":
+        base, _, init = method.partition("@")
+        if base == "vanilla_kd":
             config = dict(strategy="vanilla_kd")
         else:
-            router = method.split(":", 1)[1]
+            router = base.split(":", 1)[1]
             config = dict(strategy="muki", router=router)  # named explicitly: the cached default is not MUKI's
+        config["student_init"] = init or "pretrained"
         set_seed(seed)  # the trainer builds the student's new head before Trainer seeds anything
         trainer = common.ki_trainer_for(
             teacher_dir, cfg["model"], run_dir, root / "cache" / common.data_name(args.data) / slug,
@@ -169,6 +171,10 @@ def student_level(args, cfg, data, blocks, routing_rows) -> list[dict[str, Any]]
     # run has the comparison that matters most); reported in `shown` order.
     routers = [f"muki:{name}" for name in args.student_routers]
     order = ["oracle"] + routers[:1] + [f"muki:{PUBLISHED}", "vanilla_kd"] + routers[1:]
+    for init in args.student_inits:  # the same students again, started from the teachers' weights
+        extra = [f"{method}@{init}" for method in [f"muki:{PUBLISHED}"] + routers]
+        shown += extra
+        order += extra
     records_dir = Path(args.output_dir) / "records"
     records_dir.mkdir(parents=True, exist_ok=True)
     routing_of = {row.get("router"): row for row in routing_rows}
@@ -190,12 +196,15 @@ def student_level(args, cfg, data, blocks, routing_rows) -> list[dict[str, Any]]
         if not results:
             continue
         accuracies = np.array([r["accuracy"] for r in results])
-        router = method.split(":", 1)[1] if method.startswith("muki:") else None
+        base, _, init = method.partition("@")
+        router = base.split(":", 1)[1] if base.startswith("muki:") else None
         name = {"oracle": "oracle (student trained WITH all labels)", "vanilla_kd": "student: vanilla KD"}.get(
-            method, f"student: MUKI + {router}" + (" (as published)" if router == PUBLISHED else ""))
+            base, f"student: MUKI + {router}" + (" (as published)" if router == PUBLISHED and not init else ""))
+        name += f", student_init={init}" if init else ""
         rows.append({
             "method": name, "kind": "oracle" if method == "oracle" else "student", "router": router,
             "accuracy": float(accuracies.mean()), "accuracy_std": float(accuracies.std(ddof=1)) if len(accuracies) > 1 else 0.0,
+            "student_init": init or "pretrained",
             "routing_accuracy": routing_of.get(router, {}).get("routing_accuracy") if router else None,
             "n_seeds": len(results), "seeds": [r["seed"] for r in results],
             "train_seconds": float(np.mean([r["train_seconds"] for r in results])),
@@ -256,6 +265,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu" if not torch.cuda.is_available() else "gpu")
     parser.add_argument("--routers", nargs="+", default=ROUTERS)
     parser.add_argument("--student_routers", nargs="*", default=["self_training", "knn_smoothing", "consensus"])
+    parser.add_argument("--student_inits", nargs="*", default=[], choices=["teacher_average"],
+                        help="students: also train MUKI as published and each --student_routers student with this "
+                             "student_init (reported as 'muki:ROUTER@INIT')")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--records_only", action="store_true",
                         help="students: report only the (method, seed) runs already recorded under DIR/records; train none")

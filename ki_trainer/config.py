@@ -14,6 +14,8 @@ from transformers import TrainingArguments
 from .routing import get_router, list_routers
 from .strategies import StrategyOptions, get_strategy, list_strategies
 
+STUDENT_INITS = ("pretrained", "teacher_average")
+
 TEACHER_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Float fields where +inf has a meaning (no gradient clipping); NaN is never valid anywhere.
@@ -105,6 +107,16 @@ class KnowledgeIntegrationConfig(TrainingArguments):
             "The MUKI authors do not; off by default."
         },
     )
+    student_init: str = field(
+        default="pretrained",
+        metadata={
+            "help": "How the student's weights start: 'pretrained' (the student checkpoint as given) or "
+            "'teacher_average' (average the teachers' weights and stack their output layers over the union labels; "
+            "needs full-model teachers fine-tuned from the student's base checkpoint, with its vocabulary). "
+            "See docs/routing.md.",
+            "choices": list(STUDENT_INITS),
+        },
+    )
     text_column: str = field(default="text", metadata={"help": "Dataset column holding the raw text."})
     label_column: str = field(
         default="label",
@@ -177,6 +189,8 @@ class KnowledgeIntegrationConfig(TrainingArguments):
         strategy = get_strategy(self.strategy)  # raises with the list of known strategies
         if self.selection not in ("hard", "soft"):
             raise ValueError(f"selection must be 'hard' or 'soft', got {self.selection!r}.")
+        if self.student_init not in STUDENT_INITS:
+            raise ValueError(f"student_init must be one of {list(STUDENT_INITS)}, got {self.student_init!r}.")
         self._validate_router()
         if self.mc_samples < 1:
             raise ValueError(f"mc_samples must be >= 1, got {self.mc_samples}.")

@@ -33,6 +33,7 @@ STRATEGY_FIELDS = (
     "normalize_margin_weights",
     "certainty_normalization",
     "teacher_signals",
+    "student_init",
 )
 ROUTER_PREFIXES = ("router",)
 TRAINING_FIELDS = ("num_train_epochs", "max_steps", "learning_rate", "per_device_train_batch_size", "seed")

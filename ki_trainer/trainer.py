@@ -61,6 +61,7 @@ from .signal_cache import (
     teachers_fingerprint,
     text_hash,
 )
+from .student_init import average_teachers_into
 from .strategies import IntegrationOutput, TeacherSignals, get_strategy
 from .teacher import Teacher, model_position_limit
 
@@ -266,6 +267,7 @@ class KnowledgeIntegrationTrainer(Trainer):
             order = self._student_label_order(getattr(unwrap(model), "config", None), strict=True)
             self.label_space = LabelSpace([t.labels for t in teachers], [t.name for t in teachers], labels=order)
             self._adopt_union_labels(model)
+        self._initialise_student(model, processing_class, args)
         if peft_config is not None:
             model = wrap_student(model, peft_config)
         if model_init is not None:
@@ -461,9 +463,18 @@ class KnowledgeIntegrationTrainer(Trainer):
                 f"{self.label_space.labels}. Build every student with the same id2label."
             )
         self._adopt_union_labels(model)
+        self._initialise_student(model, self.processing_class, self.args)
         if self._peft_config is not None:
             model = wrap_student(model, self._peft_config)
         return model
+
+    def _initialise_student(self, model: torch.nn.Module, tokenizer, args: KnowledgeIntegrationConfig) -> None:
+        """Apply ``student_init`` to a freshly built student (before PEFT wraps it)."""
+        if args.student_init != "teacher_average":
+            return
+        counts = average_teachers_into(model, self.teachers, self.label_space, tokenizer)
+        logger.info(f"Student initialised from the average of {len(self.teachers)} teachers: {counts['averaged']} "
+                    f"weights averaged, {counts['stacked']} output-layer weights stacked over the union labels.")
 
     def _hp_search_setup(self, trial) -> None:
         # A trial sets fields on self.args (e.g. kd_temperature): rebuild the strategy from them.
