@@ -153,9 +153,10 @@ def ki_trainer_for(
 def cached_pool_and_test(trainer, pool, test):
     """(pool signals, test signals) as TeacherSignals from the trainer's fingerprinted cache (computed once).
 
-    Needs a router that reads pooled features (so the cache stores them), e.g. ``router="prototype"``.
+    Both caches hold every signal any router reads (MC statistics and pooled features), so every router is
+    compared on the same teacher outputs; a transductive ``router`` of the trainer is fitted on ``pool``.
     """
-    pool_cache = trainer.precompute_teacher_signals(pool)
-    test_cache = trainer._cached_signals(test, file_suffix=".test")
+    pool_cache = trainer.precompute_teacher_signals(pool, mc=True, features=True)
+    test_cache = trainer._cached_signals(test, file_suffix=".test", mc=True, features=True)
     as_ids = lambda rows: [str(x) for x in rows["id"]]  # noqa: E731
     return pool_cache.lookup(as_ids(pool), "mc"), test_cache.lookup(as_ids(test), "mc")

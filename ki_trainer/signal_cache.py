@@ -117,7 +117,9 @@ def teachers_fingerprint(
     mc_top_layers: Optional[int] = None,
     features: bool = False,
 ) -> str:
-    """A short hash of everything that determines the teachers' signals for a given text."""
+    """A short hash of everything that determines the teachers' signals for a given text.
+
+    ``mc_samples=0`` names a cache without Monte-Carlo statistics (one deterministic pass per teacher)."""
     settings = (
         f"ki-signals-v{_FINGERPRINT_FORMAT}.{SIGNAL_COMPUTATION_VERSION}|K={mc_samples}|top={mc_top_layers}|{dtype}"
     )
@@ -437,8 +439,9 @@ class TeacherSignalCache:
         rows = {
             "logits": torch.cat(signals.logits, dim=1).float().cpu(),
             "deterministic": deterministic.float().cpu(),
-            "mc": signals.certainty.float().cpu(),
         }
+        if signals.certainty is not None:  # MC certainty (absent from caches of runs that read no MC statistics)
+            rows["mc"] = signals.certainty.float().cpu()
         if signals.mutual_information is not None:
             rows["mutual_information"] = signals.mutual_information.float().cpu()
             rows["top_variance"] = signals.top_variance.float().cpu()
@@ -573,6 +576,11 @@ class TeacherSignalCache:
         batch_logits = list(self._gather("logits", rows).split(self.label_sizes, dim=1))
         certainty = None
         if certainty_source is not None:
+            if certainty_source not in names:
+                raise ValueError(
+                    f"This signal cache holds no {certainty_source!r} certainty (it holds {names}): it was computed for "
+                    "a run that reads no MC statistics. Precompute with mc=True."
+                )
             certainty = self._gather(certainty_source, rows)
         extra: dict = {}
         for name in ("mutual_information", "top_variance"):
@@ -902,7 +910,7 @@ def build_or_update_cache(
     ranks).
 
     ``batches(positions)`` yields ``(positions, signals)`` for the requested dataset positions
-    (signals carrying MC certainty). Rows are flushed to shard files as they are computed; on an
+    (signals carrying MC certainty when the run reads it). Rows are flushed to shard files as they are computed; on an
     error the rows computed so far are flushed before it propagates. ``shard=(rank, world_size,
     chunk_size)`` computes only this rank's share of the missing rows (see :func:`shard_positions`).
     """

@@ -547,6 +547,11 @@ class KnowledgeIntegrationTrainer(Trainer):
     def _needs_features(self) -> bool:
         return self.router is not None and "features" in self.router.requires
 
+    @property
+    def _needs_mc(self) -> bool:
+        """Whether the strategy/router reads Monte-Carlo statistics (K dropout passes per teacher and row)."""
+        return self._certainty_source == "mc"
+
     def teacher_signals(
         self,
         student_inputs: dict,
@@ -600,9 +605,11 @@ class KnowledgeIntegrationTrainer(Trainer):
         return (result.loss, outputs) if return_outputs else result.loss
 
     # ------------------------------------------------------------------ cached signals
-    def signal_fingerprint(self, features: Optional[bool] = None) -> str:
-        """Hash of teacher weights, labels, tokenization, truncation, MC samples and dtype (and whether the
-        cache holds pooled features: by default, when the router needs them)."""
+    def signal_fingerprint(self, features: Optional[bool] = None, mc: Optional[bool] = None) -> str:
+        """Hash of teacher weights, labels, tokenization, truncation, MC samples and dtype, and of what the cache
+        holds: pooled features (default: when the router needs them) and MC statistics (default: when the
+        strategy/router reads them; a cache without them hashes K=0)."""
+        mc = self._needs_mc if mc is None else mc
         collator = self.data_collator
         lengths = [
             collator.groups[key][1] if key is not None else collator.max_length
@@ -612,21 +619,28 @@ class KnowledgeIntegrationTrainer(Trainer):
             self.teachers,
             self.processing_class,
             lengths,
-            self.args.mc_samples,
+            self.args.mc_samples if mc else 0,
             self.args.resolved_teacher_dtype(),
-            mc_top_layers=self.args.mc_top_layers,
+            mc_top_layers=self.args.mc_top_layers if mc else None,
             features=self._needs_features if features is None else features,
         )
 
-    def precompute_teacher_signals(self, dataset=None) -> TeacherSignalCache:
+    def precompute_teacher_signals(
+        self, dataset=None, *, mc: Optional[bool] = None, features: Optional[bool] = None
+    ) -> TeacherSignalCache:
         """Compute (or load) the teacher signals of every row of ``dataset`` (default: the train set).
 
         The cache file is ``<signal_cache_dir>/<fingerprint>.safetensors``; rows already cached are reused, new
         ids are added. Under several processes each computes its share of the missing rows into its own
         shard files; the main process then merges them and every process loads the whole cache.
+
+        Only what the strategy and router read is computed: the K Monte-Carlo-dropout passes per teacher
+        only when they read MC statistics (``muki`` with ``router="mc_entropy"``, ...), pooled features only for
+        feature routers. A cache that holds more (written by another run) serves this one as well.
+        ``mc=True`` / ``features=True`` compute them anyway, e.g. to compare every router on one cache.
         """
         dataset = dataset if dataset is not None else self.train_dataset
-        self.signal_cache = self._cached_signals(dataset)
+        self.signal_cache = self._cached_signals(dataset, mc=mc, features=features)
         if self.router is not None and self.router.needs_fit and not self.router.fitted:
             self.fit_router(dataset)
         self._fit_certainty_normalization(dataset)
@@ -719,27 +733,37 @@ class KnowledgeIntegrationTrainer(Trainer):
             reference = (lambda kept: lambda: kept)(dataset)
         self._streamed_ids[id(dataset)] = (reference, ids)
 
-    def _cached_signals(self, dataset, file_suffix: str = "") -> TeacherSignalCache:
-        """The cache in ``<signal_cache_dir>/<fingerprint><file_suffix>.safetensors``, extended with ``dataset``'s missing rows."""
-        fingerprint = self.signal_fingerprint()  # hashes every teacher weight
+    def _cache_choice(self, file_suffix: str, mc: bool, features: bool) -> tuple[str, str, bool, bool]:
+        """(fingerprint, path, with MC, with features) of the cache to use: the first that exists (loaded or on
+        disk) of the exact kind and the richer kinds (also MC statistics, also pooled features), else the exact
+        kind, new."""
         directory = self.args.signal_cache_dir or os.path.join(self.args.output_dir, "teacher_signals")
-        path = os.path.join(directory, f"{fingerprint}{file_suffix}{SIGNAL_CACHE_SUFFIX}")
-        with_features = self._needs_features
-        if not with_features:
-            # A cache that also holds pooled features (written for a feature router) serves this run as well.
-            richer = self.signal_fingerprint(features=True)
-            richer_path = os.path.join(directory, f"{richer}{file_suffix}{SIGNAL_CACHE_SUFFIX}")
-            if richer_path in self._signal_caches or TeacherSignalCache.exists(richer_path):
-                fingerprint, path, with_features = richer, richer_path, True
+        kinds = list(dict.fromkeys([(mc, features), (mc, True), (True, features), (True, True)]))
+        choices = []
+        for with_mc, with_features in kinds:
+            fingerprint = self.signal_fingerprint(features=with_features, mc=with_mc)  # hashes every teacher weight
+            path = os.path.join(directory, f"{fingerprint}{file_suffix}{SIGNAL_CACHE_SUFFIX}")
+            if path in self._signal_caches or TeacherSignalCache.exists(path):
+                return fingerprint, path, with_mc, with_features
+            choices.append((fingerprint, path, with_mc, with_features))
+        return choices[0]
+
+    def _cached_signals(
+        self, dataset, file_suffix: str = "", mc: Optional[bool] = None, features: Optional[bool] = None
+    ) -> TeacherSignalCache:
+        """The cache in ``<signal_cache_dir>/<fingerprint><file_suffix>.safetensors``, extended with ``dataset``'s missing
+        rows. It holds at least what the strategy/router reads (and MC statistics / features when ``mc`` / ``features``)."""
+        fingerprint, path, with_mc, with_features = self._cache_choice(
+            file_suffix, bool(mc) or self._needs_mc, bool(features) or self._needs_features
+        )
         sizes = [len(t.labels) for t in self.teachers]
         device = self.accelerator.device
         rng_devices = [device.index or 0] if device.type == "cuda" else []
-        batches = (lambda todo: self._signal_batches(dataset, todo, features=with_features)) \
-            if with_features != self._needs_features else (lambda todo: self._signal_batches(dataset, todo))
+        batches = lambda todo: self._signal_batches(dataset, todo, features=with_features, mc=with_mc)  # noqa: E731
         world = (self.accelerator.process_index, self.accelerator.num_processes)
         if is_streaming(dataset):  # one pass over the stream; the ids are kept for the router / normalization
             def build(cache, shard=(0, 1, 1)):
-                computed, ids = self._streamed_signals(cache, dataset, with_features, shard[:2])
+                computed, ids = self._streamed_signals(cache, dataset, with_features, shard[:2], mc=with_mc)
                 self._remember_stream_ids(dataset, ids)
                 return computed
         else:
@@ -843,7 +867,9 @@ class KnowledgeIntegrationTrainer(Trainer):
             )
         return result
 
-    def _streamed_signals(self, cache: TeacherSignalCache, dataset, features: bool, shard: tuple[int, int]):
+    def _streamed_signals(
+        self, cache: TeacherSignalCache, dataset, features: bool, shard: tuple[int, int], mc: bool = True
+    ):
         """Fill ``cache`` from a dataset that can only be iterated: one pass, one batch in memory (see
         :func:`~ki_trainer.signal_cache.build_or_update_cache_streaming`). Returns (missing rows, all ids)."""
         from tqdm.auto import tqdm
@@ -851,7 +877,7 @@ class KnowledgeIntegrationTrainer(Trainer):
         disable = self.args.disable_tqdm or not self.accelerator.is_main_process
         with tqdm(unit="rows", desc="Teacher signals (stream)", disable=disable) as bar:
             def compute(rows: list[dict]) -> TeacherSignals:
-                signals = self._signal_rows(rows, features)
+                signals = self._signal_rows(rows, features, mc)
                 bar.update(len(rows) * shard[1])
                 return signals
 
@@ -860,18 +886,18 @@ class KnowledgeIntegrationTrainer(Trainer):
                 self.args.per_device_eval_batch_size, shard,
             )
 
-    def _signal_rows(self, rows: list[dict], features: Optional[bool] = None) -> TeacherSignals:
-        """MC teacher signals of one precompute batch, its dropout seeded by the batch's example ids."""
+    def _signal_rows(self, rows: list[dict], features: Optional[bool] = None, mc: bool = True) -> TeacherSignals:
+        """Teacher signals of one precompute batch (MC ones, ``mc``, with dropout seeded by the batch's example ids)."""
         batch = self._prepare_inputs(self.data_collator(rows))
         teacher_batches = batch.pop(TEACHER_INPUTS_KEY, {})
         student_inputs = {k: v for k, v in batch.items() if k not in ("labels", EXAMPLE_IDS_KEY)}
         ids = [str(row.get(self.args.id_column)) for row in rows]
         torch.manual_seed(batch_seed(self.args.seed, ids))
         return self.teacher_signals(
-            student_inputs, teacher_batches, certainty_source="mc", example_ids=ids, features=features
+            student_inputs, teacher_batches, certainty_source="mc" if mc else None, example_ids=ids, features=features
         )
 
-    def _signal_batches(self, dataset, positions: list[int], features: Optional[bool] = None):
+    def _signal_batches(self, dataset, positions: list[int], features: Optional[bool] = None, mc: bool = True):
         """Teacher signals of ``positions`` in batches of ``per_device_eval_batch_size``, each batch's MC dropout
         seeded by its example ids (:func:`~ki_trainer.signal_cache.batch_seed`): the cache does not depend on
         how many processes computed it. Under several processes the main one's progress bar counts all rows
@@ -885,7 +911,7 @@ class KnowledgeIntegrationTrainer(Trainer):
         with tqdm(total=total, unit="rows", desc="Teacher signals", disable=disable) as bar:
             for start in range(0, len(positions), size):
                 chunk = positions[start : start + size]
-                yield chunk, self._signal_rows([dataset[p] for p in chunk], features)
+                yield chunk, self._signal_rows([dataset[p] for p in chunk], features, mc)
                 bar.update(min(len(chunk) * processes, total - bar.n))
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):

@@ -270,8 +270,8 @@ def test_an_interrupted_precompute_keeps_the_rows_it_computed(tmp_path, tok, mon
                          per_device_eval_batch_size=4)
     original = first._signal_batches
 
-    def dies_after_three_batches(dataset, positions):
-        for n, item in enumerate(original(dataset, positions)):
+    def dies_after_three_batches(dataset, positions, **kw):
+        for n, item in enumerate(original(dataset, positions, **kw)):
             if n == 3:
                 raise KeyboardInterrupt("killed")
             yield item
@@ -283,7 +283,7 @@ def test_an_interrupted_precompute_keeps_the_rows_it_computed(tmp_path, tok, mon
                           per_device_eval_batch_size=4)
     computed = []
     original2 = second._signal_batches
-    second._signal_batches = lambda ds, todo: (computed.append(len(todo)), original2(ds, todo))[1]
+    second._signal_batches = lambda ds, todo, **kw: (computed.append(len(todo)), original2(ds, todo, **kw))[1]
     cache = second.precompute_teacher_signals()
     assert computed == [len(rows) - 12]  # the 12 rows of the 3 finished batches were kept
     assert len(cache) == len(rows)
@@ -502,8 +502,8 @@ tok = build_tokenizer()
 trainer = make_trainer(pathlib.Path(sys.argv[2]), tok, fresh_teachers(tok), rows_with_ids(), teacher_signals="cached",
                        per_device_eval_batch_size=4)
 original = trainer._signal_batches
-def killed_after_three_batches(dataset, positions):
-    for n, item in enumerate(original(dataset, positions)):
+def killed_after_three_batches(dataset, positions, **kw):
+    for n, item in enumerate(original(dataset, positions, **kw)):
         if n == 3:
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no except, no finally
         yield item
@@ -526,6 +526,6 @@ def test_a_precompute_killed_with_sigkill_keeps_the_flushed_rows(tmp_path, tok):
     again = make_trainer(tmp_path, tok, fresh_teachers(tok), rows, teacher_signals="cached", per_device_eval_batch_size=4)
     computed = []
     original = again._signal_batches
-    again._signal_batches = lambda ds, todo: (computed.append(len(todo)), original(ds, todo))[1]
+    again._signal_batches = lambda ds, todo, **kw: (computed.append(len(todo)), original(ds, todo, **kw))[1]
     assert len(again.precompute_teacher_signals()) == len(rows)
     assert computed == [len(rows) - 12]  # the three flushed batches survived the kill

@@ -341,11 +341,42 @@ def test_router_scores_drive_selection_in_training_and_evaluation(tmp_path, trai
 
 
 def test_a_cache_with_features_serves_a_run_that_needs_none(tmp_path, trained_teachers, pool_rows, monkeypatch):
-    """MUKI as published (no features) reuses the signals a feature router's run computed: no teacher query."""
+    """MUKI as published (no features) reuses the signals a run that computed features and MC computed."""
     shared = str(tmp_path / "shared")
-    make_trainer(tmp_path / "a", trained_teachers, pool_rows, signal_cache_dir=shared).precompute_teacher_signals()
+    make_trainer(tmp_path / "a", trained_teachers, pool_rows, signal_cache_dir=shared).precompute_teacher_signals(mc=True)
     plain = make_trainer(tmp_path / "b", trained_teachers, pool_rows, router="mc_entropy", signal_cache_dir=shared)
     calls = []
     monkeypatch.setattr(plain, "teacher_signals", lambda *a, **k: calls.append(1))
     cache = plain.precompute_teacher_signals()
     assert calls == [] and len(cache) == len(pool_rows)
+
+
+def test_a_router_that_reads_no_mc_statistics_runs_no_mc_passes(tmp_path, trained_teachers, pool_rows, monkeypatch):
+    """The cached default (relative_mahalanobis) reads logits and features: one pass per teacher, no K dropout
+    passes; its cache holds no MC tensors. An MC run cannot use that cache and computes its own; a later
+    feature router reuses the first one (no teacher query)."""
+    import ki_trainer.trainer as trainer_module
+
+    sources = []
+    real = trainer_module.query_teachers
+    monkeypatch.setattr(trainer_module, "query_teachers",
+                        lambda *a, **k: sources.append(k["certainty_source"]) or real(*a, **k))
+    shared = str(tmp_path / "shared")
+    default = make_trainer(tmp_path / "a", trained_teachers, pool_rows, router=None, signal_cache_dir=shared)
+    assert default.router.name == "relative_mahalanobis"
+    cache = default.precompute_teacher_signals()
+    assert sources and set(sources) == {None}
+    assert "mc" not in cache.tensors and "mutual_information" not in cache.tensors and "features_0" in cache.tensors
+    default.train()  # the student trains from that cache
+    with pytest.raises(ValueError, match="holds no 'mc' certainty"):
+        cache.lookup([str(pool_rows[0]["id"])], "mc")
+
+    sources.clear()
+    published = make_trainer(tmp_path / "b", trained_teachers, pool_rows, router="mc_entropy", signal_cache_dir=shared)
+    mc_cache = published.precompute_teacher_signals(features=True)
+    assert set(sources) == {"mc"} and "mc" in mc_cache.tensors
+
+    sources.clear()
+    again = make_trainer(tmp_path / "c", trained_teachers, pool_rows, router="knn_smoothing", signal_cache_dir=shared)
+    again.precompute_teacher_signals()
+    assert sources == []  # knn_smoothing reads features: the no-MC cache already has them

@@ -56,10 +56,10 @@ def _worker(rank: int, world: int, port: int, out: str, fail_rank: int = -1, str
     assert trainer.accelerator.num_processes == world
     computed = []  # the dataset positions this process computed
     original = trainer._signal_rows
-    trainer._signal_rows = lambda rows, features=None: (
-        computed.extend(int(row["id"][1:]) for row in rows), original(rows, features))[1]
+    trainer._signal_rows = lambda rows, features=None, mc=True: (
+        computed.extend(int(row["id"][1:]) for row in rows), original(rows, features, mc))[1]
     if rank == fail_rank:
-        def broken(ds, todo):
+        def broken(ds, todo, **kw):
             raise ValueError("teacher broke on this rank")
             yield
 
@@ -120,7 +120,7 @@ def test_a_failing_process_stops_every_process_and_keeps_the_others_rows(tmp_pat
     again = _trainer(str(tmp_path / "again"), str(tmp_path / "cache"), data)
     computed = []
     original = again._signal_batches
-    again._signal_batches = lambda ds, todo: (computed.extend(todo), original(ds, todo))[1]
+    again._signal_batches = lambda ds, todo, **kw: (computed.extend(todo), original(ds, todo, **kw))[1]
     assert len(again.precompute_teacher_signals()) == len(data)
     assert computed == shard_positions(list(range(len(data))), 1, 2, 4)  # rank 0's share was kept in its shards
 

@@ -57,7 +57,7 @@ def test_cached_training_equals_on_the_fly_for_deterministic_signals(tmp_path, t
 
 def test_lookup_is_by_id_whatever_the_order(tmp_path, trained_teachers, data):
     trainer = trainer_for(tmp_path, trained_teachers, data.shuffle(seed=1), "cached")
-    cache = trainer.precompute_teacher_signals()
+    cache = trainer.precompute_teacher_signals(mc=True)  # also the MC statistics the entropy strategy does not read
     rows = [data[i] for i in (5, 0, 17)]
     batch = trainer._prepare_inputs(trainer.data_collator(rows))
     teacher_batches = batch.pop("teacher_inputs", {})
@@ -76,20 +76,20 @@ def test_cache_file_is_reused_and_extended(tmp_path, trained_teachers, data):
     first.precompute_teacher_signals()
     path = first.signal_cache.path
     old_ids = [f"ex{i}" for i in range(10)]
-    before = first.signal_cache.lookup(old_ids, "mc")
+    before = first.signal_cache.lookup(old_ids, "deterministic")
     assert os.path.exists(path)
     second = trainer_for(tmp_path, trained_teachers, data, "cached")
     calls = []
     original = second._signal_batches
-    second._signal_batches = lambda ds, todo: (calls.append(len(todo)), original(ds, todo))[1]
+    second._signal_batches = lambda ds, todo, **kw: (calls.append(len(todo)), original(ds, todo, **kw))[1]
     cache = second.precompute_teacher_signals()
     assert calls == [len(data) - 10]  # only the new ids were computed
     assert len(cache) == len(data) and second.signal_cache.path == path
-    after = cache.lookup(old_ids, "mc")  # the reused rows still hold their own signals
+    after = cache.lookup(old_ids, "deterministic")  # the reused rows still hold their own signals
     for a, b in zip(after.logits, before.logits):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(after.certainty, before.certainty)
-    assert cache.lookup([f"ex{len(data) - 1}"], "mc").certainty.shape == (1, 2)
+    assert cache.lookup([f"ex{len(data) - 1}"], "deterministic").certainty.shape == (1, 2)
 
 
 def test_other_teachers_never_use_the_cache(tmp_path, trained_teachers, data):
@@ -97,7 +97,8 @@ def test_other_teachers_never_use_the_cache(tmp_path, trained_teachers, data):
     first.precompute_teacher_signals()
     before = first.signal_fingerprint()
     other = trainer_for(tmp_path, trained_teachers, data, "cached", mc_samples=8)  # other MC settings
-    assert other.signal_fingerprint() != before
+    assert other.signal_fingerprint(mc=True) != first.signal_fingerprint(mc=True)
+    assert other.signal_fingerprint() == before  # the entropy strategy reads no MC: its cache does not depend on K
     with torch.no_grad():
         trained_teachers[0][0].classifier.bias.add_(0.5)
     try:

@@ -61,7 +61,7 @@ def test_a_streamed_precompute_equals_the_map_style_cache(tmp_path, rows):
     again = _trainer(tmp_path, rows.to_iterable_dataset(), "cached", "streamed")
     calls = []
     original = again._signal_rows
-    again._signal_rows = lambda batch, features=None: (calls.append(len(batch)), original(batch, features))[1]
+    again._signal_rows = lambda batch, features=None, mc=True: (calls.append(len(batch)), original(batch, features, mc))[1]
     again.precompute_teacher_signals()
     assert calls == []  # every streamed row was already cached
 
