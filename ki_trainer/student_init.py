@@ -77,6 +77,42 @@ def _is_label_rows(student_shape: torch.Size, teacher_shape: torch.Size, teacher
             and teacher_shape[0] == teacher_labels and tuple(teacher_shape[1:]) == tuple(student_shape[1:]))
 
 
+MAX_DISTANCE = 0.5
+
+
+@torch.no_grad()
+def check_common_base(teachers: Sequence[Teacher], sources: list[dict], targets: dict) -> list[float]:
+    """Each teacher's relative L2 distance to the teachers' mean over the averaged weight matrices; a ValueError
+    above ``MAX_DISTANCE``.
+
+    Fine-tunes of one checkpoint stay close to each other (measured on the weight matrices: paraphrase-MiniLM-L3-v2
+    teachers fine-tuned for 3 epochs on debian_sections20 lie 0.012-0.014 from their mean), while independently
+    initialised models of one architecture lie about 1 apart, and their average is not a model of anything.
+    """
+    names = [name for name, target in targets.items()  # matrices: norm weights start at 1 in every model
+             if target.is_floating_point() and target.dim() >= 2 and all(source[name].shape == target.shape for source in sources)]
+    if len(teachers) < 2 or not names:
+        return [0.0] * len(teachers)
+    squared = [0.0] * len(teachers)
+    norm = 0.0
+    for name in names:
+        values = [source[name].detach().float().cpu() for source in sources]
+        mean = torch.stack(values).mean(0)
+        norm += float(mean.pow(2).sum())
+        for t, value in enumerate(values):
+            squared[t] += float((value - mean).pow(2).sum())
+    distances = [(d / max(norm, 1e-12)) ** 0.5 for d in squared]
+    far = [(teacher.name, round(d, 3)) for teacher, d in zip(teachers, distances) if d > MAX_DISTANCE]
+    if far:
+        raise ValueError(
+            f"student_init='teacher_average': teachers {far} lie far from the teachers' mean (relative L2 distance; "
+            f"fine-tunes of one checkpoint lie within a few hundredths, unrelated models ~1, the limit is {MAX_DISTANCE}). They do not "
+            "look like fine-tunes of one base checkpoint, and averaging them would not give a working model. Use "
+            "student_init='pretrained'."
+        )
+    return distances
+
+
 @torch.no_grad()
 def average_teachers_into(
     student: torch.nn.Module, teachers: Sequence[Teacher], label_space: LabelSpace, student_tokenizer=None
@@ -92,6 +128,7 @@ def average_teachers_into(
     model = unwrap(student)
     targets = model.state_dict()
     sources = [teacher.model.state_dict() for teacher in teachers]
+    check_common_base(teachers, sources, targets)
     averaged = stacked = 0
     for name, target in targets.items():
         values = [source[name] for source in sources]

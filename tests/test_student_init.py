@@ -24,10 +24,21 @@ def tok():
     return build_tokenizer()
 
 
+def finetune_of(base, labels, seed: int, scale: float = 0.02):
+    """A stand-in for a fine-tune of ``base``: its weights moved a little, its own head over ``labels``."""
+    torch.manual_seed(seed)
+    model = tiny_bert(len(labels), base.config.vocab_size, labels=labels, seed=seed)
+    state = {k: v + scale * v.abs().mean() * torch.randn_like(v) if v.is_floating_point() else v
+             for k, v in base.state_dict().items() if not k.startswith("classifier")}
+    model.load_state_dict(state, strict=False)
+    return model
+
+
 @pytest.fixture
 def teachers(tok):
-    # Different seeds: every weight differs between the two teachers, so an average is detectable.
-    return [Teacher(tiny_bert(2, len(tok), labels=labels, seed=30 + i), name=f"t{i}") for i, labels in enumerate(TEACHER_SPLIT)]
+    # Fine-tunes of one base with different perturbations: every weight differs, so an average is detectable.
+    base = tiny_bert(2, len(tok), seed=5)
+    return [Teacher(finetune_of(base, labels, seed=30 + i), name=f"t{i}") for i, labels in enumerate(TEACHER_SPLIT)]
 
 
 @pytest.fixture
@@ -88,6 +99,13 @@ def test_teacher_with_its_own_vocabulary_is_a_clear_error(tmp_path, tok, teacher
     with pytest.raises(ValueError, match="own vocabulary"):
         KnowledgeIntegrationTrainer(model=tiny_bert(4, len(tok), labels=UNION), args=config(tmp_path),
                                     teachers=[teachers[0], Teacher(model, tokenizer=own, name="own")],
+                                    train_dataset=train, processing_class=tok)
+
+
+def test_teachers_that_are_not_fine_tunes_of_one_base_are_a_clear_error(tmp_path, tok, train):
+    unrelated = [Teacher(tiny_bert(2, len(tok), labels=labels, seed=40 + i), name=f"u{i}") for i, labels in enumerate(TEACHER_SPLIT)]
+    with pytest.raises(ValueError, match="do not look like fine-tunes of one base"):
+        KnowledgeIntegrationTrainer(model=tiny_bert(4, len(tok), labels=UNION), args=config(tmp_path), teachers=unrelated,
                                     train_dataset=train, processing_class=tok)
 
 
