@@ -47,9 +47,12 @@ def integration_metrics(
     labels: np.ndarray,
     label_space: LabelSpace,
     certainty: Optional[np.ndarray] = None,
+    routed_predictions: Optional[np.ndarray] = None,
 ) -> dict[str, float]:
     """Accuracy, macro-F1, accuracy on each teacher's classes and (with certainty) selection accuracy.
 
+    ``routed_predictions`` (union ids: each row's most competent teacher's prediction) add
+    ``routed_teacher_accuracy``, the accuracy of the hard-routed teacher ensemble the student compresses.
     Rows whose label is negative (-100: no gold label) are skipped.
     """
     labels = np.asarray(labels)
@@ -65,4 +68,6 @@ def integration_metrics(
         metrics[f"accuracy_{name}"] = accuracy(predictions[mask], labels[mask])
     if certainty is not None:
         metrics["teacher_selection_accuracy"] = selection_accuracy(certainty, labels, label_space)
+    if routed_predictions is not None:
+        metrics["routed_teacher_accuracy"] = accuracy(np.asarray(routed_predictions)[labelled], labels)
     return metrics

@@ -308,6 +308,7 @@ class KnowledgeIntegrationTrainer(Trainer):
         self.router: Optional[Router] = build_router(router_name, args.router_kwargs()) if router_name else None
         self._user_compute_metrics = compute_metrics
         self._eval_certainty: list[torch.Tensor] = []
+        self._eval_routed: list[torch.Tensor] = []  # the most competent teacher's prediction (union ids) per eval row
         self._last_signals: Optional[TeacherSignals] = None
         self.signal_cache: Optional[TeacherSignalCache] = None  # the training rows' cached signals
         self._eval_signal_cache: Optional[TeacherSignalCache] = None  # set while evaluating from cached signals
@@ -1013,8 +1014,22 @@ class KnowledgeIntegrationTrainer(Trainer):
         certainty = self._last_signals.certainty if self._last_signals is not None else None
         if certainty is not None and labels is not None:
             self._eval_certainty.append(self.accelerator.gather_for_metrics(certainty).cpu())
+            routed = self.routed_teacher_predictions(self._last_signals)
+            self._eval_routed.append(self.accelerator.gather_for_metrics(routed).cpu())
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         return loss, logits.detach(), labels
+
+    def routed_teacher_predictions(self, signals: TeacherSignals) -> torch.Tensor:
+        """``[B]`` union ids: the prediction of each row's most competent teacher (highest certainty/router score).
+
+        Its accuracy (``routed_teacher_accuracy``) is that of the hard-routed ensemble the student compresses.
+        """
+        chosen = signals.certainty.argmax(1)
+        per_teacher = torch.stack([
+            self.label_space.teacher_to_union(t).to(logits.device)[logits.argmax(1)]
+            for t, logits in enumerate(signals.logits)
+        ], dim=1)
+        return per_teacher.gather(1, chosen.to(per_teacher.device).unsqueeze(1)).squeeze(1)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         if eval_dataset is not None and not isinstance(eval_dataset, (str, dict)):
@@ -1061,18 +1076,19 @@ class KnowledgeIntegrationTrainer(Trainer):
         return hashlib.blake2b(json.dumps([ids, hashes]).encode(), digest_size=6).hexdigest()
 
     def evaluation_loop(self, *args, **kwargs):
-        self._eval_certainty = []
+        self._eval_certainty, self._eval_routed = [], []
         try:
             return super().evaluation_loop(*args, **kwargs)
         finally:
-            self._eval_certainty = []
+            self._eval_certainty, self._eval_routed = [], []
 
     def _compute_metrics(self, eval_pred: EvalPrediction) -> dict[str, float]:
         logits, labels = eval_pred.predictions, eval_pred.label_ids
         certainty = torch.cat(self._eval_certainty).numpy() if self._eval_certainty else None
+        routed = torch.cat(self._eval_routed).numpy() if self._eval_routed else None
         if certainty is not None and len(certainty) != len(labels):
             logger.warning("Teacher certainty was not gathered for every eval example; skipping selection accuracy.")
-            certainty = None
+            certainty = routed = None
         labels = np.asarray(labels)
         unlabelled = int((labels < 0).sum())
         if unlabelled == len(labels):
@@ -1081,7 +1097,7 @@ class KnowledgeIntegrationTrainer(Trainer):
         else:
             if unlabelled:
                 logger.warning(f"{unlabelled} of {len(labels)} evaluation rows have no gold label; metrics skip them.")
-            metrics = integration_metrics(logits, labels, self.label_space, certainty)
+            metrics = integration_metrics(logits, labels, self.label_space, certainty, routed_predictions=routed)
             metrics["labelled_rows"] = len(labels) - unlabelled
         if self._user_compute_metrics is not None:
             metrics.update(self._user_compute_metrics(eval_pred))

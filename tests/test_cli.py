@@ -185,10 +185,13 @@ def test_demo_on_a_tiny_model(tmp_path: Path, capsys) -> None:
     students = demo.STUDENTS + [("student: hard MUKI", "muki", {"selection": "hard", "run_name": "muki_hard"})]
     rows = demo.demo_rows(args, teachers, unlabeled, test, students=students, train_student=one_student)
     assert calls == [strategy for _, strategy, _ in demo.STUDENTS] + ["muki"]
-    assert list(rows)[2:] == [name.format(mc_samples=2) for name, _, _ in demo.STUDENTS] + ["student: hard MUKI"]
+    assert list(rows)[2:] == [name.format(mc_samples=2) for name, _, _ in demo.STUDENTS] + ["student: hard MUKI", demo.ORACLE]
     assert "student: MUKI + relative_mahalanobis router" in rows  # the recommended router beside MUKI as published
     assert all(0.0 <= row["accuracy"] <= 1.0 for row in rows.values())
     assert "teacher_selection_accuracy" in rows["student: hard MUKI"]
+    assert 0.0 <= rows["student: MUKI + relative_mahalanobis router"]["routed_teacher_accuracy"] <= 1.0  # the routed ensemble
+    oracle = json.loads((tmp_path / "demo" / "oracle" / "teachers.json").read_text())["teachers"]
+    assert len(oracle) == 1 and len(oracle[0]["labels"]) == 20  # one model over every class, trained with labels
     assert f"==> training student {len(students)}/{len(students)}: hard MUKI ... " in capsys.readouterr().out
 
 

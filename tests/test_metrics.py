@@ -25,3 +25,6 @@ def test_integration_metrics():
     assert m["accuracy_t0"] == 0.5  # classes a, b: examples 0 (right) and 1 (wrong)
     assert m["accuracy_t1"] == pytest.approx(1 / 3)  # classes b, c: examples 1, 2, 3
     assert m["teacher_selection_accuracy"] == 0.75  # example 2 routed to t0, which does not own c
+    assert "routed_teacher_accuracy" not in m
+    routed = integration_metrics(logits, np.array([0, 1, 2, -100]), space, certainty, routed_predictions=np.array([0, 2, 1, 2]))
+    assert routed["routed_teacher_accuracy"] == pytest.approx(1 / 3)  # rows 0-2 (row 3 has no label): only row 0 right
