@@ -265,7 +265,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu" if not torch.cuda.is_available() else "gpu")
     parser.add_argument("--routers", nargs="+", default=ROUTERS)
     parser.add_argument("--student_routers", nargs="*", default=["self_training", "knn_smoothing", "consensus"])
-    parser.add_argument("--student_inits", nargs="*", default=[], choices=["teacher_average"],
+    parser.add_argument("--student_inits", nargs="*", default=[], choices=["teacher_average", "teacher_average_encoder"],
                         help="students: also train MUKI as published and each --student_routers student with this "
                              "student_init (reported as 'muki:ROUTER@INIT')")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])

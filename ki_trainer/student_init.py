@@ -116,14 +116,16 @@ def check_common_base(teachers: Sequence[Teacher], sources: list[dict], targets:
 
 @torch.no_grad()
 def average_teachers_into(
-    student: torch.nn.Module, teachers: Sequence[Teacher], label_space: LabelSpace, student_tokenizer=None
+    student: torch.nn.Module, teachers: Sequence[Teacher], label_space: LabelSpace, student_tokenizer=None,
+    stack_heads: bool = True,
 ) -> dict[str, int]:
     """Overwrite ``student``'s weights with the teachers' average; stack their output rows per union label.
 
     Weights of equal shape in the student and every teacher are averaged (fp32, then cast to the student's
     dtype). Output-layer weights (one row per label, e.g. ``classifier.weight`` / ``classifier.bias``) are
-    copied row by row from the teacher that owns each union label; a label owned by several teachers gets
-    the mean of their rows. Returns counts ``{"averaged": ..., "stacked": ...}``.
+    copied row by row from the teacher that owns each union label (a label owned by several teachers gets
+    the mean of their rows), or, with ``stack_heads=False``, left as the student's own fresh output layer.
+    Returns counts ``{"averaged": ..., "stacked": ...}``.
     """
     check_compatible(student, teachers, label_space, student_tokenizer)
     model = unwrap(student)
@@ -138,6 +140,8 @@ def average_teachers_into(
                 continue  # e.g. position_ids buffers: identical by construction, keep the student's
             target.copy_(torch.stack([value.detach().float().cpu() for value in values]).mean(0).to(target.dtype))
             averaged += 1
+            continue
+        if not stack_heads:
             continue
         rows = torch.zeros(target.shape, dtype=torch.float32)
         owners = torch.zeros(target.shape[0], dtype=torch.float32)

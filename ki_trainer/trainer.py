@@ -471,9 +471,10 @@ class KnowledgeIntegrationTrainer(Trainer):
 
     def _initialise_student(self, model: torch.nn.Module, tokenizer, args: KnowledgeIntegrationConfig) -> None:
         """Apply ``student_init`` to a freshly built student (before PEFT wraps it)."""
-        if args.student_init != "teacher_average":
+        if args.student_init == "pretrained":
             return
-        counts = average_teachers_into(model, self.teachers, self.label_space, tokenizer)
+        counts = average_teachers_into(model, self.teachers, self.label_space, tokenizer,
+                                       stack_heads=args.student_init == "teacher_average")
         logger.info(f"Student initialised from the average of {len(self.teachers)} teachers: {counts['averaged']} "
                     f"weights averaged, {counts['stacked']} output-layer weights stacked over the union labels.")
 

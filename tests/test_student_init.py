@@ -65,6 +65,18 @@ def test_encoder_is_the_teachers_mean_and_heads_are_stacked_by_label_name(tmp_pa
         torch.testing.assert_close(state["classifier.bias"][row], source["classifier.bias"][own_row])
 
 
+def test_encoder_average_keeps_the_students_own_output_layer(tmp_path, tok, teachers, train):
+    student = tiny_bert(4, len(tok), labels=UNION, seed=99)
+    head = student.classifier.weight.detach().clone()
+    trainer = KnowledgeIntegrationTrainer(model=student, args=config(tmp_path, student_init="teacher_average_encoder"),
+                                          teachers=teachers, train_dataset=train, processing_class=tok)
+    state = trainer.model.state_dict()
+    first, second = (t.model.state_dict() for t in teachers)
+    name = "bert.pooler.dense.weight"
+    torch.testing.assert_close(state[name], (first[name] + second[name]) / 2)
+    torch.testing.assert_close(state["classifier.weight"], head)
+
+
 def test_pretrained_default_leaves_the_student_untouched(tmp_path, tok, teachers, train):
     student = tiny_bert(4, len(tok), labels=UNION, seed=99)
     before = {k: v.clone() for k, v in student.state_dict().items()}
