@@ -23,6 +23,7 @@ from .label_space import LabelSpace
 from .peft_support import is_peft_model, unwrap
 from .teacher import Teacher
 
+
 def _vocabulary(tokenizer) -> dict[str, int] | None:
     get_vocab = getattr(tokenizer, "get_vocab", None)
     return get_vocab() if callable(get_vocab) else None
