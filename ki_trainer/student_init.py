@@ -5,7 +5,7 @@ vocabulary, the teachers' encoders can be averaged weight by weight (a "model so
 fine-tunes) and their classification heads stacked over the union labels. The student then starts from
 features that already separate every teacher's classes, and distillation only has to reconcile them.
 Measured on debian_sections20 (docs/routing.md, "Student initialisation"; MUKI + relative_mahalanobis):
-+1.7 points over the pretrained start merging two teachers (3 seeds), +2.4 on another pair, but -4.2 merging
++1.7 points over the pretrained start merging two teachers (3 seeds), +2.5 on another pair, but -4.2 merging
 four teachers (heads trained alone do not compare with each other); averaging only the encoder and keeping the
 student's fresh head (``stack_heads=False``, ``student_init="teacher_average_encoder"``) gave +0.8 and +0.5.
 Opt-in for that reason.
