@@ -82,33 +82,29 @@ def _common(demo: DemoArguments) -> dict[str, Any]:
                 save_strategy="no", report_to="none", seed=demo.seed, disable_tqdm=demo.disable_tqdm)
 
 
-def train_demo_teachers(demo: DemoArguments) -> list:
-    """Two teachers on the two halves of the sorted classes (cached in <output_dir>/teachers)."""
+def _train_classifiers(demo: DemoArguments, folder: str, split_spec: str, epochs: float) -> list:
+    """``train-teachers`` on ``split_spec`` (one classifier per label block), cached in <output_dir>/<folder>."""
     from ..teacher import Teacher
     from . import train_teachers
 
-    out = Path(demo.output_dir) / "teachers"
+    out = Path(demo.output_dir) / folder
     summary = train_teachers.main([
-        "--model_name_or_path", demo.model, "--split_spec", "2x10", "--max_train_per_class", str(demo.per_class),
-        "--max_length", str(demo.max_length), "--num_train_epochs", str(demo.teacher_epochs), "--eval_strategy", "no",
+        "--model_name_or_path", demo.model, "--split_spec", split_spec, "--max_train_per_class", str(demo.per_class),
+        "--max_length", str(demo.max_length), "--num_train_epochs", str(epochs), "--eval_strategy", "no",
         "--output_dir", str(out), *[f"--{k}={v}" for k, v in _common(demo).items()],
     ])  # fmt: skip
     return [Teacher(str(out / record["path"])) for record in summary["teachers"]]
 
 
+def train_demo_teachers(demo: DemoArguments) -> list:
+    """Two teachers on the two halves of the sorted classes (cached in <output_dir>/teachers)."""
+    return _train_classifiers(demo, "teachers", "2x10", demo.teacher_epochs)
+
+
 def train_oracle(demo: DemoArguments) -> Any:
     """The reference a label-free student is measured against: the student model fine-tuned WITH the gold labels of
     the same training rows, same epochs and learning rate (``train-teachers --split_spec 1x20``, cached)."""
-    from ..teacher import Teacher
-    from . import train_teachers
-
-    out = Path(demo.output_dir) / "oracle"
-    summary = train_teachers.main([
-        "--model_name_or_path", demo.model, "--split_spec", "1x20", "--max_train_per_class", str(demo.per_class),
-        "--max_length", str(demo.max_length), "--num_train_epochs", str(demo.num_train_epochs), "--eval_strategy", "no",
-        "--output_dir", str(out), *[f"--{k}={v}" for k, v in _common(demo).items()],
-    ])  # fmt: skip
-    return Teacher(str(out / summary["teachers"][0]["path"]))
+    return _train_classifiers(demo, "oracle", "1x20", demo.num_train_epochs)[0]
 
 
 @torch.no_grad()
