@@ -40,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_common as common  # noqa: E402
 import routing_eval  # noqa: E402
 
+from ki_trainer.config import STUDENT_INITS  # noqa: E402
+
 CONFIGS: dict[str, dict[str, Any]] = {
     # Fits a 2-core CPU: ~1 hour for the signals plus the student level with cached signals (docs/routing.md).
     "cpu": dict(model="sentence-transformers/paraphrase-MiniLM-L3-v2", max_length=48, epochs=3, batch_size=32,
@@ -107,6 +109,12 @@ def test_accuracy(model, tokenizer, texts, gold_ids, max_length: int) -> float:
     return float((torch.cat(predicted).numpy() == np.asarray(gold_ids)).mean())
 
 
+def parse_method(method: str) -> tuple[str, Optional[str], str]:
+    """'muki:ROUTER@INIT' / 'vanilla_kd' / 'oracle' -> (method without the init, router or None, init or '')."""
+    base, _, init = method.partition("@")
+    return base, (base.split(":", 1)[1] if base.startswith("muki:") else None), init
+
+
 def student_job(args, cfg, data, blocks, method: str, seed: int) -> dict[str, Any]:
     """One student (or the oracle) trained on the pool, evaluated by a plain forward pass on the test rows."""
     from transformers import set_seed
@@ -144,11 +152,10 @@ def student_job(args, cfg, data, blocks, method: str, seed: int) -> dict[str, An
         Trainer(model=model, args=training, train_dataset=encoded["train"], processing_class=tokenizer).train()
     else:
         pool = data["train"].remove_columns([c for c in ("label", "split") if c in data["train"].column_names])
-        base, _, init = method.partition("@")
+        base, router, init = parse_method(method)
         if base == "vanilla_kd":
             config = dict(strategy="vanilla_kd")
         else:
-            router = base.split(":", 1)[1]
             config = dict(strategy="muki", router=router)  # named explicitly: the cached default is not MUKI's
         config["student_init"] = init or "pretrained"
         set_seed(seed)  # the trainer builds the student's new head before Trainer seeds anything
@@ -196,8 +203,7 @@ def student_level(args, cfg, data, blocks, routing_rows) -> list[dict[str, Any]]
         if not results:
             continue
         accuracies = np.array([r["accuracy"] for r in results])
-        base, _, init = method.partition("@")
-        router = base.split(":", 1)[1] if base.startswith("muki:") else None
+        base, router, init = parse_method(method)
         name = {"oracle": "oracle (student trained WITH all labels)", "vanilla_kd": "student: vanilla KD"}.get(
             base, f"student: MUKI + {router}" + (" (as published)" if router == PUBLISHED and not init else ""))
         name += f", student_init={init}" if init else ""
@@ -265,7 +271,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu" if not torch.cuda.is_available() else "gpu")
     parser.add_argument("--routers", nargs="+", default=ROUTERS)
     parser.add_argument("--student_routers", nargs="*", default=["self_training", "knn_smoothing", "consensus"])
-    parser.add_argument("--student_inits", nargs="*", default=[], choices=["teacher_average", "teacher_average_encoder"],
+    parser.add_argument("--student_inits", nargs="*", default=[], choices=[i for i in STUDENT_INITS if i != "pretrained"],
                         help="students: also train MUKI as published and each --student_routers student with this "
                              "student_init (reported as 'muki:ROUTER@INIT')")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
