@@ -92,10 +92,10 @@ def _corrupt(path: str, what: str) -> CorruptSignalCacheError:
     )
 
 
-def _hash_tensor(hasher, tensor: torch.Tensor) -> None:
+def _hash_tensor(update: Callable[[bytes], None], tensor: torch.Tensor) -> None:
     data = tensor.detach().to("cpu").contiguous()
-    hasher.update(str((tuple(data.shape), str(data.dtype))).encode())
-    hasher.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    update(str((tuple(data.shape), str(data.dtype))).encode())
+    update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
 
 
 def model_config_fingerprint(model: torch.nn.Module) -> str:
@@ -120,22 +120,41 @@ def teachers_fingerprint(
     """A short hash of everything that determines the teachers' signals for a given text.
 
     ``mc_samples=0`` names a cache without Monte-Carlo statistics (one deterministic pass per teacher)."""
-    settings = (
-        f"ki-signals-v{_FINGERPRINT_FORMAT}.{SIGNAL_COMPUTATION_VERSION}|K={mc_samples}|top={mc_top_layers}|{dtype}"
-    )
-    if features:
-        settings += "|features"  # caches that also hold every teacher's pooled features (feature routers)
-    hasher = hashlib.sha256(settings.encode())
+    return teachers_fingerprints(teachers, student_tokenizer, max_lengths, dtype, [(mc_samples, mc_top_layers, features)])[0]
+
+
+def teachers_fingerprints(
+    teachers: Sequence[Teacher],
+    student_tokenizer,
+    max_lengths: Sequence[Optional[int]],
+    dtype: torch.dtype,
+    variants: Sequence[tuple[int, Optional[int], bool]],
+) -> list[str]:
+    """:func:`teachers_fingerprint` of several cache kinds ``(mc_samples, mc_top_layers, features)`` at once: every
+    teacher weight is copied to the host and serialised once, whatever the number of kinds."""
+    hashers = []
+    for mc_samples, mc_top_layers, features in variants:
+        settings = (
+            f"ki-signals-v{_FINGERPRINT_FORMAT}.{SIGNAL_COMPUTATION_VERSION}|K={mc_samples}|top={mc_top_layers}|{dtype}"
+        )
+        if features:
+            settings += "|features"  # caches that also hold every teacher's pooled features (feature routers)
+        hashers.append(hashlib.sha256(settings.encode()))
+
+    def update(data: bytes) -> None:
+        for hasher in hashers:
+            hasher.update(data)
+
     for teacher, length in zip(teachers, max_lengths):
         tokenizer = teacher.tokenizer or student_tokenizer
         tokenization = tokenizer_fingerprint(tokenizer) if tokenizer is not None else "custom-collator"
         adapter = getattr(teacher, "adapter", None)  # adapter teachers share one model: name the adapter
-        hasher.update(json.dumps([teacher.labels, length, tokenization] + ([adapter] if adapter else [])).encode())
-        hasher.update(model_config_fingerprint(teacher.model).encode())
+        update(json.dumps([teacher.labels, length, tokenization] + ([adapter] if adapter else [])).encode())
+        update(model_config_fingerprint(teacher.model).encode())
         for name, tensor in sorted(teacher.model.state_dict().items()):
-            hasher.update(name.encode())
-            _hash_tensor(hasher, tensor)
-    return hasher.hexdigest()[:20]
+            update(name.encode())
+            _hash_tensor(update, tensor)
+    return [hasher.hexdigest()[:20] for hasher in hashers]
 
 
 def text_hash(text: str) -> int:
@@ -713,7 +732,7 @@ def _read_legacy(path: str, fingerprint: str) -> _MemoryPart:
     hasher = hashlib.sha256(json.dumps([list(ids), list(hashes)]).encode())
     for name in sorted(tensors):
         hasher.update(name.encode())
-        _hash_tensor(hasher, tensors[name])
+        _hash_tensor(hasher.update, tensors[name])
     if payload.get("checksum") != hasher.hexdigest():
         raise _corrupt(path, "checksum mismatch: the rows were changed after they were written")
     part = _MemoryPart(ids, tensors, source=path)

@@ -58,7 +58,7 @@ from .signal_cache import (
     column_names,
     column_values,
     is_streaming,
-    teachers_fingerprint,
+    teachers_fingerprints,
     text_hash,
 )
 from .student_init import average_teachers_into
@@ -612,19 +612,21 @@ class KnowledgeIntegrationTrainer(Trainer):
         holds: pooled features (default: when the router needs them) and MC statistics (default: when the
         strategy/router reads them; a cache without them hashes K=0)."""
         mc = self._needs_mc if mc is None else mc
+        features = self._needs_features if features is None else features
+        return self._signal_fingerprints([(mc, features)])[0]
+
+    def _signal_fingerprints(self, kinds: list[tuple[bool, bool]]) -> list[str]:
+        """:meth:`signal_fingerprint` of several ``(with MC, with features)`` kinds, reading every teacher weight once."""
         collator = self.data_collator
         lengths = [
             collator.groups[key][1] if key is not None else collator.max_length
             for key in (collator.teacher_input_key(t) for t in range(len(self.teachers)))
         ] if isinstance(collator, KnowledgeIntegrationCollator) else [None] * len(self.teachers)
-        return teachers_fingerprint(
-            self.teachers,
-            self.processing_class,
-            lengths,
-            self.args.mc_samples if mc else 0,
-            self.args.resolved_teacher_dtype(),
-            mc_top_layers=self.args.mc_top_layers if mc else None,
-            features=self._needs_features if features is None else features,
+        variants = [
+            (self.args.mc_samples if mc else 0, self.args.mc_top_layers if mc else None, features) for mc, features in kinds
+        ]
+        return teachers_fingerprints(
+            self.teachers, self.processing_class, lengths, self.args.resolved_teacher_dtype(), variants
         )
 
     def precompute_teacher_signals(
@@ -742,8 +744,8 @@ class KnowledgeIntegrationTrainer(Trainer):
         directory = self.args.signal_cache_dir or os.path.join(self.args.output_dir, "teacher_signals")
         kinds = list(dict.fromkeys([(mc, features), (mc, True), (True, features), (True, True)]))
         choices = []
-        for with_mc, with_features in kinds:
-            fingerprint = self.signal_fingerprint(features=with_features, mc=with_mc)  # hashes every teacher weight
+        fingerprints = self._signal_fingerprints(kinds)  # one read of every teacher weight for all kinds
+        for (with_mc, with_features), fingerprint in zip(kinds, fingerprints):
             path = os.path.join(directory, f"{fingerprint}{file_suffix}{SIGNAL_CACHE_SUFFIX}")
             if path in self._signal_caches or TeacherSignalCache.exists(path):
                 return fingerprint, path, with_mc, with_features

@@ -116,7 +116,7 @@ def _legacy_file(path, fingerprint: str, ids, tensors) -> None:
     hasher = hashlib.sha256(json.dumps([list(ids), hashes]).encode())
     for name in sorted(tensors):
         hasher.update(name.encode())
-        signal_cache._hash_tensor(hasher, tensors[name])
+        signal_cache._hash_tensor(hasher.update, tensors[name])
     torch.save({"version": 2, "fingerprint": fingerprint, "label_sizes": [2, 2], "ids": list(ids), "text_hashes": hashes,
                 "tensors": tensors, "checksum": hasher.hexdigest()}, path)
 
@@ -153,6 +153,22 @@ def test_the_fingerprint_of_a_teacher_set_is_the_one_format_2_used(monkeypatch):
     first = signal_cache.teachers_fingerprint([teacher], None, [8], 4, torch.float32)
     monkeypatch.setattr(signal_cache, "CACHE_FORMAT_VERSION", 3)
     assert signal_cache.teachers_fingerprint([teacher], None, [8], 4, torch.float32) == first
+
+
+def test_fingerprints_of_several_kinds_at_once_equal_the_single_ones_and_stay_pinned():
+    """Caches on disk are named by these hashes: reading the weights once for several kinds must not change them
+    (the values were computed before ``teachers_fingerprints`` existed)."""
+    model = torch.nn.Linear(2, 3)
+    with torch.no_grad():
+        model.weight.copy_(torch.arange(6.0).reshape(3, 2))
+        model.bias.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    teacher = type("T", (), {"tokenizer": None, "labels": ["x", "y", "z"], "model": model})()
+    kinds = [(4, None, False), (0, None, True), (8, 1, True)]
+    pinned = ["36908b800f0134123108", "a695d00706159c97bb2a", "e7e14167512208bb803f"]
+    single = [signal_cache.teachers_fingerprint([teacher], None, [8], k, torch.float32, mc_top_layers=t, features=f)
+              for k, t, f in kinds]
+    assert single == pinned
+    assert signal_cache.teachers_fingerprints([teacher], None, [8], torch.float32, kinds) == pinned
 
 
 def _open_fds() -> int:

@@ -158,10 +158,10 @@ def topk_fingerprint(teachers, id_maps: Sequence[torch.Tensor], settings: dict) 
     hasher = hashlib.sha256(f"md-topk-v{CACHE_FORMAT_VERSION}|{json.dumps(settings, sort_keys=True)}".encode())
     for teacher, id_map in zip(teachers, id_maps):
         hasher.update(json.dumps([teacher.name, teacher.languages, tokenizer_fingerprint(teacher.tokenizer)]).encode())
-        _hash_tensor(hasher, id_map)
+        _hash_tensor(hasher.update, id_map)
         for name, tensor in sorted(teacher.model.state_dict().items()):
             hasher.update(name.encode())
-            _hash_tensor(hasher, tensor)
+            _hash_tensor(hasher.update, tensor)
     return hasher.hexdigest()[:20]
 
 
