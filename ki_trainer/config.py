@@ -18,6 +18,19 @@ STUDENT_INITS = ("pretrained", "teacher_average", "teacher_average_encoder")
 
 TEACHER_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+
+def resolve_teacher_dtype(args: TrainingArguments) -> torch.dtype:
+    """The dtype teachers are cast to (``args.teacher_dtype``): the explicit choice, else the mixed-precision dtype
+    (bf16; fp16 off the CPU), else fp32. Shared by the knowledge-integration and MergeDistill configs."""
+    explicit = TEACHER_DTYPES[args.teacher_dtype]
+    if explicit is not None:
+        return explicit
+    if args.bf16:
+        return torch.bfloat16
+    if args.fp16 and not args.use_cpu:
+        return torch.float16
+    return torch.float32
+
 # Float fields where +inf has a meaning (no gradient clipping); NaN is never valid anywhere.
 _INFINITY_ALLOWED = frozenset({"max_grad_norm"})
 
@@ -281,14 +294,7 @@ class KnowledgeIntegrationConfig(TrainingArguments):
 
     def resolved_teacher_dtype(self) -> torch.dtype:
         """The dtype teachers are cast to: explicit choice, else the mixed-precision dtype, else fp32."""
-        explicit = TEACHER_DTYPES[self.teacher_dtype]
-        if explicit is not None:
-            return explicit
-        if self.bf16:
-            return torch.bfloat16
-        if self.fp16 and not self.use_cpu:
-            return torch.float16
-        return torch.float32
+        return resolve_teacher_dtype(self)
 
     @classmethod
     def from_training_arguments(cls, args: TrainingArguments, **overrides) -> "KnowledgeIntegrationConfig":

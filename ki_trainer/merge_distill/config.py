@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from transformers import TrainingArguments
 
-from ..config import TEACHER_DTYPES
+from ..config import TEACHER_DTYPES, resolve_teacher_dtype
 
 
 @dataclass
@@ -113,11 +113,5 @@ class MergeDistillConfig(TrainingArguments):
             self.static_masking = True
 
     def resolved_teacher_dtype(self) -> torch.dtype:
-        explicit = TEACHER_DTYPES[self.teacher_dtype]
-        if explicit is not None:
-            return explicit
-        if self.bf16:
-            return torch.bfloat16
-        if self.fp16 and not self.use_cpu:
-            return torch.float16
-        return torch.float32
+        """The dtype teachers are cast to: explicit choice, else the mixed-precision dtype, else fp32."""
+        return resolve_teacher_dtype(self)
