@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -14,7 +16,7 @@ import pytest
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+from transformers import BertConfig, BertForSequenceClassification, BertModel, PreTrainedTokenizerFast
 
 CLASS_WORDS = {
     "alpha": ["apple", "apricot", "avocado", "almond", "anise", "acorn"],
@@ -65,6 +67,35 @@ def build_tokenizer(words=None) -> PreTrainedTokenizerFast:
         mask_token="[MASK]",
         model_max_length=64,
     )
+
+
+def build_tiny_base_model(path: Path, texts: Optional[list[str]] = None) -> Path:
+    """A BERT-shaped base encoder (no classifier head) saved at ``path`` with a WordPiece tokenizer trained on
+    real rows (default: 300 training rows of debian_sections20): what example and benchmark scripts load as
+    their "pretrained" checkpoint in tests."""
+    from ki_trainer.data import load_debian_sections
+
+    texts = texts if texts is not None else load_debian_sections(split="train")["text"][:300]
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials))
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
+    fast.save_pretrained(path)
+    config = BertConfig(
+        vocab_size=fast.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(path)
+    return Path(path)
 
 
 def teacher_words(labels) -> list[str]:

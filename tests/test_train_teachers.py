@@ -11,13 +11,12 @@ from types import ModuleType
 import pytest
 
 pytest.importorskip("tokenizers")
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers  # noqa: E402
-from transformers import BertConfig, BertModel, PreTrainedTokenizerFast, pipeline  # noqa: E402
+from transformers import pipeline  # noqa: E402
 
 from ki_trainer.data import load_debian_sections  # noqa: E402
+from conftest import build_tiny_base_model  # noqa: E402
 
 SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "train_teachers.py"
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def _load_script() -> ModuleType:
@@ -33,28 +32,7 @@ train_teachers = _load_script()
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A BERT-shaped base encoder (no classifier head) with a WordPiece tokenizer trained on real rows."""
-    path = tmp_path_factory.mktemp("tiny_bert")
-    texts = load_debian_sections(split="train")["text"][:300]
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=400, special_tokens=SPECIALS))
-    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
-    fast.save_pretrained(path)
-    config = BertConfig(
-        vocab_size=fast.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=64,
-    )
-    BertModel(config).save_pretrained(path)
-    return path
+    return build_tiny_base_model(tmp_path_factory.mktemp("tiny_bert"))
 
 
 def _argv(model: Path, out: Path, *extra: str) -> list[str]:
