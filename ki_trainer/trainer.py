@@ -640,7 +640,8 @@ class KnowledgeIntegrationTrainer(Trainer):
 
         Only what the strategy and router read is computed: the K Monte-Carlo-dropout passes per teacher
         only when they read MC statistics (``muki`` with ``router="mc_entropy"``, ...), pooled features only for
-        feature routers. A cache that holds more (written by another run) serves this one as well.
+        feature routers. A cache that holds more (written by another run) serves this one as well; the rows it
+        lacks are then added with everything it holds (MC passes included).
         ``mc=True`` / ``features=True`` compute them anyway, e.g. to compare every router on one cache.
         """
         dataset = dataset if dataset is not None else self.train_dataset
