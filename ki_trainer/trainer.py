@@ -641,7 +641,8 @@ class KnowledgeIntegrationTrainer(Trainer):
         Only what the strategy and router read is computed: the K Monte-Carlo-dropout passes per teacher
         only when they read MC statistics (``muki`` with ``router="mc_entropy"``, ...), pooled features only for
         feature routers. A cache that holds more (written by another run) serves this one as well; the rows it
-        lacks are then added with everything it holds (MC passes included).
+        lacks are then added with everything it holds, except that a cache with MC statistics this run does not
+        read is extended only when that costs fewer teacher passes than a new cache of the exact kind.
         ``mc=True`` / ``features=True`` compute them anyway, e.g. to compare every router on one cache.
         """
         dataset = dataset if dataset is not None else self.train_dataset
@@ -738,20 +739,47 @@ class KnowledgeIntegrationTrainer(Trainer):
             reference = (lambda kept: lambda: kept)(dataset)
         self._streamed_ids[id(dataset)] = (reference, ids)
 
-    def _cache_choice(self, file_suffix: str, mc: bool, features: bool) -> tuple[str, str, bool, bool]:
+    def _cache_choice(
+        self, file_suffix: str, mc: bool, features: bool, dataset=None
+    ) -> tuple[str, str, bool, bool]:
         """(fingerprint, path, with MC, with features) of the cache to use: the first that exists (loaded or on
         disk) of the exact kind and the richer kinds (also MC statistics, also pooled features), else the exact
-        kind, new."""
+        kind, new.
+
+        A cache with MC statistics that this run does not read is taken only when extending it with ``dataset``'s
+        missing rows (K dropout passes each) costs no more teacher passes than one deterministic pass over every
+        row into a new cache of the exact kind; a run over mostly NEW rows then does not pay for MC passes it
+        never reads."""
         directory = self.args.signal_cache_dir or os.path.join(self.args.output_dir, "teacher_signals")
         kinds = list(dict.fromkeys([(mc, features), (mc, True), (True, features), (True, True)]))
         choices = []
         fingerprints = self._signal_fingerprints(kinds)  # one read of every teacher weight for all kinds
         for (with_mc, with_features), fingerprint in zip(kinds, fingerprints):
             path = os.path.join(directory, f"{fingerprint}{file_suffix}{SIGNAL_CACHE_SUFFIX}")
+            choice = (fingerprint, path, with_mc, with_features)
             if path in self._signal_caches or TeacherSignalCache.exists(path):
-                return fingerprint, path, with_mc, with_features
-            choices.append((fingerprint, path, with_mc, with_features))
+                if with_mc and not mc and not self._extending_is_cheaper(path, fingerprint, dataset):
+                    continue
+                return choice
+            choices.append(choice)
         return choices[0]
+
+    def _extending_is_cheaper(self, path: str, fingerprint: str, dataset) -> bool:
+        """Whether adding ``dataset``'s rows missing from the MC cache at ``path`` (1 + K·m/L passes each, with
+        ``mc_top_layers=m`` of L layers) costs at most one deterministic pass over all its rows. Streamed datasets
+        (ids unknown before their pass) always extend."""
+        if dataset is None or is_streaming(dataset):
+            return True
+        cache = self._open_signal_cache(path, fingerprint, [len(t.labels) for t in self.teachers])
+        ids = self._dataset_ids(dataset)
+        missing = sum(1 for example_id in dict.fromkeys(ids) if example_id not in cache.index)
+        if missing == 0:
+            return True
+        share = 1.0
+        layers = [getattr(getattr(t.model, "config", None), "num_hidden_layers", None) for t in self.teachers]
+        if self.args.mc_top_layers is not None and all(isinstance(n, int) and n > 0 for n in layers):
+            share = min(1.0, self.args.mc_top_layers / min(layers))
+        return missing * (1.0 + self.args.mc_samples * share) <= len(set(ids))
 
     def _cached_signals(
         self, dataset, file_suffix: str = "", mc: Optional[bool] = None, features: Optional[bool] = None
@@ -759,7 +787,7 @@ class KnowledgeIntegrationTrainer(Trainer):
         """The cache in ``<signal_cache_dir>/<fingerprint><file_suffix>.safetensors``, extended with ``dataset``'s missing
         rows. It holds at least what the strategy/router reads (and MC statistics / features when ``mc`` / ``features``)."""
         fingerprint, path, with_mc, with_features = self._cache_choice(
-            file_suffix, bool(mc) or self._needs_mc, bool(features) or self._needs_features
+            file_suffix, bool(mc) or self._needs_mc, bool(features) or self._needs_features, dataset
         )
         sizes = [len(t.labels) for t in self.teachers]
         device = self.accelerator.device

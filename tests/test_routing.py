@@ -1,6 +1,7 @@
 """Routers (competence estimators): known answers on synthetic signals, registry, fit/resume, no labels."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -349,6 +350,37 @@ def test_a_cache_with_features_serves_a_run_that_needs_none(tmp_path, trained_te
     monkeypatch.setattr(plain, "teacher_signals", lambda *a, **k: calls.append(1))
     cache = plain.precompute_teacher_signals()
     assert calls == [] and len(cache) == len(pool_rows)
+
+
+def test_a_richer_mc_cache_is_extended_only_when_that_costs_fewer_passes(tmp_path, trained_teachers, pool_rows,
+                                                                      monkeypatch):
+    """A run that reads no MC statistics reuses a cache with them when it covers the rows (or when adding the few
+    missing ones with K dropout passes costs no more than one plain pass over all rows); for mostly NEW rows it
+    writes its own cache of the exact kind with one deterministic pass per row instead."""
+    import ki_trainer.trainer as trainer_module
+
+    sources = []
+    real = trainer_module.query_teachers
+    monkeypatch.setattr(trainer_module, "query_teachers",
+                        lambda *a, **k: sources.append(k["certainty_source"]) or real(*a, **k))
+    shared = str(tmp_path / "shared")
+    rich = make_trainer(tmp_path / "a", trained_teachers, pool_rows.select(range(8)), signal_cache_dir=shared)
+    rich.precompute_teacher_signals(mc=True, features=True)
+    [rich_file] = os.listdir(shared)
+
+    def default(name, rows):
+        sources.clear()
+        trainer = make_trainer(tmp_path / name, trained_teachers, rows, router=None, signal_cache_dir=shared)
+        return trainer.precompute_teacher_signals(), set(sources)
+
+    cache, used = default("b", pool_rows.select(range(8)))  # covered: reused, no teacher pass
+    assert used == set() and cache.path.endswith(rich_file)
+    cache, used = default("c", pool_rows.select(range(9)))  # 1 missing row x (1 + K=4) passes <= 9 plain passes
+    assert used == {"mc"} and cache.path.endswith(rich_file) and len(cache) == 9
+    cache, used = default("d", pool_rows)  # 23 missing x 5 > 32: a new cache without MC, every row one pass
+    assert used == {None} and not cache.path.endswith(rich_file) and len(cache) == len(pool_rows)
+    assert "mc" not in cache.tensors and "features_0" in cache.tensors
+    assert sorted(os.listdir(shared)) == sorted([rich_file, os.path.basename(cache.path)])
 
 
 def test_a_router_that_reads_no_mc_statistics_runs_no_mc_passes(tmp_path, trained_teachers, pool_rows, monkeypatch):
