@@ -87,6 +87,15 @@ class KnowledgeIntegrationConfig(TrainingArguments):
         default=None,
         metadata={"help": "Router hyper-parameters as a dict or JSON text, e.g. '{\"neighbours\": 10}'."},
     )
+    router_fit_rows: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Fit a transductive router on at most this many pool rows, drawn at random (seeded by `seed`; "
+            "label-free). Default: every row. Bounds the fit's memory and time on very large pools; relative "
+            "Mahalanobis routed 79.9% of the 2x10 test rows fitted on 300 rows and 81.0% on 4,700 "
+            "(docs/routing.md, 'Pool size')."
+        },
+    )
     mc_samples: int = field(
         default=16,
         metadata={"help": "Monte-Carlo dropout passes per teacher and example used to score certainty (muki)."},
@@ -207,6 +216,8 @@ class KnowledgeIntegrationConfig(TrainingArguments):
         if self.student_init not in STUDENT_INITS:
             raise ValueError(f"student_init must be one of {list(STUDENT_INITS)}, got {self.student_init!r}.")
         self._validate_router()
+        if self.router_fit_rows is not None and self.router_fit_rows < 2:
+            raise ValueError(f"router_fit_rows must be >= 2 (or None for every pool row), got {self.router_fit_rows}.")
         if self.mc_samples < 1:
             raise ValueError(f"mc_samples must be >= 1, got {self.mc_samples}.")
         if self.kd_temperature <= 0:

@@ -670,6 +670,10 @@ class KnowledgeIntegrationTrainer(Trainer):
         if self.signal_cache is None:
             self.signal_cache = self._cached_signals(dataset)
         ids = self._dataset_ids(dataset)
+        limit = self.args.router_fit_rows
+        if limit is not None and len(ids) > limit:  # a seeded random subset (ids only: no text, no label)
+            chosen = np.random.default_rng(self.args.seed).choice(len(ids), size=limit, replace=False)
+            ids = [ids[i] for i in sorted(chosen.tolist())]
         pool = self.signal_cache.lookup(ids, self._certainty_source)
         self.router.fit(pool)
         logger.info(f"Router {self.router.name!r} fitted on {len(ids)} unlabeled rows.")

@@ -319,6 +319,36 @@ def test_fit_is_saved_and_a_resumed_run_scores_with_the_same_fit(tmp_path, train
     )
 
 
+def test_router_fit_rows_fits_on_a_seeded_subset_of_the_pool(tmp_path, trained_teachers, pool_rows):
+    """router_fit_rows=N: the router sees N pool rows, the same N for the same seed, and scores like a router
+    fitted by hand on exactly those rows' signals."""
+    seen = []
+
+    def fitted(name, **kw):
+        trainer = make_trainer(tmp_path / name, trained_teachers, pool_rows, router="relative_mahalanobis",
+                               router_fit_rows=10, **kw)
+        real = trainer.router.fit
+        trainer.router.fit = lambda signals: seen.append(signals) or real(signals)
+        trainer.fit_router()
+        return trainer
+
+    first, second = fitted("a"), fitted("b")
+    assert [s.batch_size for s in seen] == [10, 10]
+    torch.testing.assert_close(seen[0].logits[0], seen[1].logits[0])  # same seed, same rows
+    other = fitted("c", seed=1)
+    assert not torch.equal(seen[2].logits[0], seen[0].logits[0])
+    ids = [str(i) for i in pool_rows["id"]]
+    chosen = [i for i in ids if any(torch.equal(first.signal_cache.lookup([i], None).logits[0][0], row)
+                                    for row in seen[0].logits[0])]
+    assert len(chosen) == 10
+    by_hand = build_router("relative_mahalanobis").fit(first.signal_cache.lookup(chosen, None))
+    everything = first.signal_cache.lookup(ids, None)
+    torch.testing.assert_close(first.router.score(everything), by_hand.score(everything))
+    assert other.router.fitted and second.router.fitted
+    with pytest.raises(ValueError, match="router_fit_rows must be >= 2"):
+        KnowledgeIntegrationConfig(output_dir=str(tmp_path), report_to=[], router_fit_rows=1)
+
+
 def test_cached_equals_on_the_fly_for_a_router_without_fit(tmp_path, trained_teachers, pool_rows):
     """Deterministic router (max_prob): the same student whether signals are cached or queried live."""
     fly = make_trainer(tmp_path / "fly", trained_teachers, pool_rows, router="max_prob", mode="on_the_fly")
