@@ -137,7 +137,7 @@ class KnowledgeIntegrationConfig(TrainingArguments):
             "'teacher_average_encoder' (average every weight but the output layer, which stays the student's fresh "
             "one). Both need full-model teachers fine-tuned from the student's base checkpoint, with its vocabulary. "
             "Measured: 'teacher_average' +1.7 points merging two teachers but -4.2 merging four, "
-            "'teacher_average_encoder' +0.8 and +0.6; see docs/routing.md.",
+            "'teacher_average_encoder' +0.7 and +0.6; see docs/routing.md.",
             "choices": list(STUDENT_INITS),
         },
     )
