@@ -250,6 +250,11 @@ def test_model_card_names_the_router_the_run_used():
     assert card() == "mc_entropy (the default of strategy 'muki')"
     assert card(router="energy") == "energy"
     assert card(strategy="vanilla_kd").startswith("none")
+    from ki_trainer.model_card import _strategy_settings
+
+    settings = _strategy_settings(KnowledgeIntegrationConfig(
+        output_dir="unused", report_to=[], teacher_signals="cached", router_fit_rows=500))
+    assert settings["router_fit_rows"] == 500 and "router_options" in settings  # every router field is on the card
 
 
 def test_default_cached_muki_fits_the_feature_router(tmp_path, trained_teachers, pool_rows):
