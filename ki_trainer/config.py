@@ -31,6 +31,7 @@ def resolve_teacher_dtype(args: TrainingArguments) -> torch.dtype:
         return torch.float16
     return torch.float32
 
+
 # Float fields where +inf has a meaning (no gradient clipping); NaN is never valid anywhere.
 _INFINITY_ALLOWED = frozenset({"max_grad_norm"})
 

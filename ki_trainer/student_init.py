@@ -7,7 +7,8 @@ features that already separate every teacher's classes, and distillation only ha
 Measured on debian_sections20 (docs/routing.md, "Student initialisation"; MUKI + relative_mahalanobis):
 +1.7 points over the pretrained start merging two teachers (3 seeds), +2.5 on another pair, but -4.2 merging
 four teachers (heads trained alone do not compare with each other); averaging only the encoder and keeping the
-student's fresh head (``stack_heads=False``, ``student_init="teacher_average_encoder"``) gave +0.8 and +0.5.
+student's fresh head (``stack_heads=False``, ``student_init="teacher_average_encoder"``) gave +0.6 merging four
+and +0.7 / +1.2 on the two pairs (3 seeds each).
 Opt-in for that reason.
 
 Only the weights are read: no data, no labels. Nothing here runs for ``student_init="pretrained"``.

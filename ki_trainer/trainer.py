@@ -775,15 +775,15 @@ class KnowledgeIntegrationTrainer(Trainer):
         if dataset is None or is_streaming(dataset):
             return True
         cache = self._open_signal_cache(path, fingerprint, [len(t.labels) for t in self.teachers])
-        ids = self._dataset_ids(dataset)
-        missing = sum(1 for example_id in dict.fromkeys(ids) if example_id not in cache.index)
+        ids = set(self._dataset_ids(dataset))
+        missing = len(ids - cache.index.keys())
         if missing == 0:
             return True
         share = 1.0
         layers = [getattr(getattr(t.model, "config", None), "num_hidden_layers", None) for t in self.teachers]
         if self.args.mc_top_layers is not None and all(isinstance(n, int) and n > 0 for n in layers):
             share = min(1.0, self.args.mc_top_layers / min(layers))
-        return missing * (1.0 + self.args.mc_samples * share) <= len(set(ids))
+        return missing * (1.0 + self.args.mc_samples * share) <= len(ids)
 
     def _cached_signals(
         self, dataset, file_suffix: str = "", mc: Optional[bool] = None, features: Optional[bool] = None

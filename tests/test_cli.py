@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TEACHER_SPLIT, build_tokenizer, make_rows, teacher_words, tiny_bert
+from conftest import TEACHER_SPLIT, build_tiny_base_model, build_tokenizer, make_rows, teacher_words, tiny_bert
 
 from ki_trainer.cli import commands, main
 from ki_trainer.cli.arguments import RunFileError
@@ -166,7 +166,7 @@ def test_integrate_from_a_run_file(disk_models: dict, tmp_path: Path, capsys) ->
 def test_demo_on_a_tiny_model(tmp_path: Path, capsys) -> None:
     from ki_trainer.cli import demo
 
-    base = _tiny_base(tmp_path / "base")
+    base = build_tiny_base_model(tmp_path / "base")
     calls = []
 
     def one_student(args, strategy, teachers, unlabeled, test, **options):
@@ -193,29 +193,3 @@ def test_demo_on_a_tiny_model(tmp_path: Path, capsys) -> None:
     oracle = json.loads((tmp_path / "demo" / "oracle" / "teachers.json").read_text())["teachers"]
     assert len(oracle) == 1 and len(oracle[0]["labels"]) == 20  # one model over every class, trained with labels
     assert f"==> training student {len(students)}/{len(students)}: hard MUKI ... " in capsys.readouterr().out
-
-
-def _tiny_base(path: Path) -> Path:
-    """A BERT encoder (no head) with a WordPiece tokenizer trained on real rows, like a Hub base model."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
-
-    from ki_trainer.data import load_debian_sections
-
-    texts = load_debian_sections(split="train")["text"][:300]
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials))
-    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
-    )
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]")
-    fast.save_pretrained(path)
-    config = BertConfig(vocab_size=fast.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=64)
-    BertModel(config).save_pretrained(path)
-    return path
