@@ -419,8 +419,18 @@ def test_train_save_reload_fill_mask_and_card(teachers, tmp_path):
     out = fill(f"the big cat {tokenizer.mask_token} and the cat")
     assert len(out) == 5 and all(o["token_str"] for o in out)
     card = open(tmp_path / "README.md", encoding="utf-8").read()
-    assert "## MergeDistill" in card and "en_teacher" in card and "it_teacher" in card
-    assert f"student vocabulary size: `{len(trainer.vocabulary)}`" in card
+    assert "MergeDistill" in card and "en_teacher" in card and "it_teacher" in card and "None dataset" not in card
+    assert f"{len(trainer.vocabulary)} tokens" in card and "segmented as in training" in card
+    assert "pipeline_tag: fill-mask" in card and "khanuja-etal-2021-mergedistill" in card
+    # the card's fill-mask snippet runs as written (the model id is the output directory)
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(snippet, "README.md", "exec"), {})
+    assert len(printed.getvalue().strip().splitlines()) == 3
 
 
 def test_scores_and_teacher_selection(teachers):

@@ -21,7 +21,7 @@ from ..signal_cache import column_names, column_values
 from ..teacher import model_position_limit
 from .collator import EXAMPLE_IDS_KEY, KD_POSITIONS_KEY, TEACHER_BATCHES_KEY, MergeDistillCollator
 from .config import MergeDistillConfig
-from .model_card import MERGE_DISTILL_TAGS, merge_distill_section
+from .model_card import student_card
 from .signals import TopKSignal, TopKSignalCache, masked_lm_logits, merge_distill_loss, topk_fingerprint, topk_to_student
 from .teacher import MaskedLMTeacher
 from .vocabulary import StudentVocabulary
@@ -533,12 +533,24 @@ class MergeDistillTrainer(Trainer):
             self._stats = self._empty_stats()
         super().log(logs, start_time)
 
-    def create_model_card(self, *args, tags=None, **kwargs) -> None:
-        """The Trainer's card plus teachers, languages, vocabulary sizes and coverage."""
-        tags = [tags] if isinstance(tags, str) else list(tags or [])
-        tags += [tag for tag in MERGE_DISTILL_TAGS if tag not in tags]
-        super().create_model_card(*args, tags=tags, **kwargs)
+    def create_model_card(self, *args, model_id: Optional[str] = None, results: Optional[str] = None, **kwargs) -> None:
+        """Write ``<output_dir>/README.md``: the merged student's own card (teachers and languages, vocabulary
+        and coverage, segmentation agreement of the saved tokenizer, settings, ``results`` markdown if given,
+        a fill-mask snippet for ``model_id`` (default: the output directory) and citations). Other arguments
+        of ``Trainer.create_model_card`` are accepted and ignored: transformers' fine-tuning card does not
+        describe a merged model."""
         if not self.is_world_process_zero():
             return
-        with open(os.path.join(self.args.output_dir, "README.md"), "a", encoding="utf-8") as card:
-            card.write("\n" + merge_distill_section(self.teachers, self.language_teachers, self.vocabulary, self.args))
+        report = getattr(self, "segmentation_report", None)
+        if report is None and os.path.exists(os.path.join(self.args.output_dir, "tokenizer_config.json")):
+            report = self.check_saved_tokenizer(self.args.output_dir)
+        model = self.accelerator.unwrap_model(self.model)
+        card = student_card(
+            self.teachers, self.language_teachers, self.vocabulary, self.args,
+            model_id=model_id or self.args.output_dir, segmentation=report,
+            output_tokens=None if self.output_columns is None else len(self.output_columns),
+            results=results, init=getattr(model.config, "ki_student_init", None),
+        )
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        with open(os.path.join(self.args.output_dir, "README.md"), "w", encoding="utf-8") as handle:
+            handle.write(card)
