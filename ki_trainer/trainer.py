@@ -43,7 +43,7 @@ from .console import describe_new_head, quiet_model_loading
 from .label_space import LabelSpace
 from .launch import check_distributed_type, check_launch, output_dir_lock
 from .metrics import integration_metrics
-from .model_card import MODEL_CARD_TAGS, render_model_card
+from .model_card import MODEL_CARD_TAGS, final_metrics, framework_versions, render_model_card
 from .peft_support import is_peft_model, merged_copy, unwrap, wrap_student, write_labels
 from .querying import query_teachers
 from .routing import Router, build_router
@@ -1196,11 +1196,12 @@ class KnowledgeIntegrationTrainer(Trainer):
         )
 
     def write_model_card(self, output_dir: str, **kwargs) -> str:
-        """Render the model card into ``<output_dir>/README.md`` and return its path."""
-        import transformers
+        """Render the model card into ``<output_dir>/README.md`` and return its path.
 
-        from . import __version__
-
+        The card carries the last validation (``eval_*``) and test (``test_*``) metrics of ``log_history``
+        as ``model-index``; ``self.model_card_kwargs`` (e.g. ``{"dataset": name}``) fills what ``kwargs`` omits.
+        """
+        kwargs = {**getattr(self, "model_card_kwargs", {}), **{k: v for k, v in kwargs.items() if v is not None}}
         tags = kwargs.get("tags")
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         dataset = kwargs.get("dataset")
@@ -1209,14 +1210,11 @@ class KnowledgeIntegrationTrainer(Trainer):
         language = [language] if isinstance(language, str) else language
         model = self.accelerator.unwrap_model(self.model)
         is_adapter = is_peft_model(model) and not self.args.merge_adapter
-        versions = {"ki-trainer": __version__, "transformers": transformers.__version__, "torch": torch.__version__}
-        if is_peft_model(model):
-            import peft
-
-            versions["peft"] = peft.__version__
-        repo_id = self.args.hub_model_id or os.path.basename(os.path.normpath(output_dir))
-        eval_metrics = next((dict(log) for log in reversed(self.state.log_history)
-                             if any(k.startswith("eval_") for k in log)), {})
+        versions = framework_versions(peft_used=is_peft_model(model))
+        # the snippet must run as written: the Hub repo when pushing, else the folder the model was saved to
+        # (push_to_hub without hub_model_id names the repo in init_hf_repo: self.hub_model_id)
+        repo_id = getattr(self, "hub_model_id", None) or self.args.hub_model_id or os.path.abspath(output_dir)
+        eval_metrics = final_metrics(self.state.log_history)
         collator = self.data_collator
         max_length = getattr(collator, "max_length", None) if isinstance(collator, KnowledgeIntegrationCollator) else None
         if self.train_dataset is not None and not is_streaming(self.train_dataset) \
@@ -1227,13 +1225,13 @@ class KnowledgeIntegrationTrainer(Trainer):
             teachers=self.teachers,
             args=self.args,
             labels=self.label_space.labels,
-            model_name=kwargs.get("model_name") or repo_id.split("/")[-1],
+            model_name=kwargs.get("model_name") or os.path.basename(os.path.normpath(repo_id)),
             repo_id=repo_id,
             base_model=kwargs.get("finetuned_from") or self.student_source,
             is_adapter=is_adapter,
             train_rows=len(self.train_dataset) if hasattr(self.train_dataset, "__len__") else None,
             max_length=max_length,
-            eval_metrics={k: v for k, v in eval_metrics.items() if k.startswith("eval_")},
+            eval_metrics=eval_metrics,
             versions=versions,
             tags=tags,
             language=language,

@@ -93,10 +93,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"ki-trainer {name}: {summary}.", file=sys.stderr)
         return 2
     from .arguments import RunFileError
+    from .errors import CommandError
 
     try:
         runner(argv[1:], f"ki-trainer {name}")
-    except RunFileError as error:
+    except (RunFileError, CommandError) as error:
         print(f"ki-trainer {name}: {error}", file=sys.stderr)
         return 2
     return 0
