@@ -182,3 +182,129 @@ def test_a_json_that_is_no_teachers_file(tmp_path: Path, capsys) -> None:
     assert main(["integrate", "--teachers", str(config), "--output_dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert f"{config} is not a teachers file" in err and "give the directory itself" in err
+
+
+# ---------------------------------------------------------------- 7. a fast start, and `ki-trainer env`
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["integrat"], ["launch-config"]])
+def test_overview_version_and_typos_import_no_ml_stack(argv: list) -> None:
+    code = ("import sys\nfrom ki_trainer.cli import main\nstatus = main(sys.argv[1:])\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'datasets', 'accelerate', 'numpy') if m in sys.modules)\n"
+            "print('HEAVY', heavy, file=sys.stderr)\nraise SystemExit(status)")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env, timeout=60)
+    assert "HEAVY []" in result.stderr, result.stderr[-2000:]  # each of them costs seconds at start-up
+    assert result.returncode == (2 if argv == ["integrat"] else 0)
+
+
+def test_public_names_import_lazily_and_all_resolve() -> None:
+    import ki_trainer
+
+    for name in ki_trainer.__all__:
+        assert getattr(ki_trainer, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'Trainerr'"):
+        ki_trainer.Trainerr  # noqa: B018
+
+
+def test_env_reports_versions_devices_and_accelerate_config(capsys, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    import torch
+    import transformers
+
+    from ki_trainer import __version__
+
+    assert f"- ki-trainer version: {__version__}" in out and f"- transformers version: {transformers.__version__}" in out
+    assert f"- torch version: {torch.__version__}" in out and "- accelerate version:" in out
+    assert f"- CUDA available: {torch.cuda.is_available()}" in out and "- accelerate config" in out
+    assert main(["env", "--bogus"]) == 2 and "takes no options" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- 5. TRL / transformers habits
+def test_trl_style_config_and_option_names(disk_models: dict, tmp_path: Path) -> None:
+    from ki_trainer.cli.integrate import build_parser
+
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump({"model_name_or_path": "org/student", "dataset_name": "org/data",
+                                   "teachers": ["t0"], "output_dir": str(tmp_path / "o")}))
+    script, args = build_parser().parse(["--config", str(run), "--learning_rate", "1e-4"])
+    assert (script.student, script.dataset, script.teachers) == ("org/student", "org/data", ["t0"])
+    assert args.learning_rate == 1e-4
+    script, _ = build_parser().parse([f"--config={run}", "--model_name_or_path", "org/other", "--dataset_name", "x"])
+    assert (script.student, script.dataset) == ("org/other", "x")  # flags override the file, under either name
+    from ki_trainer.cli.arguments import RunFileError
+
+    with pytest.raises(RunFileError, match="Two run files"):
+        build_parser().parse([str(run), "--config", str(run)])
+
+
+def test_lora_student_from_the_command_line(disk_models: dict, tmp_path: Path) -> None:
+    pytest.importorskip("peft")
+    out = tmp_path / "lora"
+    args = _run_args(disk_models, out, dataset=disk_models["data"], use_peft=True, lora_r=4, lora_alpha=8)
+    assert main(["integrate", *args, "--lora_target_modules", "query", "key"]) == 0
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["lora_alpha"] == 8 and sorted(adapter["target_modules"]) == ["key", "query"]
+    meta, body = _card(out / "README.md")
+    assert meta["library_name"] == "peft" and re.search(r"^- peft \d", body, re.M)  # peft used: its version listed
+    from ki_trainer.cli.errors import CommandError
+    from ki_trainer.cli.integrate import build_parser, lora_config
+
+    script, _ = build_parser().parse(["--lora_target_modules", "query", "--output_dir", str(tmp_path / "x")])
+    with pytest.raises(CommandError, match="--use_peft is not"):
+        lora_config(script)
+
+
+# ---------------------------------------------------------------- 6. data and split mistakes
+def test_split_spec_smaller_than_the_label_set(tmp_path: Path, capsys) -> None:
+    base = tmp_path / "base"
+    tiny_bert(2, 30).save_pretrained(base)  # never loaded: the spec is checked before any model
+    assert main(["train-teachers", "--model_name_or_path", str(base), "--split_spec", "2x3",
+                 "--output_dir", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert "--split_spec '2x3'" in err and "there are 20" in err and "2x10" in err and "4x5" in err
+    assert not (tmp_path / "t" / "teacher_0").exists()
+
+
+def test_latin1_byte_in_a_data_file_names_file_and_line(disk_models: dict, tmp_path: Path, capsys) -> None:
+    rows = tmp_path / "rows.jsonl"
+    good = json.dumps({"text": "plain", "label": "admin", "split": "train"}).encode()
+    rows.write_bytes(good + b"\n" + good.replace(b"plain", b"caf\xe9") + b"\n")  # latin-1 e-acute on line 2
+    assert main(["train-teachers", "--data_path", str(rows), "--output_dir", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert f"{rows}, line 2, byte " in err and "0xe9 is not UTF-8" in err and "iconv -f latin1" in err
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "validation", "test"):
+        text = (disk_models["data"] / f"{split}.json").read_bytes()
+        if split == "validation":
+            lines = text.split(b"\n")
+            lines[3] = lines[3].replace(b'"text": "', b'"text": "\xe9t\xe9 ')
+            text = b"\n".join(lines)
+        (data / f"{split}.json").write_bytes(text)
+    assert main(["integrate", *_run_args(disk_models, tmp_path / "o", dataset=data)]) == 2
+    assert f"{data / 'validation.json'}, line 4, byte " in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- 8. train-teachers: no optimizer checkpoints, cards
+def test_train_teachers_writes_cards_and_no_checkpoints_unless_asked(tmp_path: Path) -> None:
+    from conftest import build_tiny_base_model
+
+    base = build_tiny_base_model(tmp_path / "base")
+    argv = ["--model_name_or_path", str(base), "--max_train_per_class", "2", "--max_length", "16",
+            "--num_train_epochs", "1", "--per_device_train_batch_size", "8", "--use_cpu", "true",
+            "--disable_tqdm", "true", "--report_to", "none", "--save_strategy", "steps", "--save_steps", "2"]
+    out = tmp_path / "teachers"
+    assert main(["train-teachers", *argv, "--split_spec", "2x10", "--output_dir", str(out)]) == 0
+    assert not (out / "checkpoints").exists()  # the Trainer would have left checkpoint-2, -4 (optimizer state)
+    summary = json.loads((out / "teachers.json").read_text())
+    for record in summary["teachers"]:
+        meta, body = _card(out / record["path"] / "README.md")
+        assert "generated_from_trainer" in meta["tags"] and "ki-trainer-teacher" in meta["tags"]
+        accuracy = meta["model-index"][0]["results"][0]["metrics"][0]
+        assert accuracy["type"] == "accuracy" and accuracy["value"] == pytest.approx(record["val_accuracy"], abs=1e-4)
+        assert meta["datasets"] == ["debian_sections20"] and str(tmp_path) not in json.dumps(meta)
+    kept = tmp_path / "kept"
+    assert main(["train-teachers", *argv, "--split_spec", "1x20", "--output_dir", str(kept),
+                 "--keep_checkpoints", "true"]) == 0
+    assert list((kept / "checkpoints" / "teacher_0").glob("checkpoint-*/optimizer.pt"))  # asked for: kept

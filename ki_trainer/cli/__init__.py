@@ -1,15 +1,22 @@
 """The ``ki-trainer`` console command (also ``python -m ki_trainer``).
 
 Each subcommand is a module of this package with ``main(argv, prog)``; ``examples/*.py`` call the
-same functions. ``merge-distill`` is registered when :mod:`ki_trainer.merge_distill` imports and
-provides ``ki_trainer/merge_distill/cli.py`` with ``main(argv, prog)`` (see :func:`merge_distill_command`).
+same functions. ``merge-distill`` is registered when its module exists (``ki_trainer/cli/merge_distill.py``, or
+``ki_trainer/merge_distill/cli.py``) with ``main(argv, prog)`` (see :func:`merge_distill_command`).
+
+Nothing here imports torch or transformers: ``ki-trainer --help``, ``--version`` and a mistyped command answer
+at once; a subcommand's module is imported when it runs.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Any, Callable, Optional, Sequence
+
+MERGE_DISTILL_MODULES = ("ki_trainer.cli.merge_distill", "ki_trainer.merge_distill.cli")
+MERGE_DISTILL_SUMMARY = "merge masked-LM teachers (own vocabularies, own languages) into one multilingual student LM"
 
 DESCRIPTION = """\
 ki-trainer: merge fine-tuned classifiers, each an expert on its own labels, domain or language, into
@@ -33,19 +40,30 @@ def _command(module: str, summary: str) -> tuple[Callable[..., Any], str]:
     return run, summary
 
 
+def _module_file(dotted: str) -> Optional[str]:
+    """The source file of ``ki_trainer.<...>`` if it exists, found without importing anything."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the ki_trainer package folder
+    path = os.path.join(root, *dotted.split(".")[1:]) + ".py"
+    return path if os.path.isfile(path) else None
+
+
 def merge_distill_command() -> tuple[Optional[Callable[..., Any]], str]:
     """The ``merge-distill`` subcommand, or ``None`` and the reason it is not available.
 
-    The hook: ``ki_trainer/merge_distill/cli.py`` defines ``main(argv: list[str], prog: str)``.
+    The hook: ``ki_trainer/cli/merge_distill.py`` (or ``ki_trainer/merge_distill/cli.py``) defines
+    ``main(argv: list[str], prog: str)``. The module is imported only when the command runs.
     """
-    try:
-        module = importlib.import_module("ki_trainer.merge_distill.cli")
-    except ImportError as error:
-        return None, f"not available in this installation ({error})"
-    if not callable(getattr(module, "main", None)):
-        return None, "not available: ki_trainer.merge_distill.cli has no main(argv, prog)"
-    summary = (module.__doc__ or "MergeDistill: distill several teachers into one student.").strip().splitlines()[0]
-    return (lambda argv, prog: module.main(list(argv), prog=prog)), summary
+    name = next((dotted for dotted in MERGE_DISTILL_MODULES if _module_file(dotted)), None)
+    if name is None:
+        return None, "not available in this installation (no ki_trainer/cli/merge_distill.py)"
+
+    def run(argv: Sequence[str], prog: str) -> Any:
+        module = importlib.import_module(name)
+        if not callable(getattr(module, "main", None)):
+            raise ImportError(f"{name} has no main(argv, prog)")
+        return module.main(list(argv), prog=prog)
+
+    return run, MERGE_DISTILL_SUMMARY
 
 
 def commands() -> dict[str, tuple[Optional[Callable[..., Any]], str]]:
@@ -57,6 +75,7 @@ def commands() -> dict[str, tuple[Optional[Callable[..., Any]], str]]:
         "launch-config": _command("launch_config", "list / print the path of a shipped accelerate config file"),
     }
     table["merge-distill"] = merge_distill_command()
+    table["env"] = _command("env", "versions, devices and accelerate config, to paste into a bug report")
     return table
 
 
@@ -74,7 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print_overview()
         return 0 if argv else 2
-    if argv[0] == "--version":
+    if argv[0] in ("--version", "-V", "version"):
         from .. import __version__
 
         print(f"ki-trainer {__version__}")
@@ -92,12 +111,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if runner is None:
         print(f"ki-trainer {name}: {summary}.", file=sys.stderr)
         return 2
-    from .arguments import RunFileError
-    from .errors import CommandError
+    from ..errors import UsageError  # RunFileError (a run file's mistakes) is one too
 
     try:
         runner(argv[1:], f"ki-trainer {name}")
-    except (RunFileError, CommandError) as error:
+    except UsageError as error:  # the message says what to fix: no traceback
         print(f"ki-trainer {name}: {error}", file=sys.stderr)
         return 2
     return 0

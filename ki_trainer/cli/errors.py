@@ -6,10 +6,12 @@ import os
 import re
 from pathlib import Path
 
+from ..errors import UsageError
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
-class CommandError(ValueError):
+class CommandError(UsageError):
     """A mistake in the command line, run file or data, with what to change; ``ki-trainer`` exits with status 2."""
 
 

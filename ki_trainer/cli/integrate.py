@@ -16,6 +16,7 @@ from ..config import KnowledgeIntegrationConfig
 from ..console import hide_progress_bars, phase, quiet_model_loading, use_row_progress
 from ..launch import check_launch
 from .arguments import CommandParser, is_help_all, own_fields
+from ..errors import non_utf8_error
 from .errors import CommandError, check_model_path
 
 EMBEDDED_DATASET = "debian_sections20"
@@ -47,17 +48,29 @@ class IntegrateArguments:
     )
     student: str = field(
         default="sentence-transformers/all-MiniLM-L6-v2",
-        metadata={"help": "Student backbone (Hub id or directory); it gets a fresh head over the union labels."},
+        metadata={"help": "Student backbone (Hub id or directory); it gets a fresh head over the union labels.",
+                  "aliases": ["--model_name_or_path"]},
     )
     dataset: Optional[str] = field(
         default=None,
-        metadata={"help": "A datasets.load_dataset name or local folder with train / validation / test splits "
+        metadata={"aliases": ["--dataset_name"], "help": "A datasets.load_dataset name or local folder with train / validation / test splits "
                   f"(gold labels: evaluation only), or '{EMBEDDED_DATASET}' (embedded). Default: "
                   f"'{EMBEDDED_DATASET}', allowed only for teachers trained on its sections (ki-trainer train-teachers)."},
     )
     language: str = field(default="en", metadata={"help": f"Text language of {EMBEDDED_DATASET} ('en', 'de', ...)."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Random subset of the train split."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Random subset of validation and test."})
+    # LoRA student, named as TRL's ModelConfig names it
+    use_peft: bool = field(default=False, metadata={"help": "Train the student as a LoRA adapter (peft); the classifier "
+                                                    "head is trained fully. Saved as an adapter unless --merge_adapter."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (with --use_peft)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (with --use_peft)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (with --use_peft)."})
+    lora_target_modules: Optional[list[str]] = field(
+        default=None, metadata={"help": "Module names LoRA adapts (with --use_peft), or 'all-linear'; default: peft's "
+                                "choice for the architecture (BERT: query, value)."})
+    lora_modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules trained fully besides the adapters (the classifier head always is)."})
 
 
 TeacherSpec = Union[str, dict]
@@ -142,7 +155,17 @@ def load_splits(dataset: str, language: str = "en"):
         return load_debian_sections(language=language)
     if dataset.startswith((".", "/", "~")) and not Path(dataset).expanduser().exists():
         raise CommandError(f"--dataset: no such file or folder {dataset!r} (relative to {Path.cwd()}).")
-    data = datasets.load_dataset(dataset)
+    try:
+        data = datasets.load_dataset(dataset)
+    except Exception as error:  # noqa: BLE001 - a local file that is not UTF-8 gets its file and line named
+        local = Path(dataset).expanduser()
+        files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else [local] if local.is_file() else []
+        for file in files:
+            if file.suffix in (".json", ".jsonl", ".csv", ".tsv", ".txt", ".gz", ".xz", ".bz2"):
+                bad = non_utf8_error(file)
+                if bad is not None:
+                    raise bad from error
+        raise
     if "val" not in data and "validation" in data:
         data["val"] = data.pop("validation")
     missing = [split for split in ("train", "val", "test") if split not in data]
@@ -204,6 +227,25 @@ def build_parser(full_help: bool = False, prog: str = "ki-trainer integrate") ->
     )
 
 
+def lora_config(script_args: IntegrateArguments):
+    """The ``peft.LoraConfig`` of ``--use_peft`` (``None`` without it), as TRL's ``get_peft_config`` builds it."""
+    if not script_args.use_peft:
+        for name in ("lora_target_modules", "lora_modules_to_save"):
+            if getattr(script_args, name):
+                raise CommandError(f"--{name} is given but --use_peft is not: add --use_peft true to train a LoRA student.")
+        return None
+    try:
+        from peft import LoraConfig, TaskType
+    except ImportError:
+        raise CommandError("--use_peft needs the peft package: pip install peft") from None
+    targets = script_args.lora_target_modules
+    if targets is not None and len(targets) == 1 and targets[0] == "all-linear":
+        targets = "all-linear"
+    return LoraConfig(task_type=TaskType.SEQ_CLS, r=script_args.lora_r, lora_alpha=script_args.lora_alpha,
+                      lora_dropout=script_args.lora_dropout, target_modules=targets,
+                      modules_to_save=script_args.lora_modules_to_save)
+
+
 def run(script_args: IntegrateArguments, args: KnowledgeIntegrationConfig) -> dict[str, float]:
     """The integrate job for parsed arguments: load data and teachers, train, save, evaluate on test."""
     from transformers import set_seed
@@ -216,6 +258,7 @@ def run(script_args: IntegrateArguments, args: KnowledgeIntegrationConfig) -> di
     student = str(resolve_model(script_args.student))
     check_model_path("--student", student)
     specs = teacher_specs(script_args.teachers)  # every path checked before any data or model is loaded
+    peft_config = lora_config(script_args)
     check_launch(args)  # before any work: a broken multi-process launch fails in seconds
     hide_progress_bars(bool(args.disable_tqdm))
     main = args.process_index == 0
@@ -236,6 +279,7 @@ def run(script_args: IntegrateArguments, args: KnowledgeIntegrationConfig) -> di
         teachers=teachers,
         train_dataset=train,
         eval_dataset=val,
+        peft_config=peft_config,
     )
     dataset_name = script_args.dataset or EMBEDDED_DATASET
     if Path(dataset_name).expanduser().exists():  # a local folder or file: the card names it, never its path
