@@ -8,7 +8,7 @@ default: Monte-Carlo-dropout certainty, soft/hard selection, margin re-weighting
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 if TYPE_CHECKING:  # what `from ki_trainer import X` gives; imported on first use (``ki-trainer --help`` stays fast)
     from .checkpoints import CheckpointMismatchError

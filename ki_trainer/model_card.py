@@ -99,7 +99,7 @@ def framework_versions(peft_used: bool = False) -> dict[str, str]:
     """ki-trainer and the installed versions of the frameworks a user needs to reproduce the run."""
     import importlib.metadata
 
-    from . import __version__
+    from ._version import __version__
 
     versions = {"ki-trainer": __version__}
     for name in FRAMEWORKS + (("peft",) if peft_used else ()):
@@ -299,3 +299,65 @@ def integration_section(teachers: Sequence[Teacher], args) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def card_facts(trainer, output_dir: str, **kwargs) -> dict[str, Any]:
+    """The keyword arguments of :func:`render_model_card` for a trained ``KnowledgeIntegrationTrainer``
+    (``kwargs``: ``create_model_card``'s ``language``, ``license``, ``tags``, ``model_name``, ``finetuned_from``,
+    ``dataset``; ``trainer.model_card_kwargs``, e.g. ``{"dataset": name}``, fills what they omit).
+
+    The card carries the last validation (``eval_*``) and test (``test_*``) metrics of ``log_history`` as
+    ``model-index``; its usage snippet names the Hub repo, else the folder the model was saved to.
+    """
+    from .collator import KnowledgeIntegrationCollator
+    from .dataset_checks import column_names, column_values, is_streaming
+    from .peft_support import is_peft_model
+
+    kwargs = {**getattr(trainer, "model_card_kwargs", {}), **{k: v for k, v in kwargs.items() if v is not None}}
+    tags = kwargs.get("tags")
+    tags = [tags] if isinstance(tags, str) else list(tags or [])
+    dataset = kwargs.get("dataset")
+    dataset = dataset[0] if isinstance(dataset, (list, tuple)) and dataset else dataset
+    language = kwargs.get("language")
+    language = [language] if isinstance(language, str) else language
+    args = trainer.args
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    is_adapter = is_peft_model(model) and not args.merge_adapter
+    versions = framework_versions(peft_used=is_peft_model(model))
+    # the snippet must run as written: the Hub repo when pushing (push_to_hub without hub_model_id names it in
+    # init_hf_repo: trainer.hub_model_id), else the folder the model was saved to
+    repo_id = getattr(trainer, "hub_model_id", None) or args.hub_model_id or os.path.abspath(output_dir)
+    eval_metrics = final_metrics(trainer.state.log_history)
+    collator = trainer.data_collator
+    max_length = getattr(collator, "max_length", None) if isinstance(collator, KnowledgeIntegrationCollator) else None
+    train_dataset = trainer.train_dataset
+    if train_dataset is not None and not is_streaming(train_dataset) and "input_ids" in column_names(train_dataset):
+        longest = max(len(ids) for ids in column_values(train_dataset, "input_ids"))
+        max_length = f"{longest} (longest pre-tokenized training row; the user's own truncation)"
+    return dict(
+        teachers=trainer.teachers,
+        args=args,
+        labels=trainer.label_space.labels,
+        model_name=kwargs.get("model_name") or os.path.basename(os.path.normpath(repo_id)),
+        repo_id=repo_id,
+        base_model=kwargs.get("finetuned_from") or trainer.student_source,
+        is_adapter=is_adapter,
+        train_rows=len(train_dataset) if hasattr(train_dataset, "__len__") else None,
+        max_length=max_length,
+        eval_metrics=eval_metrics,
+        versions=versions,
+        tags=tags,
+        language=language,
+        license=kwargs.get("license"),
+        dataset=dataset,
+    )
+
+
+def write_model_card(trainer, output_dir: str, **kwargs) -> str:
+    """Render the card of ``trainer``'s student into ``<output_dir>/README.md`` and return its path."""
+    text = render_model_card(**card_facts(trainer, output_dir, **kwargs))
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "README.md")
+    with open(path, "w", encoding="utf-8") as card:
+        card.write(text)
+    return path

@@ -1,8 +1,7 @@
 """The ``ki-trainer`` console command (also ``python -m ki_trainer``).
 
 Each subcommand is a module of this package with ``main(argv, prog)``; ``examples/*.py`` call the
-same functions. ``merge-distill`` is registered when its module exists (``ki_trainer/cli/merge_distill.py``, or
-``ki_trainer/merge_distill/cli.py``) with ``main(argv, prog)`` (see :func:`merge_distill_command`).
+same functions. The modules import the library (``ki_trainer.merge_distill`` ...), never the other way round.
 
 Nothing here imports torch or transformers: ``ki-trainer --help``, ``--version`` and a mistyped command answer
 at once; a subcommand's module is imported when it runs.
@@ -11,12 +10,8 @@ at once; a subcommand's module is imported when it runs.
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 from typing import Any, Callable, Optional, Sequence
-
-MERGE_DISTILL_MODULES = ("ki_trainer.cli.merge_distill", "ki_trainer.merge_distill.cli")
-MERGE_DISTILL_SUMMARY = "merge masked-LM teachers (own vocabularies, own languages) into one multilingual student LM"
 
 DESCRIPTION = """\
 ki-trainer: merge fine-tuned classifiers, each an expert on its own labels, domain or language, into
@@ -40,32 +35,6 @@ def _command(module: str, summary: str) -> tuple[Callable[..., Any], str]:
     return run, summary
 
 
-def _module_file(dotted: str) -> Optional[str]:
-    """The source file of ``ki_trainer.<...>`` if it exists, found without importing anything."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the ki_trainer package folder
-    path = os.path.join(root, *dotted.split(".")[1:]) + ".py"
-    return path if os.path.isfile(path) else None
-
-
-def merge_distill_command() -> tuple[Optional[Callable[..., Any]], str]:
-    """The ``merge-distill`` subcommand, or ``None`` and the reason it is not available.
-
-    The hook: ``ki_trainer/cli/merge_distill.py`` (or ``ki_trainer/merge_distill/cli.py``) defines
-    ``main(argv: list[str], prog: str)``. The module is imported only when the command runs.
-    """
-    name = next((dotted for dotted in MERGE_DISTILL_MODULES if _module_file(dotted)), None)
-    if name is None:
-        return None, "not available in this installation (no ki_trainer/cli/merge_distill.py)"
-
-    def run(argv: Sequence[str], prog: str) -> Any:
-        module = importlib.import_module(name)
-        if not callable(getattr(module, "main", None)):
-            raise ImportError(f"{name} has no main(argv, prog)")
-        return module.main(list(argv), prog=prog)
-
-    return run, MERGE_DISTILL_SUMMARY
-
-
 def commands() -> dict[str, tuple[Optional[Callable[..., Any]], str]]:
     """Subcommand name -> (runner or None when unavailable, one-line summary)."""
     table: dict[str, tuple[Optional[Callable[..., Any]], str]] = {
@@ -73,9 +42,11 @@ def commands() -> dict[str, tuple[Optional[Callable[..., Any]], str]]:
         "train-teachers": _command("train_teachers", "fine-tune one teacher per class subset of the embedded data"),
         "demo": _command("demo", "the main job end to end on a laptop CPU (two teachers -> one student)"),
         "launch-config": _command("launch_config", "list / print the path of a shipped accelerate config file"),
+        "merge-distill": _command(
+            "merge_distill", "merge masked-LM teachers (own vocabularies, own languages) into one multilingual student LM"
+        ),
+        "env": _command("env", "versions, devices and accelerate config, to paste into a bug report"),
     }
-    table["merge-distill"] = merge_distill_command()
-    table["env"] = _command("env", "versions, devices and accelerate config, to paste into a bug report")
     return table
 
 
@@ -94,7 +65,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print_overview()
         return 0 if argv else 2
     if argv[0] in ("--version", "-V", "version"):
-        from .. import __version__
+        from .._version import __version__
 
         print(f"ki-trainer {__version__}")
         return 0

@@ -52,7 +52,7 @@ def _accelerate_config() -> list[str]:
 
 def report() -> str:
     """The environment report as text."""
-    from .. import __version__
+    from .._version import __version__
 
     lines = [f"- ki-trainer version: {__version__}",
              f"- Platform: {platform.platform()}",
