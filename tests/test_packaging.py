@@ -69,7 +69,8 @@ def test_sdist_and_wheel_carry_what_a_user_needs_and_index_metadata(built: dict)
     assert {"ki_trainer/templates/model_card.md.j2", "ki_trainer/resources/debian_sections20.jsonl.xz",
             "ki_trainer/launch_configs/fsdp.yaml", "ki_trainer/cli/env.py"} <= names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
-    assert metadata["Requires-Python"] == ">=3.10" and metadata["License-Expression"] == "Apache-2.0"
+    assert metadata["Requires-Python"] == ">=3.10"
+    assert (metadata["License-Expression"] or metadata["License"]) == "Apache-2.0"
     assert metadata["Home-page"] or any(url.startswith("Source, https://") for url in metadata.get_all("Project-URL"))
     assert {"Documentation", "Source", "Issues"} <= {url.split(",")[0] for url in metadata.get_all("Project-URL")}
     requires = metadata.get_all("Requires-Dist")

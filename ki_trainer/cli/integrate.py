@@ -155,17 +155,14 @@ def load_splits(dataset: str, language: str = "en"):
         return load_debian_sections(language=language)
     if dataset.startswith((".", "/", "~")) and not Path(dataset).expanduser().exists():
         raise CommandError(f"--dataset: no such file or folder {dataset!r} (relative to {Path.cwd()}).")
-    try:
-        data = datasets.load_dataset(dataset)
-    except Exception as error:  # noqa: BLE001 - a local file that is not UTF-8 gets its file and line named
-        local = Path(dataset).expanduser()
-        files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else [local] if local.is_file() else []
-        for file in files:
-            if file.suffix in (".json", ".jsonl", ".csv", ".tsv", ".txt", ".gz", ".xz", ".bz2"):
-                bad = non_utf8_error(file)
-                if bad is not None:
-                    raise bad from error
-        raise
+    local = Path(dataset).expanduser()
+    files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else [local] if local.is_file() else []
+    for file in files:  # pyarrow reads a latin-1 byte without complaint and fails later without file or row
+        if file.suffix in (".json", ".jsonl", ".csv", ".tsv", ".txt", ".gz", ".xz", ".bz2"):
+            bad = non_utf8_error(file)
+            if bad is not None:
+                raise bad
+    data = datasets.load_dataset(dataset)
     if "val" not in data and "validation" in data:
         data["val"] = data.pop("validation")
     missing = [split for split in ("train", "val", "test") if split not in data]

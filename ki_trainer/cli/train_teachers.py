@@ -253,8 +253,9 @@ def run(script_args: TeacherTrainingArguments, training_args: TrainingArguments)
     }
     base_hub_id = hub_id_of(model_path) or (script_args.model_name_or_path if not Path(
         script_args.model_name_or_path).exists() else None)
-    card = {"finetuned_from": base_hub_id, "dataset": "debian_sections20" if script_args.data_path is None else None,
-            "tags": ["ki-trainer", "ki-trainer-teacher"]}
+    data_name = "debian_sections20" if script_args.data_path is None else Path(script_args.data_path).name
+    card = {"finetuned_from": base_hub_id, "dataset": data_name, "dataset_tags": data_name,
+            "tags": ["ki-trainer", "ki-trainer-teacher"]}  # dataset_tags: transformers' model-index needs them
     main_process = training_args.process_index == 0
     with output_dir_lock(str(output_dir), is_main_process=main_process):
         previous = previous_records(output_dir / "teachers.json", settings)
