@@ -8,6 +8,7 @@ teachers sharing one tokenizer share one encoding.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from typing import Any, Optional, Sequence
@@ -309,3 +310,14 @@ def split_batch(inputs: dict) -> tuple[dict, dict, Optional[list]]:
     example_ids = student_inputs.pop(EXAMPLE_IDS_KEY, None)
     student_inputs.pop("labels", None)
     return student_inputs, teacher_batches, example_ids
+
+
+def without_gold_labels(collator):
+    """A copy of a :class:`KnowledgeIntegrationCollator` that reads no gold labels (training batches: labels never
+    enter the loss, so a training label outside the union, or a malformed one, is ignored instead of failing
+    mid-epoch); any other collator unchanged."""
+    if not isinstance(collator, KnowledgeIntegrationCollator) or not collator.label_column:
+        return collator
+    collator = copy.copy(collator)
+    collator.label_column = None
+    return collator

@@ -336,6 +336,8 @@ class TeacherQuerier:
 def ensemble(teachers: Sequence) -> list[Teacher]:
     """The teachers as :class:`Teacher` objects (paths / ids / models wrapped), checked distinct, with unique
     names (a repeated or missing name gets its position)."""
+    if not teachers:
+        raise ValueError("KnowledgeIntegrationTrainer needs at least one teacher (teachers=[Teacher(...), ...]).")
     teachers = [t if isinstance(t, Teacher) else Teacher(t) for t in teachers]
     check_teachers_distinct(teachers)
     seen = set()

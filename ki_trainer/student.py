@@ -165,3 +165,28 @@ def prepare_student(model, teachers: Sequence[Teacher], args, tokenizer=None, lo
         adopt_union_labels(model, label_space)
     model = finish_student(model, teachers, label_space, tokenizer, args, peft_config)
     return model, label_space, source, tokenizer
+
+
+def check_student_given(model, model_init) -> None:
+    """Exactly one of ``model=`` and ``model_init=``."""
+    if model is None and model_init is None:
+        raise ValueError(
+            "Pass the student as `model=` (an instance, a directory or a Hub id), or a `model_init=` callable "
+            "that builds a fresh one (needed by hyperparameter_search)."
+        )
+    if model is not None and model_init is not None:
+        raise ValueError("Pass either `model=` or `model_init=`, not both.")
+
+
+def next_student(model: torch.nn.Module, teachers: Sequence[Teacher], label_space: LabelSpace, tokenizer, args,
+                 peft_config=None) -> torch.nn.Module:
+    """A further student built by ``model_init`` (a ``train()`` / trial after the first), ready to train: it must
+    name the labels in the order the first one fixed."""
+    order = student_label_order(getattr(unwrap(model), "config", None), teachers, strict=True)
+    if order is not None and order != label_space.labels:
+        raise ValueError(
+            f"model_init returned a student labelled {order}, but the first one fixed the order "
+            f"{label_space.labels}. Build every student with the same id2label."
+        )
+    adopt_union_labels(model, label_space)
+    return finish_student(model, teachers, label_space, tokenizer, args, peft_config)

@@ -14,7 +14,6 @@ This module wires; the work lives in its rooms (see docs/architecture.md): :mod:
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -23,30 +22,27 @@ from transformers import EvalPrediction, PreTrainedModel, PreTrainedTokenizerBas
 from transformers.utils import logging
 
 from . import checkpoints
-from .collator import KnowledgeIntegrationCollator, collator_for, split_batch
+from .collator import KnowledgeIntegrationCollator, collator_for, split_batch, without_gold_labels
 from .config import KnowledgeIntegrationConfig
 from .dataset_checks import check_dataset
 from .guards import FiniteLossGuard, NonFiniteLossError, check_writable  # noqa: F401  (NonFiniteLossError: re-exported)
 from .launch import check_distributed_type, check_launch, output_dir_lock
-from .metrics import evaluation_metrics, routed_teacher_predictions
-from .model_card import write_model_card
-from .peft_support import is_peft_model, merged_copy, unwrap, write_labels
+from .metrics import EvaluationRows, routed_teacher_predictions
+from .peft_support import unwrap
 from .querying import TeacherQuerier, ensemble, place_teachers
 from .routing import Router, build_router
-from .routing.fitting import ROUTER_STATE_FILE, SignalNeeds, fit_on_pool, load_router_state, save_router_state
-from .routing.fitting import score, signal_needs
-from .routing.standardization import certainty_statistics, standardize
+from .routing.fitting import ROUTER_STATE_FILE, Scoring, SignalNeeds, load_router_state, save_router_state, signal_needs
+from .saving import SavingMixin
 from .signal_cache import SignalPrecompute, TeacherSignalCache
 from .strategies import TeacherSignals, get_strategy
-from .student import adopt_union_labels, check_student_vocabulary, finish_student, prepare_student, seed_run
-from .student import student_label_order
+from .student import check_student_given, check_student_vocabulary, next_student, prepare_student, seed_run
 from .teacher import Teacher
 from .training_stats import TrainingStats
 
 logger = logging.get_logger(__name__)
 
 
-class KnowledgeIntegrationTrainer(Trainer):
+class KnowledgeIntegrationTrainer(SavingMixin, Trainer):
     """Merge several fine-tuned classifiers (teachers) into one student over the union of their labels.
 
     Args:
@@ -89,22 +85,13 @@ class KnowledgeIntegrationTrainer(Trainer):
         peft_config: Optional[Any] = None,
         **kwargs: Any,
     ) -> None:
-        if not teachers:
-            raise ValueError("KnowledgeIntegrationTrainer needs at least one teacher (teachers=[Teacher(...), ...]).")
+        self.teachers: list[Teacher] = ensemble(teachers or [])
         model_init = kwargs.pop("model_init", None)
-        if model is None and model_init is None:
-            raise ValueError(
-                "Pass the student as `model=` (an instance, a directory or a Hub id), or a `model_init=` callable "
-                "that builds a fresh one (needed by hyperparameter_search)."
-            )
-        if model is not None and model_init is not None:
-            raise ValueError("Pass either `model=` or `model_init=`, not both.")
+        check_student_given(model, model_init)
         if args is None:
             args = KnowledgeIntegrationConfig(output_dir="ki_trainer_output")
         elif not isinstance(args, KnowledgeIntegrationConfig):
             args = KnowledgeIntegrationConfig.from_training_arguments(args)
-
-        self.teachers: list[Teacher] = ensemble(teachers)
         self._peft_config = peft_config
         self._model_init_probe: Optional[torch.nn.Module] = None
         if model_init is not None:
@@ -140,13 +127,12 @@ class KnowledgeIntegrationTrainer(Trainer):
 
         self.strategy = get_strategy(args.strategy)(self.label_space, args.strategy_options())
         router_name = args.resolved_router()
-        self.router: Optional[Router] = build_router(router_name, args.router_kwargs()) if router_name else None
-        self.certainty_statistics: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # per-teacher mean, std
+        self.scoring = Scoring(build_router(router_name, args.router_kwargs()) if router_name else None,
+                               args.certainty_normalization)
         self.signal_cache: Optional[TeacherSignalCache] = None  # the training rows' cached signals
         self._eval_signal_cache: Optional[TeacherSignalCache] = None  # set while evaluating from cached signals
         self._user_compute_metrics = compute_metrics
-        self._eval_certainty: list[torch.Tensor] = []
-        self._eval_routed: list[torch.Tensor] = []  # the most competent teacher's prediction (union ids) per eval row
+        self._eval_rows = EvaluationRows()
         self._last_signals: Optional[TeacherSignals] = None
         super().__init__(
             model=model,
@@ -181,15 +167,8 @@ class KnowledgeIntegrationTrainer(Trainer):
         if self._model_init_probe is not None:
             model, self._model_init_probe = self._model_init_probe, None
             return model
-        model = super().call_model_init(trial)
-        order = student_label_order(getattr(unwrap(model), "config", None), self.teachers, strict=True)
-        if order is not None and order != self.label_space.labels:
-            raise ValueError(
-                f"model_init returned a student labelled {order}, but the first one fixed the order "
-                f"{self.label_space.labels}. Build every student with the same id2label."
-            )
-        adopt_union_labels(model, self.label_space)
-        return finish_student(model, self.teachers, self.label_space, self.processing_class, self.args, self._peft_config)
+        return next_student(super().call_model_init(trial), self.teachers, self.label_space, self.processing_class,
+                            self.args, self._peft_config)
 
     def _hp_search_setup(self, trial) -> None:
         # A trial sets fields on self.args (e.g. kd_temperature): rebuild the strategy from them.
@@ -211,15 +190,23 @@ class KnowledgeIntegrationTrainer(Trainer):
         """What the strategy and router read from the teachers (which certainty, pooled features)."""
         return signal_needs(self.strategy, self.router)
 
+    @property
+    def router(self) -> Optional[Router]:
+        return self.scoring.router
+
+    @property
+    def certainty_statistics(self) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-teacher (mean, std) of the scores over the training rows (``certainty_normalization``)."""
+        return self.scoring.statistics
+
+    @certainty_statistics.setter
+    def certainty_statistics(self, value) -> None:
+        self.scoring.statistics = value
+
     # ------------------------------------------------------------------ the KI step
-    def query_signals(
-        self,
-        student_inputs: dict,
-        teacher_batches: Optional[dict] = None,
-        certainty_source: Optional[str] = "strategy",
-        example_ids: Optional[Sequence[str]] = None,
-        features: Optional[bool] = None,
-    ) -> TeacherSignals:
+    def query_signals(self, student_inputs: dict, teacher_batches: Optional[dict] = None,
+                      certainty_source: Optional[str] = "strategy", example_ids: Optional[Sequence[str]] = None,
+                      features: Optional[bool] = None) -> TeacherSignals:
         """Query the ensemble (no gradients) for the signals the strategy/router needs, or for ``certainty_source``.
         ``example_ids`` are named in a NaN/inf error; ``features`` (default: when the router needs them) adds
         each teacher's pooled features."""
@@ -243,20 +230,18 @@ class KnowledgeIntegrationTrainer(Trainer):
 
     def route(self, signals: TeacherSignals) -> TeacherSignals:
         """Replace ``signals.certainty`` by the router's competence scores (no-op without a router)."""
-        return score(self.router, signals)
+        return self.scoring.route(signals)
 
     def normalize_certainty(self, signals: TeacherSignals) -> TeacherSignals:
         """Apply ``certainty_normalization`` (identity for 'none' or signals without certainty)."""
-        if self.args.certainty_normalization == "none":
-            return signals
-        return standardize(signals, self.certainty_statistics)
+        return self.scoring.standardize(signals)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         student_inputs, teacher_batches, example_ids = split_batch(inputs)
         outputs = model(**student_inputs)
         student_logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         signals = self.batch_signals(student_inputs, teacher_batches, example_ids, model.training)
-        signals = self.normalize_certainty(self.route(signals))
+        signals = self.scoring(signals)
         result = self.strategy.compute(student_logits, signals)
         if model.training:
             self._finite_loss.record(result.loss)  # no host sync here
@@ -280,21 +265,17 @@ class KnowledgeIntegrationTrainer(Trainer):
         router and the certainty statistics on them.
 
         The cache file is ``<signal_cache_dir>/<fingerprint>.safetensors``; rows already cached are reused, new
-        ids are added. Under several processes each computes its share of the missing rows into its own
-        shard files; the main process then merges them and every process loads the whole cache.
-
-        Only what the strategy and router read is computed: the K Monte-Carlo-dropout passes per teacher
-        only when they read MC statistics (``muki`` with ``router="mc_entropy"``, ...), pooled features only for
-        feature routers. A cache that holds more (written by another run) serves this one as well; the rows it
-        lacks are then added with everything it holds, except that a cache with MC statistics this run does not
-        read is extended only when that costs fewer teacher passes than a new cache of the exact kind.
+        ids are added (under several processes each computes its share; see :class:`SignalPrecompute`). Only what
+        the strategy and router read is computed (K Monte-Carlo-dropout passes per teacher only for MC statistics,
+        pooled features only for feature routers); a richer cache of another run serves this one too.
         ``mc=True`` / ``features=True`` compute them anyway, e.g. to compare every router on one cache.
         """
         dataset = dataset if dataset is not None else self.train_dataset
         self.signal_cache = self.cached_signals.load(dataset, mc=mc, features=features)
-        if self.router is not None and self.router.needs_fit and not self.router.fitted:
+        if self.scoring.router_unfitted:
             self.fit_router(dataset)
-        self._fit_certainty_normalization(dataset)
+        self.scoring.fit_statistics(self.signal_cache, self.cached_signals.dataset_ids(dataset),
+                                    self.needs.certainty_source)
         return self.signal_cache
 
     def fit_router(self, dataset=None) -> Optional[Router]:
@@ -311,24 +292,12 @@ class KnowledgeIntegrationTrainer(Trainer):
             raise ValueError(f"Router {self.router.name!r} is fitted on the unlabeled training rows: pass train_dataset.")
         if self.signal_cache is None:
             self.signal_cache = self.cached_signals.load(dataset)
-        rows = fit_on_pool(self.router, self.signal_cache, self.cached_signals.dataset_ids(dataset),
-                           self.needs.certainty_source, self.args.router_fit_rows, self.args.seed)
+        rows = self.scoring.fit_router(self.signal_cache, self.cached_signals.dataset_ids(dataset),
+                                       self.needs.certainty_source, self.args.router_fit_rows, self.args.seed)
         logger.info(f"Router {self.router.name!r} fitted on {rows} unlabeled rows.")
         if self.args.should_save:
             save_router_state(self.router, self.args.output_dir)
-        self.certainty_statistics = None  # standardization statistics follow the new scores
         return self.router
-
-    def _fit_certainty_normalization(self, dataset) -> None:
-        """Per-teacher mean and std of the router's (or strategy's) scores over ``dataset``'s cached rows."""
-        source = self.needs.certainty_source
-        if self.args.certainty_normalization == "none" or source is None:
-            return
-        ids = self.cached_signals.dataset_ids(dataset)
-        self.certainty_statistics = certainty_statistics(self.route(self.signal_cache.lookup(ids, source)).certainty)
-        mean, std = self.certainty_statistics
-        logger.info(f"Certainty standardization ({self.router.name if self.router else source}): mean "
-                    f"{mean.tolist()}, std {std.tolist()} over {len(ids)} training rows.")
 
     def _fit_scoring(self) -> None:
         """Set-up of evaluate()/predict(): fit the router and the certainty statistics (on the training rows) if
@@ -339,20 +308,11 @@ class KnowledgeIntegrationTrainer(Trainer):
                 and self.certainty_statistics is None:
             self.precompute_teacher_signals()
 
-    def _save_router_state(self, directory: str) -> None:
-        save_router_state(self.router, directory)
-
-    def _load_router_state(self, directory: str) -> bool:
-        path = load_router_state(self.router, directory)
-        if path is not None:
-            logger.info(f"Router {self.router.name!r}: fitted state loaded from {path}.")
-        return path is not None
-
     # ------------------------------------------------------------------ training
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         resume_from_checkpoint = self._checked_resume(resume_from_checkpoint)
         if resume_from_checkpoint is not None:
-            self._load_router_state(str(resume_from_checkpoint))
+            load_router_state(self.router, str(resume_from_checkpoint))
         # A second run writing the same output_dir while this one is alive is refused (see ki_trainer.launch).
         with output_dir_lock(self.args.output_dir, is_main_process=self.is_world_process_zero()):
             if self.args.signals_are_cached:
@@ -362,37 +322,13 @@ class KnowledgeIntegrationTrainer(Trainer):
         return output
 
     def get_train_dataloader(self):
-        """Training batches carry no gold labels: they never enter the loss, so a training label outside the
-        union (or a malformed one) is ignored, as documented, instead of failing mid-epoch."""
+        """Training batches carry no gold labels (see :func:`~ki_trainer.collator.without_gold_labels`)."""
         collator = self.data_collator
-        if not isinstance(collator, KnowledgeIntegrationCollator) or not collator.label_column:
-            return super().get_train_dataloader()
-        self.data_collator = copy.copy(collator)
-        self.data_collator.label_column = None
+        self.data_collator = without_gold_labels(collator)
         try:
             return super().get_train_dataloader()
         finally:
             self.data_collator = collator
-
-    def run_fingerprint(self) -> dict:
-        """What identifies this run in its checkpoints (see :func:`ki_trainer.checkpoints.run_fingerprint`)."""
-        return checkpoints.run_fingerprint(self)
-
-    def _checked_resume(self, resume_from_checkpoint):
-        """Resolve ``True`` to the newest COMPLETE checkpoint and refuse a checkpoint of another run."""
-        return checkpoints.resolve_resume(resume_from_checkpoint, self.args.output_dir, self.run_fingerprint())
-
-    def _save_checkpoint(self, model, trial) -> None:
-        self._check_finite_loss("before saving a checkpoint")
-        if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-            checkpoints.write_fingerprint(folder, self.run_fingerprint())  # first: trainer_state.json marks "complete"
-        super()._save_checkpoint(model, trial)
-
-    def _check_finite_loss(self, when: str, collective: bool = True) -> None:
-        """Raise if any training step since training began had a NaN/inf loss (one host sync)."""
-        step = self.state.global_step if getattr(self, "state", None) is not None else 0
-        self._finite_loss.check(self.accelerator, step, when, collective)
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
         self._check_finite_loss("at a logging step")  # before the Trainer logs a NaN loss as a finite number
@@ -411,11 +347,8 @@ class KnowledgeIntegrationTrainer(Trainer):
             loss = loss.detach().mean()
         if prediction_loss_only:
             return loss, None, None
-        certainty = self._last_signals.certainty if self._last_signals is not None else None
-        if certainty is not None and labels is not None:
-            self._eval_certainty.append(self.accelerator.gather_for_metrics(certainty).cpu())
-            routed = self.routed_teacher_predictions(self._last_signals)
-            self._eval_routed.append(self.accelerator.gather_for_metrics(routed).cpu())
+        if labels is not None:
+            self._eval_rows.add(self._last_signals, self.label_space, self.accelerator.gather_for_metrics)
         logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
         return loss, logits.detach(), labels
 
@@ -454,75 +387,13 @@ class KnowledgeIntegrationTrainer(Trainer):
             self._eval_signal_cache = previous
 
     def evaluation_loop(self, *args, **kwargs):
-        self._eval_certainty, self._eval_routed = [], []
+        self._eval_rows.reset()
         try:
             return super().evaluation_loop(*args, **kwargs)
         finally:
-            self._eval_certainty, self._eval_routed = [], []
+            self._eval_rows.reset()
 
     def _compute_metrics(self, eval_pred: EvalPrediction) -> dict[str, float]:
-        certainty = torch.cat(self._eval_certainty).numpy() if self._eval_certainty else None
-        routed = torch.cat(self._eval_routed).numpy() if self._eval_routed else None
         user = self._user_compute_metrics
-        return evaluation_metrics(eval_pred.predictions, eval_pred.label_ids, self.label_space, certainty, routed,
-                                  user_metrics=(lambda: user(eval_pred)) if user is not None else None)
-
-    # ------------------------------------------------------------------ saving and the model card
-    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
-        """Save the student (a PEFT adapter with its labels, or merged with ``merge_adapter``) and, for a
-        final save, its model card (``README.md``)."""
-        self._check_finite_loss("before saving the model", collective=False)  # users may call it on one rank
-        self._final_save = not _internal_call or self._pushing
-        try:
-            super().save_model(output_dir, _internal_call)
-        finally:
-            self._final_save = False
-        if not _internal_call and self.is_world_process_zero():
-            self.write_model_card(output_dir or self.args.output_dir)
-
-    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        save_router_state(self.router, output_dir)  # a transductive router's fit travels with the model and checkpoints
-        peft_student = is_peft_model(self.accelerator.unwrap_model(self.model))
-        if peft_student and self.args.merge_adapter and self._final_save:
-            original = self.model
-            self.model = merged_copy(self.accelerator.unwrap_model(original))  # training keeps the adapter
-            try:
-                super()._save(output_dir, state_dict=None)
-            finally:
-                self.model = original
-            return
-        super()._save(output_dir, state_dict)
-        if peft_student:
-            write_labels(output_dir, unwrap(self.accelerator.unwrap_model(self.model)).config)
-
-    def push_to_hub(self, *args, **kwargs):
-        self._pushing = True  # push_to_hub saves with _internal_call=True: still the final model
-        try:
-            return super().push_to_hub(*args, **kwargs)
-        finally:
-            self._pushing = False
-
-    def create_model_card(
-        self,
-        language=None,
-        license=None,
-        tags=None,
-        model_name=None,
-        finetuned_from=None,
-        tasks=None,
-        dataset_tags=None,
-        dataset=None,
-        dataset_args=None,
-    ) -> None:
-        """The card from the packaged template (see :mod:`ki_trainer.model_card`), in ``output_dir``."""
-        if not self.is_world_process_zero():
-            return
-        self.write_model_card(
-            self.args.output_dir, language=language, license=license, tags=tags, model_name=model_name,
-            finetuned_from=finetuned_from, dataset=dataset,
-        )
-
-    def write_model_card(self, output_dir: str, **kwargs) -> str:
-        """Render the model card into ``<output_dir>/README.md`` and return its path."""
-        return write_model_card(self, output_dir, **kwargs)
+        return self._eval_rows.metrics(eval_pred.predictions, eval_pred.label_ids, self.label_space,
+                                       (lambda: user(eval_pred)) if user is not None else None)

@@ -12,9 +12,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from transformers.utils import logging
 
 from ..strategies import TeacherSignals
 from .base import Router
+from .standardization import certainty_statistics, standardize
+
+logger = logging.get_logger(__name__)
 
 ROUTER_STATE_FILE = "router_state.pt"
 
@@ -77,4 +81,47 @@ def load_router_state(router: Optional[Router], directory: str) -> Optional[str]
     if router is None or not router.needs_fit or not os.path.isfile(path):
         return None
     router.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    logger.info(f"Router {router.name!r}: fitted state loaded from {path}.")
     return path
+
+
+class Scoring:
+    """How a batch's teacher signals become the certainty the strategy reads: the router's competence scores (when
+    a router is configured), then ``certainty_normalization``. Fitted in the set-up (the router on the unlabeled
+    pool, the statistics on the training rows' scores), applied per batch."""
+
+    def __init__(self, router: Optional[Router], normalization: str = "none") -> None:
+        self.router = router
+        self.normalization = normalization
+        self.statistics: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # per-teacher mean, std
+
+    def __call__(self, signals: TeacherSignals) -> TeacherSignals:
+        return self.standardize(self.route(signals))
+
+    def route(self, signals: TeacherSignals) -> TeacherSignals:
+        return score(self.router, signals)
+
+    def standardize(self, signals: TeacherSignals) -> TeacherSignals:
+        return signals if self.normalization == "none" else standardize(signals, self.statistics)
+
+    @property
+    def router_unfitted(self) -> bool:
+        return self.router is not None and self.router.needs_fit and not self.router.fitted
+
+    def fit_router(self, cache, ids: Sequence[str], certainty_source: Optional[str], limit: Optional[int] = None,
+                   seed: int = 0) -> int:
+        """Fit the (transductive) router on the pool rows ``ids``; the statistics then follow the new scores."""
+        rows = fit_on_pool(self.router, cache, ids, certainty_source, limit, seed)
+        self.statistics = None
+        return rows
+
+    def fit_statistics(self, cache, ids: Sequence[str], certainty_source: Optional[str]) -> bool:
+        """Per-teacher mean and std of the router's (or strategy's) scores over the cached rows ``ids`` (nothing
+        to fit without normalization or certainty). Returns whether statistics were fitted."""
+        if self.normalization == "none" or certainty_source is None:
+            return False
+        self.statistics = certainty_statistics(self.route(cache.lookup(ids, certainty_source)).certainty)
+        mean, std = self.statistics
+        logger.info(f"Certainty standardization ({self.router.name if self.router else certainty_source}): mean "
+                    f"{mean.tolist()}, std {std.tolist()} over {len(ids)} training rows.")
+        return True
