@@ -147,3 +147,29 @@ def test_nan_in_pooled_features_with_finite_logits_names_the_teacher_and_rows(tm
     with pytest.raises(FloatingPointError, match="'poisoned' on example ids .*pooled features") as info:
         trainer.precompute_teacher_signals()
     assert sorted(r["id"] for r in rows if repr(r["id"]) in str(info.value)) == sorted(apple_ids[:10])
+
+
+# ---------------------------------------------------------------- teacher_average needs one architecture
+@pytest.mark.parametrize("change,named", [
+    ({"num_hidden_layers": 3}, r"weight\(s\) the student lacks \(bert\.encoder\.layer\.2\."),
+    ({"num_attention_heads": 4}, r"num_attention_heads=4 \(student: 2\)"),
+    ({"hidden_act": "relu"}, r"hidden_act='relu' \(student: 'gelu'\)"),
+], ids=["deeper", "heads", "activation"])
+def test_teacher_average_refuses_teachers_built_differently(tmp_path, tok, change, named):
+    base = tiny_bert(2, len(tok), seed=5)
+    teachers = []
+    for i, labels in enumerate(TEACHER_SPLIT):
+        torch.manual_seed(30 + i)
+        fields = dict(vocab_size=len(tok), hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                      max_position_embeddings=64, num_hidden_layers=2, num_labels=2,
+                      id2label=dict(enumerate(labels)), label2id={l: j for j, l in enumerate(labels)})
+        model = BertForSequenceClassification(BertConfig(**{**fields, **(change if i == 1 else {})}))
+        own = model.state_dict()  # a fine-tune of `base` where the shapes allow (the extra layer stays its own)
+        model.load_state_dict({k: v for k, v in base.state_dict().items()
+                               if not k.startswith("classifier") and k in own and own[k].shape == v.shape}, strict=False)
+        teachers.append(Teacher(model, name=f"t{i}"))
+    train = Dataset.from_list([{"text": r["text"]} for r in make_rows(2, seed=3)])
+    with pytest.raises(ValueError, match=f"teacher 't1' .*{named}"):
+        KnowledgeIntegrationTrainer(model=tiny_bert(4, len(tok), labels=[l for ls in TEACHER_SPLIT for l in ls]),
+                                    args=config(tmp_path, student_init="teacher_average"), teachers=teachers,
+                                    train_dataset=train, processing_class=tok)
