@@ -173,3 +173,41 @@ def test_teacher_average_refuses_teachers_built_differently(tmp_path, tok, chang
         KnowledgeIntegrationTrainer(model=tiny_bert(4, len(tok), labels=[l for ls in TEACHER_SPLIT for l in ls]),
                                     args=config(tmp_path, student_init="teacher_average"), teachers=teachers,
                                     train_dataset=train, processing_class=tok)
+
+
+# ---------------------------------------------------------------- run files
+def test_a_key_given_twice_in_a_run_file_is_an_error_naming_file_key_and_lines(tmp_path):
+    from ki_trainer.cli.arguments import RunFileError
+    from ki_trainer.cli.integrate import build_parser
+
+    run = tmp_path / "run.yaml"
+    run.write_text("output_dir: out\nmax_steps: 5\nstrategy: muki\nmax_steps: 50\n")
+    with pytest.raises(RunFileError, match=r"run\.yaml.*duplicate key 'max_steps' \(first on line 2, again on line 4\)"):
+        build_parser().parse([str(run)])
+    nested = tmp_path / "nested.yaml"  # also inside a teacher entry
+    nested.write_text("output_dir: out\nteachers:\n  - path: a\n    labels: [x, y]\n    labels: [y, x]\n")
+    with pytest.raises(RunFileError, match=r"duplicate key 'labels' \(first on line 4, again on line 5\)"):
+        build_parser().parse([str(nested)])
+    as_json = tmp_path / "run.json"
+    as_json.write_text('{"output_dir": "out", "max_steps": 5, "max_steps": 50}')
+    with pytest.raises(RunFileError, match=r"run\.json.*duplicate key 'max_steps'"):
+        build_parser().parse([str(as_json)])
+
+
+@pytest.mark.parametrize("line,problem", [
+    ("max_steps: true", r"option 'max_steps' must be an integer, got bool True"),
+    ("mc_samples: 2.5", r"option 'mc_samples' must be an integer, got float 2\.5"),
+    ("learning_rate: [0.001]", r"option 'learning_rate' must be a number, got list \[0\.001\]"),
+    ("use_cpu: 3", r"option 'use_cpu' must be true or false, got int 3"),
+])
+def test_a_run_file_value_of_the_wrong_type_names_the_option_file_and_line(tmp_path, line, problem):
+    from ki_trainer.cli.arguments import RunFileError
+    from ki_trainer.cli.integrate import build_parser
+
+    run = tmp_path / "run.yaml"
+    run.write_text(f"output_dir: out\nstrategy: muki\n{line}\n")
+    with pytest.raises(RunFileError, match=rf"run\.yaml, line 3: {problem}"):
+        build_parser().parse([str(run)])
+    run.write_text("output_dir: out\nmax_steps: 7\nmc_samples: '4'\nlearning_rate: 1.0e-3\nuse_cpu: true\n")
+    _, args = build_parser().parse([str(run)])  # right types (and strings, converted like flags) still work
+    assert (args.max_steps, args.mc_samples, args.learning_rate, args.use_cpu) == (7, 4, 1e-3, True)
