@@ -218,6 +218,12 @@ def query_teachers(
                 pooled.append(teacher_features)
             else:
                 teacher_logits = deterministic_logits(teacher, inputs, chunk_size)
+            if teacher_logits.shape[-1] != len(teacher.labels):
+                raise ValueError(
+                    f"Teacher {teacher.name!r} outputs {teacher_logits.shape[-1]} logits per row but has "
+                    f"{len(teacher.labels)} label names {teacher.labels}: its head and its config.id2label (or "
+                    "labels=) disagree. Give one name per output: Teacher(..., labels=[...])."
+                )
             logits.append(teacher_logits)
             if certainty_source == "mc":
                 stats = mc_dropout_statistics(teacher, inputs, mc_samples, chunk_size, top_layers=mc_top_layers)
@@ -227,9 +233,9 @@ def query_teachers(
             elif certainty_source == "deterministic":
                 certainty.append(certainty_from_logits(teacher_logits))
     if check_finite:
-        finite = torch.stack([torch.isfinite(x).all() for x in logits + certainty]).all()
+        finite = torch.stack([torch.isfinite(x).all() for x in logits + certainty + pooled]).all()
         if not bool(finite):
-            raise TeacherNaNError(_non_finite_message(teachers, logits, certainty, row_ids))
+            raise TeacherNaNError(_non_finite_message(teachers, logits, certainty, row_ids, pooled=pooled))
     return TeacherSignals(
         logits=logits,
         certainty=torch.stack(certainty, dim=1) if certainty else None,
@@ -240,7 +246,8 @@ def query_teachers(
 
 
 def _non_finite_message(
-    teachers: Sequence[Teacher], logits: list, certainty: list, row_ids: Optional[Sequence[str]], shown: int = 10
+    teachers: Sequence[Teacher], logits: list, certainty: list, row_ids: Optional[Sequence[str]], shown: int = 10,
+    pooled: Sequence[torch.Tensor] = (),
 ) -> str:
     """Which teacher produced NaN/inf on which rows (example ids when known, else batch positions)."""
     parts = []
@@ -248,6 +255,10 @@ def _non_finite_message(
         bad = ~torch.isfinite(logits[t]).all(1)
         if certainty:
             bad |= ~torch.isfinite(certainty[t])
+        in_features = ~torch.isfinite(pooled[t]).all(1) if pooled else torch.zeros_like(bad)
+        what = " (in its pooled features, the router's input, while its logits are finite)" if bool(
+            (in_features & ~bad).any()) else ""
+        bad |= in_features
         rows = bad.nonzero().flatten().tolist()
         if not rows:
             continue
@@ -256,7 +267,7 @@ def _non_finite_message(
         else:
             where = f"rows {rows[:shown]} of the batch (no example ids: set signal_source='cached' and an id column)"
         more = f" and {len(rows) - shown} more" if len(rows) > shown else ""
-        parts.append(f"teacher {teacher.name!r} on {where}{more}")
+        parts.append(f"teacher {teacher.name!r} on {where}{more}{what}")
     return (
         f"NaN/inf teacher outputs: {'; '.join(parts) or 'unknown rows'}. Check the teachers' weights (e.g. fp16 "
         "overflow: try teacher_dtype='bfloat16' or 'float32') and these inputs."
