@@ -174,7 +174,7 @@ class KnowledgeIntegrationTrainer(SavingMixin, Trainer):
         # A trial sets fields on self.args (e.g. kd_temperature): rebuild the strategy from them.
         super()._hp_search_setup(trial)
         self.strategy = get_strategy(self.args.strategy)(self.label_space, self.args.strategy_options())
-        self.cached_signals.needs = self.needs
+        self.scoring.normalization, self.cached_signals.needs = self.args.certainty_normalization, self.needs
 
     def _set_signature_columns_if_needed(self) -> None:
         # Keep raw text, gold labels, ids and lengths: the collator and the length-grouped sampler need
