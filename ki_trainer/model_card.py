@@ -38,7 +38,7 @@ STRATEGY_FIELDS = (
     "margin_reweighting",
     "normalize_margin_weights",
     "certainty_normalization",
-    "teacher_signals",
+    "signal_source",
     "student_init",
 )
 # What a strategy that does not weigh teachers by certainty (vanilla_kd, uhc) reads of STRATEGY_FIELDS; the
@@ -289,7 +289,7 @@ def integration_section(teachers: Sequence[Teacher], args) -> str:
         "margin_reweighting": args.margin_reweighting,
         "normalize_margin_weights": args.normalize_margin_weights,
         "certainty_normalization": args.certainty_normalization,
-        "teacher_signals": args.teacher_signals,
+        "signal_source": args.signal_source,
     }
     lines += ["", "Integration settings:", ""] + [f"- `{k}`: {v}" for k, v in settings.items()]
     lines += [
