@@ -207,6 +207,7 @@ def render_model_card(
     license: Optional[str] = None,
     dataset: Optional[str] = None,
     example_text: str = "Text to classify",
+    routing_report: Optional[str] = None,
 ) -> str:
     """Render the card: a YAML header (base_model, tags, languages, model-index) and the sections."""
     import jinja2
@@ -257,6 +258,7 @@ def render_model_card(
         "training_settings": {name: getattr(args, name) for name in TRAINING_FIELDS if hasattr(args, name)},
         "eval_metrics": _metrics_by_split(metrics),
         "dataset": dataset,
+        "routing_report": routing_report,
         "versions": dict(versions or {}),
         "ki_trainer_version": (versions or {}).get("ki-trainer", "unknown"),
         "example_text": example_text.replace('"', "'"),
@@ -328,6 +330,7 @@ def card_facts(trainer, output_dir: str, **kwargs) -> dict[str, Any]:
     # init_hf_repo: trainer.hub_model_id), else the folder the model was saved to
     repo_id = getattr(trainer, "hub_model_id", None) or args.hub_model_id or os.path.abspath(output_dir)
     eval_metrics = final_metrics(trainer.state.log_history)
+    report_png = os.path.join(output_dir, "routing_report.png")  # ki_trainer.report.REPORT_PNG
     collator = trainer.data_collator
     max_length = getattr(collator, "max_length", None) if isinstance(collator, KnowledgeIntegrationCollator) else None
     train_dataset = trainer.train_dataset
@@ -345,6 +348,7 @@ def card_facts(trainer, output_dir: str, **kwargs) -> dict[str, Any]:
         train_rows=len(train_dataset) if hasattr(train_dataset, "__len__") else None,
         max_length=max_length,
         eval_metrics=eval_metrics,
+        routing_report="routing_report.png" if os.path.isfile(report_png) else None,
         versions=versions,
         tags=tags,
         language=language,

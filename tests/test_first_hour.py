@@ -308,3 +308,61 @@ def test_train_teachers_writes_cards_and_no_checkpoints_unless_asked(tmp_path: P
     assert main(["train-teachers", *argv, "--split_spec", "1x20", "--output_dir", str(kept),
                  "--keep_checkpoints", "true"]) == 0
     assert list((kept / "checkpoints" / "teacher_0").glob("checkpoint-*/optimizer.pt"))  # asked for: kept
+
+
+def test_a_dataset_without_a_test_split(disk_models: dict, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "validation"):
+        (data / f"{split}.json").write_bytes((disk_models["data"] / f"{split}.json").read_bytes())
+    assert main(["integrate", *_run_args(disk_models, tmp_path / "o", dataset=data)]) == 2
+    err = capsys.readouterr().err
+    assert "integrate needs train, validation and test (missing: ['test'])" in err and "test.json" in err
+
+
+# ---------------------------------------------------------------- 9. docs: whole sentences, no raw Sphinx roles
+def test_launch_config_listing_gives_whole_sentences(capsys) -> None:
+    from ki_trainer.cli.launch_config import available, describe
+
+    assert main(["launch-config"]) == 0
+    listing = capsys.readouterr().out
+    for name, path in available().items():
+        header = " ".join(" ".join(line.lstrip("# ").split()) for line in path.read_text().splitlines()
+                          if line.startswith("#"))
+        sentence = describe(path)
+        assert sentence.endswith(".") and header.startswith(sentence) and f"{name:18s}{sentence}\n" in listing, name
+    assert "Teachers are kept whole on\n" not in listing  # was cut at the end of the file's first line
+
+
+def test_docs_hook_renders_sphinx_roles_as_code() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("docs_hooks", REPO / "docs" / "hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    html = "<p>A :class:<code>Teacher</code> and :func:<code>~ki_trainer.data.load_debian_sections</code>.</p>"
+    assert hooks.on_page_content(html, None, None, None) == "<p>A <code>Teacher</code> and <code>load_debian_sections</code>.</p>"
+
+
+# ---------------------------------------------------------------- 11. the routing report
+def test_integrate_writes_a_routing_report_the_card_shows(integrated: Path, capsys) -> None:
+    report = json.loads((integrated / "routing_report.json").read_text())
+    test_results = json.loads((integrated / "test_results.json").read_text())
+    assert report["grouped_by"] == "gold label" and report["teachers"] == ["teacher_0", "teacher_1"]
+    assert sum(sum(per_teacher.values()) for per_teacher in report["routed"].values()) == report["rows"] == 24
+    assert report["owners"]["alpha"] == ["teacher_0"] and report["owners"]["delta"] == ["teacher_1"]
+    accuracy = report["accuracy"]  # the same numbers evaluation reported, from one more pass over the test split
+    assert accuracy["student"] == pytest.approx(test_results["test_accuracy"], abs=1e-6)
+    assert accuracy["routed teacher ensemble"] == pytest.approx(test_results["test_routed_teacher_accuracy"], abs=1e-6)
+    assert accuracy["routing (to an owner of the gold label)"] == pytest.approx(
+        test_results["test_teacher_selection_accuracy"], abs=1e-6)
+    assert sum(report["margins"]["counts"]) == 24 and report["margins"]["median"] >= 0
+    assert (integrated / "routing_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    _, body = _card(integrated / "README.md")
+    assert "![Routing report" in body and "(routing_report.png)" in body
+    (integrated / "routing_report.png").unlink()
+    assert main(["report", str(integrated)]) == 0  # the table, and the PNG drawn again from the JSON
+    out = capsys.readouterr().out
+    assert "routed most to" in out and f"student: {accuracy['student']:.4f}" in out
+    assert (integrated / "routing_report.png").is_file()
+    assert main(["report", str(integrated / "nowhere")]) == 2

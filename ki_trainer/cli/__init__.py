@@ -45,6 +45,7 @@ def commands() -> dict[str, tuple[Optional[Callable[..., Any]], str]]:
         "merge-distill": _command(
             "merge_distill", "merge masked-LM teachers (own vocabularies, own languages) into one multilingual student LM"
         ),
+        "report": _command("report", "per-label routing, margins and accuracies of an integrate run (table + PNG)"),
         "env": _command("env", "versions, devices and accelerate config, to paste into a bug report"),
     }
     return table

@@ -280,13 +280,13 @@ class CommandParser(HfArgumentParser):
         aliases = {option.lstrip("-"): action.dest for action in self._actions for option in action.option_strings
                    if option.startswith("--") and option.lstrip("-") not in known
                    and not isinstance(action, argparse._StoreFalseAction)}  # --no_x is no alias of x
+        lines = {aliases.get(key, key): line for key, line in getattr(values, "lines", {}).items()}
         values = {aliases.get(key, key): value for key, value in values.items()}  # e.g. model_name_or_path: -> student
         unknown = [key for key in values if key not in known]
         if unknown:
             hints = {key: difflib.get_close_matches(key, list(known), n=1) for key in unknown}
             described = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
             raise RunFileError(f"{run_file}: unknown option(s) {described}. `{self.prog} --help-all` lists them all.")
-        lines = getattr(values, "lines", {})
         for key, value in values.items():
             problem = _type_problem(known[key], value)
             if problem is not None:

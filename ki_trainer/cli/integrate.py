@@ -60,6 +60,12 @@ class IntegrateArguments:
     language: str = field(default="en", metadata={"help": f"Text language of {EMBEDDED_DATASET} ('en', 'de', ...)."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Random subset of the train split."})
     max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Random subset of validation and test."})
+    routing_report: bool = field(
+        default=True,
+        metadata={"help": "After testing, write routing_report.json and .png (matplotlib) to output_dir: per label, "
+                  "which teacher the router chose and how often, the routing margins, student vs routed-ensemble "
+                  "accuracy; the model card shows the PNG. One more pass of student and teachers over the test split."},
+    )
     # LoRA student, named as TRL's ModelConfig names it
     use_peft: bool = field(default=False, metadata={"help": "Train the student as a LoRA adapter (peft); the classifier "
                                                     "head is trained fully. Saved as an adapter unless --merge_adapter."})
@@ -294,6 +300,11 @@ def run(script_args: IntegrateArguments, args: KnowledgeIntegrationConfig) -> di
     for split, values in (("eval", eval_metrics), ("test", test_metrics)):
         trainer.log_metrics(split, values)
         trainer.save_metrics(split, values)  # eval_results.json, test_results.json, all_results.json
+    if script_args.routing_report and args.world_size == 1:  # (several processes: each would see its shard only)
+        from ..report import write_routing_report
+
+        with phase("routing report", enabled=main):
+            write_routing_report(trainer, test, args.output_dir)
     with phase("saving the student and its model card", enabled=main):
         with quiet_model_loading():
             trainer.save_model()
