@@ -68,7 +68,7 @@ def test_sdist_and_wheel_carry_what_a_user_needs_and_index_metadata(built: dict)
         metadata = email.message_from_bytes(archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))))
     assert {"ki_trainer/templates/model_card.md.j2", "ki_trainer/resources/debian_sections20.jsonl.xz",
             "ki_trainer/launch_configs/fsdp.yaml", "ki_trainer/cli/env.py"} <= names
-    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    assert any(n.endswith((".dist-info/licenses/LICENSE", ".dist-info/LICENSE")) for n in names)  # setuptools >=/< 72
     assert metadata["Requires-Python"] == ">=3.10"
     assert (metadata["License-Expression"] or metadata["License"]) == "Apache-2.0"
     assert metadata["Home-page"] or any(url.startswith("Source, https://") for url in metadata.get_all("Project-URL"))
