@@ -236,7 +236,8 @@ class KnowledgeIntegrationTrainer(Trainer):
         self._stats = TrainingStats(self.label_space.teacher_names, self.accelerator.device)
         self._finite_loss = FiniteLossGuard(self.accelerator.device)
         self._final_save = self._pushing = False  # a save of the final model (merge_adapter applies) / push_to_hub
-        self.add_callback(checkpoints.ResumeGuard())
+        self._resume_guard = checkpoints.ResumeGuard()
+        self.add_callback(self._resume_guard)
 
     # ------------------------------------------------------------------ set-up helpers
     def _check_dataset(self, dataset, split: str, args: KnowledgeIntegrationConfig):
@@ -726,7 +727,9 @@ class KnowledgeIntegrationTrainer(Trainer):
 
     def _checked_resume(self, resume_from_checkpoint):
         """Resolve ``True`` to the newest COMPLETE checkpoint and refuse a checkpoint of another run."""
-        return checkpoints.resolve_resume(resume_from_checkpoint, self.args.output_dir, self.run_fingerprint())
+        path = checkpoints.resolve_resume(resume_from_checkpoint, self.args.output_dir, self.run_fingerprint())
+        self._resume_guard.checkpoint = path
+        return path
 
     def _save_checkpoint(self, model, trial) -> None:
         self._check_finite_loss("before saving a checkpoint")
