@@ -41,6 +41,7 @@ import logging
 import mmap
 import os
 import socket
+import tempfile
 import time
 import uuid
 from typing import Callable, Iterable, Iterator, Optional, Sequence
@@ -898,6 +899,26 @@ def batch_seed(seed: int, ids: Sequence[str]) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def check_can_add(cache: TeacherSignalCache, lacking: str, example_id: str) -> None:
+    """Before computing rows a cache lacks: its directory must take them (a read-only shared cache can only be
+    read)."""
+    if cache.path is None:
+        return
+    directory = os.path.dirname(os.path.abspath(cache.path))
+    probe = directory
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".ki-write-test-"):
+            pass
+    except OSError as err:
+        raise PermissionError(
+            f"The signal cache in {directory!r} lacks {lacking} (e.g. id {example_id!r}), and the "
+            f"directory cannot be written ({err}) to add them. Use a writable signal_cache_dir (a copy of this cache "
+            "there is reused), or a dataset whose rows it holds."
+        ) from None
+
+
 def build_or_update_cache(
     cache: TeacherSignalCache,
     dataset,
@@ -927,6 +948,8 @@ def build_or_update_cache(
     texts = column_values(dataset, text_column)
     check_texts(texts, ids, "dataset", text_column)
     todo = cache.missing(ids, texts)
+    if todo:
+        check_can_add(cache, f"{len(todo)} of the {len(ids)} rows", ids[todo[0]])
     rank, world_size, chunk_size = shard
     try:
         for positions, signals in batches(shard_positions(todo, rank, world_size, chunk_size)):
@@ -965,6 +988,8 @@ def build_or_update_cache_streaming(
 
     def finish(batch: list[dict]) -> None:
         nonlocal missing, batches
+        if batches == 0:
+            check_can_add(cache, "rows of the stream", str(batch[0][id_column]))
         if batches % world_size == rank:
             signals = compute(batch)
             deterministic = torch.stack([certainty_from_logits(logits) for logits in signals.logits], dim=1)

@@ -37,7 +37,7 @@ from . import checkpoints
 from .collator import EXAMPLE_IDS_KEY, TEACHER_INPUTS_KEY, KnowledgeIntegrationCollator, build_collator
 from .config import KnowledgeIntegrationConfig
 from .dataset_checks import check_dataset, check_user_collator, column_names, column_values, is_streaming
-from .guards import FiniteLossGuard, NonFiniteLossError, check_teachers_distinct, check_writable  # noqa: F401
+from .guards import FiniteLossGuard, NonFiniteLossError, check_signal_cache_dir, check_teachers_distinct, check_writable  # noqa: F401
 from .launch import check_distributed_type, check_launch, output_dir_lock
 from .metrics import evaluation_metrics, routed_teacher_predictions
 from .model_card import write_model_card
@@ -195,7 +195,7 @@ class KnowledgeIntegrationTrainer(Trainer):
         if args.should_save:
             check_writable(args.output_dir, "output_dir")
         if args.teacher_signals == "cached":
-            check_writable(args.signal_cache_dir or os.path.join(args.output_dir, "teacher_signals"), "signal_cache_dir")
+            self._cache_writable = check_signal_cache_dir(args.signal_cache_dir or os.path.join(args.output_dir, "teacher_signals"))
 
         self.strategy = get_strategy(args.strategy)(self.label_space, args.strategy_options())
         router_name = args.resolved_router()

@@ -307,3 +307,58 @@ def test_resuming_a_finished_runs_own_final_checkpoint_returns_its_model(tmp_pat
     assert any("final checkpoint" in r.getMessage() for r in caplog.records)
     assert again.state.global_step == 4
     torch.testing.assert_close(weights(again.model), weights(first.model))
+
+
+# ---------------------------------------------------------------- a read-only shared cache
+@pytest.fixture
+def read_only_view(tmp_path):
+    """``make(source)``: a read-only view of directory ``source`` (chmod; as root, whom chmod does not stop, a
+    read-only bind mount). Skips where neither works."""
+    import os
+    import stat
+    import subprocess
+
+    mounted = []
+
+    def make(source):
+        view = tmp_path / "read-only"
+        if os.geteuid() != 0:
+            source.chmod(stat.S_IRUSR | stat.S_IXUSR)
+            return source
+        view.mkdir()
+        try:
+            subprocess.run(["mount", "--bind", str(source), str(view)], check=True, capture_output=True)
+            mounted.append(view)
+            subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], check=True, capture_output=True)
+        except (OSError, subprocess.CalledProcessError):
+            pytest.skip("cannot make a read-only directory here (root without mount rights)")
+        return view
+
+    yield make
+    for view in mounted:
+        subprocess.run(["umount", "-l", str(view)], capture_output=True)
+
+
+def test_a_read_only_directory_holding_a_complete_cache_is_read(tmp_path, tok, read_only_view, caplog):
+    import logging
+
+    rows = rows_with_ids(16)
+
+    def trainer(cache_dir, train):
+        teachers = [Teacher(tiny_bert(2, len(tok), labels=labels, seed=20 + i), name=f"t{i}")
+                    for i, labels in enumerate(TEACHER_SPLIT)]
+        return make_trainer(tmp_path, tok, teachers, train, max_steps=1, teacher_signals="cached",
+                            signal_cache_dir=str(cache_dir))
+
+    written = trainer(tmp_path / "cache", rows).precompute_teacher_signals()
+    shared = read_only_view(tmp_path / "cache")
+    with caplog.at_level(logging.WARNING):
+        reader = trainer(shared, rows)  # was: PermissionError at construction
+    assert any("cannot be written: its cached teacher signals are read" in r.getMessage() for r in caplog.records)
+    read = reader.precompute_teacher_signals()
+    ids = [r["id"] for r in rows]
+    torch.testing.assert_close(read.lookup(ids, None).logits[0], written.lookup(ids, None).logits[0])
+    reader.train()
+    more = rows + [{"id": "new", "text": "apple the of"}]  # a row it lacks: refused before any teacher work
+    with pytest.raises(PermissionError, match=r"lacks 1 of the 17 rows \(e\.g\. id 'new'\).*cannot be written"):
+        trainer(shared, more).precompute_teacher_signals()
