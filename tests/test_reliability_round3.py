@@ -362,3 +362,10 @@ def test_a_read_only_directory_holding_a_complete_cache_is_read(tmp_path, tok, r
     more = rows + [{"id": "new", "text": "apple the of"}]  # a row it lacks: refused before any teacher work
     with pytest.raises(PermissionError, match=r"lacks 1 of the 17 rows \(e\.g\. id 'new'\).*cannot be written"):
         trainer(shared, more).precompute_teacher_signals()
+
+
+def test_teacher_labels_given_as_one_string_are_an_error(tok):
+    model = tiny_bert(3, len(tok), seed=20)
+    with pytest.raises(TypeError, match="labels must be a list of label names .*got str 'abc'"):
+        Teacher(model, labels="abc")  # was: three classes 'a', 'b', 'c'
+    assert Teacher(model, labels=("a", "b", "c")).labels == ["a", "b", "c"]
