@@ -32,7 +32,7 @@ STRATEGY_FIELDS = (
     "margin_reweighting",
     "normalize_margin_weights",
     "certainty_normalization",
-    "teacher_signals",
+    "signal_source",
     "student_init",
 )
 ROUTER_PREFIXES = ("router",)
@@ -190,7 +190,7 @@ def integration_section(teachers: Sequence[Teacher], args) -> str:
         "margin_reweighting": args.margin_reweighting,
         "normalize_margin_weights": args.normalize_margin_weights,
         "certainty_normalization": args.certainty_normalization,
-        "teacher_signals": args.teacher_signals,
+        "signal_source": args.signal_source,
     }
     lines += ["", "Integration settings:", ""] + [f"- `{k}`: {v}" for k, v in settings.items()]
     lines += [
