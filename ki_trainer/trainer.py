@@ -5,10 +5,8 @@ is replaced by the integration strategy's loss against the teachers' predictions
 (optimisation, gradient accumulation, mixed precision, DDP through Accelerate, checkpoints and
 resuming, ``report_to`` logging, ``push_to_hub``) is the stock Trainer.
 
-This module wires; the work lives in its rooms (see docs/architecture.md): :mod:`.student`, :mod:`.collator`,
-:mod:`.dataset_checks`, :mod:`.querying` (the teachers), :mod:`.signal_cache` (cached signals),
-:mod:`.routing` (scoring and its fitting), :mod:`.strategies` (the loss), :mod:`.metrics`, :mod:`.model_card`,
-:mod:`.checkpoints`, :mod:`.guards` and :mod:`.training_stats`.
+This module wires; the work lives in its rooms (docs/architecture.md): student, collator, dataset_checks, querying
+(the teachers), signal_cache, routing (scoring, fitted in set-up), strategies (the loss), metrics, saving, guards.
 """
 
 from __future__ import annotations
@@ -123,7 +121,7 @@ class KnowledgeIntegrationTrainer(SavingMixin, Trainer):
         if args.should_save:
             check_writable(args.output_dir, "output_dir")
         if args.signals_are_cached:
-            check_writable(args.signal_cache_dir or os.path.join(args.output_dir, "teacher_signals"), "signal_cache_dir")
+            check_writable(args.resolved_signal_cache_dir(), "signal_cache_dir")
 
         self.strategy = get_strategy(args.strategy)(self.label_space, args.strategy_options())
         router_name = args.resolved_router()
@@ -156,6 +154,7 @@ class KnowledgeIntegrationTrainer(SavingMixin, Trainer):
         self._stats = TrainingStats(self.label_space.teacher_names, self.accelerator.device)
         self._finite_loss = FiniteLossGuard(self.accelerator.device)
         self._final_save = self._pushing = False  # a save of the final model (merge_adapter applies) / push_to_hub
+        self._teacher_digests: Optional[list[str]] = None  # hashed once, by checkpoints.run_fingerprint
         self.add_callback(checkpoints.ResumeGuard())
 
     # ------------------------------------------------------------------ set-up helpers
