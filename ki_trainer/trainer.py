@@ -273,8 +273,9 @@ class KnowledgeIntegrationTrainer(SavingMixin, Trainer):
         self.signal_cache = self.cached_signals.load(dataset, mc=mc, features=features)
         if self.scoring.router_unfitted:
             self.fit_router(dataset)
-        self.scoring.fit_statistics(self.signal_cache, self.cached_signals.dataset_ids(dataset),
-                                    self.needs.certainty_source)
+        if self.scoring.normalization != "none" and self.needs.certainty_source is not None:
+            self.scoring.fit_statistics(self.signal_cache, self.cached_signals.dataset_ids(dataset),
+                                        self.needs.certainty_source)
         return self.signal_cache
 
     def fit_router(self, dataset=None) -> Optional[Router]:
@@ -378,8 +379,8 @@ class KnowledgeIntegrationTrainer(SavingMixin, Trainer):
         teacher draws. Rows without ids fall back to live queries."""
         self._fit_scoring()
         previous = self._eval_signal_cache
-        if self.args.signals_are_cached:
-            self._eval_signal_cache = self.cached_signals.for_evaluation(dataset, metric_key_prefix) or previous
+        cache = self.cached_signals.for_evaluation(dataset, metric_key_prefix) if self.args.signals_are_cached else None
+        self._eval_signal_cache = cache if cache is not None else previous
         try:
             yield
         finally:
