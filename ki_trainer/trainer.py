@@ -210,10 +210,9 @@ class KnowledgeIntegrationTrainer(SavingMixin, Trainer):
         ``example_ids`` are named in a NaN/inf error; ``features`` (default: when the router needs them) adds
         each teacher's pooled features."""
         needs = self.needs
-        return self.querier.signals(
-            student_inputs, teacher_batches, needs.certainty_source if certainty_source == "strategy" else certainty_source,
-            example_ids, needs.features if features is None else features,
-        )
+        source = needs.certainty_source if certainty_source == "strategy" else certainty_source
+        return self.querier.signals(student_inputs, teacher_batches, source, example_ids,
+                                    needs.features if features is None else features)
 
     def teacher_signals(self, *args, **kwargs) -> TeacherSignals:
         """Deprecated name of :meth:`query_signals`."""
