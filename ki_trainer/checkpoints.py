@@ -59,7 +59,7 @@ def run_fingerprint(trainer) -> dict[str, Any]:
     """What identifies a knowledge-integration run: the teachers (names, labels, weights), the union
     label order and the integration settings. Two runs with different fingerprints must never share a
     checkpoint. Teacher weights are hashed once per trainer (they are frozen)."""
-    digests = getattr(trainer, "_teacher_digests", None)
+    digests = trainer._teacher_digests
     if digests is None:
         digests = trainer._teacher_digests = [weights_digest(t.model) for t in trainer.teachers]
     args = trainer.args

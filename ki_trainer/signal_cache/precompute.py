@@ -214,7 +214,7 @@ class SignalPrecompute:
         missing rows (K dropout passes each) costs no more teacher passes than one deterministic pass over every
         row into a new cache of the exact kind; a run over mostly NEW rows then does not pay for MC passes it
         never reads."""
-        directory = self.args.signal_cache_dir or os.path.join(self.args.output_dir, "teacher_signals")
+        directory = self.args.resolved_signal_cache_dir()
         kinds = list(dict.fromkeys([(mc, features), (mc, True), (True, features), (True, True)]))
         choices = []
         for (with_mc, with_features), fingerprint in zip(kinds, self.fingerprints(kinds)):
