@@ -39,21 +39,26 @@ def _missing_label(value: Any) -> bool:
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """Equal fingerprints mean identical encodings: the full serialized fast tokenizer (normalizer,
-    pre-tokenizer, vocabulary, post-processor), or the vocabulary and class for slow ones."""
-    cached = getattr(tokenizer, "_ki_fingerprint", None)
-    if cached is not None:
-        return cached
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        text = backend.to_str()
-    else:
-        text = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
-    text = f"{type(tokenizer).__name__}|{tokenizer.padding_side}|{tokenizer.pad_token}|{text}"
-    fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
-    try:
-        tokenizer._ki_fingerprint = fingerprint
-    except AttributeError:
-        pass
+    pre-tokenizer, vocabulary, post-processor), or the vocabulary and class for slow ones, and the side
+    that truncation cuts."""
+    fingerprint = getattr(tokenizer, "_ki_fingerprint", None)
+    if fingerprint is None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            text = backend.to_str()
+        else:
+            text = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+        text = f"{type(tokenizer).__name__}|{tokenizer.padding_side}|{tokenizer.pad_token}|{text}"
+        fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
+        try:
+            tokenizer._ki_fingerprint = fingerprint
+        except AttributeError:
+            pass
+    side = getattr(tokenizer, "truncation_side", "right")
+    if side != "right":
+        # Left truncation keeps another part of a long text. Read on every call (the attribute can change after
+        # the first); the default side adds nothing, so right-truncating fingerprints and their caches stay as they were.
+        fingerprint = hashlib.sha256(f"{fingerprint}|truncation_side={side}".encode()).hexdigest()[:16]
     return fingerprint
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -295,6 +296,10 @@ class KnowledgeIntegrationConfig(TrainingArguments):
     def signals_are_cached(self) -> bool:
         """Whether the teachers' signals are precomputed once and read from the signal cache."""
         return self.signal_source == "cached"
+
+    def resolved_signal_cache_dir(self) -> str:
+        """Where cached teacher signals live: ``signal_cache_dir``, else ``<output_dir>/teacher_signals``."""
+        return self.signal_cache_dir or os.path.join(self.output_dir, "teacher_signals")
 
     def resolved_router(self) -> Optional[str]:
         """The router in use: the configured one, else the strategy's default (``None`` for strategies without one).

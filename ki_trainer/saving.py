@@ -24,7 +24,9 @@ class SavingMixin:
 
     def _checked_resume(self, resume_from_checkpoint):
         """Resolve ``True`` to the newest COMPLETE checkpoint and refuse a checkpoint of another run."""
-        return checkpoints.resolve_resume(resume_from_checkpoint, self.args.output_dir, self.run_fingerprint())
+        path = checkpoints.resolve_resume(resume_from_checkpoint, self.args.output_dir, self.run_fingerprint())
+        self._resume_guard.checkpoint = path  # a finished run's own final checkpoint is not "a longer run's"
+        return path
 
     def _save_checkpoint(self, model, trial) -> None:
         self._check_finite_loss("before saving a checkpoint")

@@ -135,6 +135,11 @@ class Teacher:
                     "Labels are matched across teachers by NAME: pass Teacher(..., labels=[...]) or set "
                     "config.id2label when fine-tuning it."
                 )
+        if isinstance(labels, (str, bytes)) or isinstance(labels, dict):
+            raise TypeError(
+                f"Teacher {who!r}: labels must be a list of label names in the teacher's index order, got "
+                f"{type(labels).__name__} {labels!r} (a string would be read letter by letter)."
+            )
         labels = [str(label) for label in labels]
         if num_labels is not None and len(labels) != num_labels:
             raise ValueError(

@@ -5,10 +5,8 @@ is replaced by the integration strategy's loss against the teachers' predictions
 (optimisation, gradient accumulation, mixed precision, DDP through Accelerate, checkpoints and
 resuming, ``report_to`` logging, ``push_to_hub``) is the stock Trainer.
 
-This module wires; the work lives in its rooms (see docs/architecture.md): :mod:`.student`, :mod:`.collator`,
-:mod:`.dataset_checks`, :mod:`.querying` (the teachers), :mod:`.signal_cache` (cached signals),
-:mod:`.routing` (scoring and its fitting), :mod:`.strategies` (the loss), :mod:`.metrics`, :mod:`.model_card`,
-:mod:`.checkpoints`, :mod:`.guards` and :mod:`.training_stats`.
+This module wires; the work lives in its rooms (docs/architecture.md): student, collator, dataset_checks, querying
+(the teachers), signal_cache, routing (scoring, fitted in set-up), strategies (the loss), metrics, saving, guards.
 """
 
 from __future__ import annotations
@@ -25,7 +23,7 @@ from . import checkpoints
 from .collator import KnowledgeIntegrationCollator, collator_for, split_batch, without_gold_labels
 from .config import KnowledgeIntegrationConfig
 from .dataset_checks import check_dataset
-from .guards import FiniteLossGuard, NonFiniteLossError, check_writable  # noqa: F401  (NonFiniteLossError: re-exported)
+from .guards import FiniteLossGuard, NonFiniteLossError, check_signal_cache_dir, check_writable  # noqa: F401  (NonFiniteLossError: re-exported)
 from .launch import check_distributed_type, check_launch, output_dir_lock
 from .metrics import EvaluationRows, routed_teacher_predictions
 from .peft_support import unwrap
@@ -122,8 +120,8 @@ class KnowledgeIntegrationTrainer(SavingMixin, Trainer):
         check_student_vocabulary(unwrap(student), processing_class)
         if args.should_save:
             check_writable(args.output_dir, "output_dir")
-        if args.signals_are_cached:
-            check_writable(args.signal_cache_dir or os.path.join(args.output_dir, "teacher_signals"), "signal_cache_dir")
+        if args.signals_are_cached:  # a read-only directory holding a cache may be read (see check_signal_cache_dir)
+            check_signal_cache_dir(args.resolved_signal_cache_dir())
 
         self.strategy = get_strategy(args.strategy)(self.label_space, args.strategy_options())
         router_name = args.resolved_router()
@@ -156,7 +154,9 @@ class KnowledgeIntegrationTrainer(SavingMixin, Trainer):
         self._stats = TrainingStats(self.label_space.teacher_names, self.accelerator.device)
         self._finite_loss = FiniteLossGuard(self.accelerator.device)
         self._final_save = self._pushing = False  # a save of the final model (merge_adapter applies) / push_to_hub
-        self.add_callback(checkpoints.ResumeGuard())
+        self._teacher_digests: Optional[list[str]] = None  # hashed once, by checkpoints.run_fingerprint
+        self._resume_guard = checkpoints.ResumeGuard()
+        self.add_callback(self._resume_guard)
 
     # ------------------------------------------------------------------ set-up helpers
     def _check_dataset(self, dataset, split: str, args: KnowledgeIntegrationConfig):
@@ -211,10 +211,9 @@ class KnowledgeIntegrationTrainer(SavingMixin, Trainer):
         ``example_ids`` are named in a NaN/inf error; ``features`` (default: when the router needs them) adds
         each teacher's pooled features."""
         needs = self.needs
-        return self.querier.signals(
-            student_inputs, teacher_batches, needs.certainty_source if certainty_source == "strategy" else certainty_source,
-            example_ids, needs.features if features is None else features,
-        )
+        source = needs.certainty_source if certainty_source == "strategy" else certainty_source
+        return self.querier.signals(student_inputs, teacher_batches, source, example_ids,
+                                    needs.features if features is None else features)
 
     def teacher_signals(self, *args, **kwargs) -> TeacherSignals:
         """Deprecated name of :meth:`query_signals`."""
@@ -274,8 +273,9 @@ class KnowledgeIntegrationTrainer(SavingMixin, Trainer):
         self.signal_cache = self.cached_signals.load(dataset, mc=mc, features=features)
         if self.scoring.router_unfitted:
             self.fit_router(dataset)
-        self.scoring.fit_statistics(self.signal_cache, self.cached_signals.dataset_ids(dataset),
-                                    self.needs.certainty_source)
+        if self.scoring.normalization != "none" and self.needs.certainty_source is not None:
+            self.scoring.fit_statistics(self.signal_cache, self.cached_signals.dataset_ids(dataset),
+                                        self.needs.certainty_source)
         return self.signal_cache
 
     def fit_router(self, dataset=None) -> Optional[Router]:
@@ -379,8 +379,8 @@ class KnowledgeIntegrationTrainer(SavingMixin, Trainer):
         teacher draws. Rows without ids fall back to live queries."""
         self._fit_scoring()
         previous = self._eval_signal_cache
-        if self.args.signals_are_cached:
-            self._eval_signal_cache = self.cached_signals.for_evaluation(dataset, metric_key_prefix) or previous
+        cache = self.cached_signals.for_evaluation(dataset, metric_key_prefix) if self.args.signals_are_cached else None
+        self._eval_signal_cache = cache if cache is not None else previous
         try:
             yield
         finally:

@@ -516,8 +516,10 @@ def test_a_precompute_killed_with_sigkill_keeps_the_flushed_rows(tmp_path, tok):
     import subprocess
     import sys
 
+    import ki_trainer
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [
-        os.path.dirname(os.path.dirname(os.path.abspath(signal_cache.__file__))), os.environ.get("PYTHONPATH")]))}
+        os.path.dirname(os.path.dirname(os.path.abspath(ki_trainer.__file__))), os.environ.get("PYTHONPATH")]))}
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     done = subprocess.run([sys.executable, "-c", KILLED_PRECOMPUTE, tests_dir, str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=600)

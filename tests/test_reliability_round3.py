@@ -211,3 +211,161 @@ def test_a_run_file_value_of_the_wrong_type_names_the_option_file_and_line(tmp_p
     run.write_text("output_dir: out\nmax_steps: 7\nmc_samples: '4'\nlearning_rate: 1.0e-3\nuse_cpu: true\n")
     _, args = build_parser().parse([str(run)])  # right types (and strings, converted like flags) still work
     assert (args.max_steps, args.mc_samples, args.learning_rate, args.use_cpu) == (7, 4, 1e-3, True)
+
+
+# ---------------------------------------------------------------- what a teacher reads: truncation side and length
+LONG = [{"id": f"long{i}", "text": " ".join(["apple", "basil"] * 3 + ["the"] * 10 + ["grape", "dill"] * 3)}
+        for i in range(4)]
+
+
+def test_a_teacher_tokenizer_that_truncates_on_the_left_is_honoured_and_fingerprinted(tmp_path, tok):
+    import copy
+
+    left = copy.deepcopy(tok)
+    left.truncation_side = "left"
+
+    def trainer_with(teacher_tok):
+        teachers = [Teacher(tiny_bert(2, len(tok), labels=TEACHER_SPLIT[0], seed=20), tokenizer=teacher_tok, name="t0"),
+                    Teacher(tiny_bert(2, len(tok), labels=TEACHER_SPLIT[1], seed=21), name="t1")]
+        return make_trainer(tmp_path, tok, teachers, LONG, max_steps=1, max_length=8, teacher_signals="cached")
+
+    right_trainer, left_trainer = trainer_with(copy.deepcopy(tok)), trainer_with(left)
+    batch = left_trainer.data_collator(LONG[:1])
+    key = left_trainer.data_collator.teacher_input_key(0)
+    assert key is not None  # its own encoding, not the student's right-truncated one
+    read = tok.convert_ids_to_tokens(batch["teacher_inputs"][key]["input_ids"][0])
+    assert read[-3:] == ["grape", "dill", "[SEP]"] and "apple" not in read  # the END of the text
+    # ... and the cache of the right-truncating teacher is never reused for it (logits differ)
+    assert right_trainer.signal_fingerprint() != left_trainer.signal_fingerprint()
+
+
+def test_resuming_with_a_teachers_max_length_changed_is_another_run(tmp_path, tok):
+    from ki_trainer.checkpoints import CheckpointMismatchError
+
+    def run(max_length):
+        teachers = [Teacher(tiny_bert(2, len(tok), labels=TEACHER_SPLIT[0], seed=20), max_length=max_length, name="t0"),
+                    Teacher(tiny_bert(2, len(tok), labels=TEACHER_SPLIT[1], seed=21), name="t1")]
+        return make_trainer(tmp_path, tok, teachers, [{"text": r["text"]} for r in LONG * 4], max_steps=2,
+                            save_strategy="steps", save_steps=1)
+
+    run(None).train()
+    with pytest.raises(CheckpointMismatchError, match="belongs to another run.*teacher_inputs.*'max_length': 6"):
+        run(6).train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
+
+
+# ---------------------------------------------------------------- checkpoints cut off mid-save, finished runs
+def weights(model):
+    return torch.cat([p.detach().flatten().float() for p in model.parameters()])
+
+
+def checkpointed(tmp_path, tok, out, **kw):
+    teachers = [Teacher(tiny_bert(2, len(tok), labels=labels, seed=20 + i), name=f"t{i}")
+                for i, labels in enumerate(TEACHER_SPLIT)]
+    train = [{"id": f"r{i}", "text": r["text"]} for i, r in enumerate(make_rows(8, seed=7))]
+    return make_trainer(tmp_path, tok, teachers, train, max_steps=4, save_strategy="steps", save_steps=2,
+                        learning_rate=1e-3, output_dir=str(out), **kw)
+
+
+def _cut_in_half(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_checkpoint_with_a_cut_off_router_state_or_optimizer_falls_back_or_names_the_file(tmp_path, tok, caplog):
+    import logging
+
+    routed = dict(teacher_signals="cached", strategy="muki", router="relative_mahalanobis",
+                  signal_cache_dir=str(tmp_path / "cache"))
+    full = checkpointed(tmp_path, tok, tmp_path / "full", **routed)
+    full.train()
+    out = tmp_path / "killed"
+    checkpointed(tmp_path, tok, out, **routed).train()
+    assert (out / "checkpoint-4" / "router_state.pt").is_file()
+    _cut_in_half(out / "checkpoint-4" / "router_state.pt")
+    resumed = checkpointed(tmp_path, tok, out, **routed)
+    with caplog.at_level(logging.WARNING):
+        resumed.train(resume_from_checkpoint=True)  # was: OSError from torch.load
+    assert any("checkpoint-4" in r.getMessage() and "router_state.pt" in r.getMessage() for r in caplog.records)
+    torch.testing.assert_close(weights(resumed.model), weights(full.model))
+    _cut_in_half(out / "checkpoint-2" / "optimizer.pt")  # a full disk while saving the optimizer
+    with pytest.raises(ValueError, match=r"checkpoint-2: its optimizer\.pt is not a complete torch file"):
+        checkpointed(tmp_path, tok, out, **routed).train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    _cut_in_half(out / "checkpoint-2" / "model.safetensors")
+    from ki_trainer.checkpoints import incomplete_reason
+
+    assert "model.safetensors is" in incomplete_reason(str(out / "checkpoint-2"))
+
+
+def test_resuming_a_finished_runs_own_final_checkpoint_returns_its_model(tmp_path, tok, caplog):
+    import logging
+
+    first = checkpointed(tmp_path, tok, tmp_path / "out")
+    first.train()
+    again = checkpointed(tmp_path, tok, tmp_path / "out")  # the same script run again
+    with caplog.at_level(logging.WARNING):
+        again.train(resume_from_checkpoint=True)  # was: "belongs to a longer run"
+    assert any("final checkpoint" in r.getMessage() for r in caplog.records)
+    assert again.state.global_step == 4
+    torch.testing.assert_close(weights(again.model), weights(first.model))
+
+
+# ---------------------------------------------------------------- a read-only shared cache
+@pytest.fixture
+def read_only_view(tmp_path):
+    """``make(source)``: a read-only view of directory ``source`` (chmod; as root, whom chmod does not stop, a
+    read-only bind mount). Skips where neither works."""
+    import os
+    import stat
+    import subprocess
+
+    mounted = []
+
+    def make(source):
+        view = tmp_path / "read-only"
+        if os.geteuid() != 0:
+            source.chmod(stat.S_IRUSR | stat.S_IXUSR)
+            return source
+        view.mkdir()
+        try:
+            subprocess.run(["mount", "--bind", str(source), str(view)], check=True, capture_output=True)
+            mounted.append(view)
+            subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], check=True, capture_output=True)
+        except (OSError, subprocess.CalledProcessError):
+            pytest.skip("cannot make a read-only directory here (root without mount rights)")
+        return view
+
+    yield make
+    for view in mounted:
+        subprocess.run(["umount", "-l", str(view)], capture_output=True)
+
+
+def test_a_read_only_directory_holding_a_complete_cache_is_read(tmp_path, tok, read_only_view, caplog):
+    import logging
+
+    rows = rows_with_ids(16)
+
+    def trainer(cache_dir, train):
+        teachers = [Teacher(tiny_bert(2, len(tok), labels=labels, seed=20 + i), name=f"t{i}")
+                    for i, labels in enumerate(TEACHER_SPLIT)]
+        return make_trainer(tmp_path, tok, teachers, train, max_steps=1, teacher_signals="cached",
+                            signal_cache_dir=str(cache_dir))
+
+    written = trainer(tmp_path / "cache", rows).precompute_teacher_signals()
+    shared = read_only_view(tmp_path / "cache")
+    with caplog.at_level(logging.WARNING):
+        reader = trainer(shared, rows)  # was: PermissionError at construction
+    assert any("cannot be written: its cached teacher signals are read" in r.getMessage() for r in caplog.records)
+    read = reader.precompute_teacher_signals()
+    ids = [r["id"] for r in rows]
+    torch.testing.assert_close(read.lookup(ids, None).logits[0], written.lookup(ids, None).logits[0])
+    reader.train()
+    more = rows + [{"id": "new", "text": "apple the of"}]  # a row it lacks: refused before any teacher work
+    with pytest.raises(PermissionError, match=r"lacks 1 of the 17 rows \(e\.g\. id 'new'\).*cannot be written"):
+        trainer(shared, more).precompute_teacher_signals()
+
+
+def test_teacher_labels_given_as_one_string_are_an_error(tok):
+    model = tiny_bert(3, len(tok), seed=20)
+    with pytest.raises(TypeError, match="labels must be a list of label names .*got str 'abc'"):
+        Teacher(model, labels="abc")  # was: three classes 'a', 'b', 'c'
+    assert Teacher(model, labels=("a", "b", "c")).labels == ["a", "b", "c"]

@@ -447,3 +447,24 @@ def test_a_router_that_reads_no_mc_statistics_runs_no_mc_passes(tmp_path, traine
     again = make_trainer(tmp_path / "c", trained_teachers, pool_rows, router="knn_smoothing", signal_cache_dir=shared)
     again.precompute_teacher_signals()
     assert sources == []  # knn_smoothing reads features: the no-MC cache already has them
+
+
+def test_a_step_only_scores_the_router_is_fitted_in_the_set_up(tmp_path, trained_teachers, pool_rows):
+    """compute_loss never fits: an unfitted transductive router fails the step with a clear error (no precompute
+    with collectives mid-step); evaluate() fits it in its set-up, on the training rows, before any step."""
+    trainer = make_trainer(tmp_path, trained_teachers, pool_rows, router="relative_mahalanobis")
+    batch = trainer._prepare_inputs(trainer.data_collator([pool_rows[i] for i in range(4)]))
+    with pytest.raises(RuntimeError, match="transductive: fit it on the unlabeled pool first"):
+        trainer.compute_loss(trainer.model, batch)
+    assert not trainer.router.fitted and trainer.signal_cache is None
+    trainer.evaluate(pool_rows)
+    assert trainer.router.fitted and len(trainer.signal_cache) == len(pool_rows)
+
+
+def test_the_deprecated_flag_name_still_selects_cached_signals():
+    """``signal_source`` names where the signals come from; ``teacher_signals``, its earlier name, still works."""
+    old = KnowledgeIntegrationConfig(output_dir="unused", report_to=[], teacher_signals="cached")
+    assert old.signal_source == "cached" and old.signals_are_cached and old.teacher_signals is None
+    assert KnowledgeIntegrationConfig(output_dir="unused", report_to=[], signal_source="cached").signals_are_cached
+    with pytest.raises(ValueError, match="contradicts signal_source='cached'"):
+        KnowledgeIntegrationConfig(output_dir="unused", report_to=[], signal_source="cached", teacher_signals="on_the_fly")

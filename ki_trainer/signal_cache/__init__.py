@@ -24,7 +24,7 @@ What keeps work from being lost (see docs/reliability.md):
 - every file carries checksums of its rows; a garbage, cut or tampered file is one clear
   :class:`CorruptSignalCacheError` that names it (it holds only derived data and can be deleted).
 
-What keeps memory flat: files are memory-mapped (safetensors layout, see "file format" below); only
+What keeps memory flat: files are memory-mapped (safetensors layout, see :mod:`.file_format`); only
 the ids and text hashes are held in memory, a lookup reads just the rows it asks for, and compaction
 streams rows block by block. A pool larger than RAM works.
 

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 import weakref
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -30,6 +31,26 @@ def batch_seed(seed: int, ids: Sequence[str]) -> int:
     so the draws depend on the rows, never on which process computed them or on what ran before."""
     digest = hashlib.blake2b(json.dumps([int(seed), [str(i) for i in ids]]).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def check_can_add(cache: TeacherSignalCache, lacking: str, example_id: str) -> None:
+    """Before computing rows a cache lacks: its directory must take them (a read-only shared cache can only be
+    read)."""
+    if cache.path is None:
+        return
+    directory = os.path.dirname(os.path.abspath(cache.path))
+    probe = directory
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".ki-write-test-"):
+            pass
+    except OSError as err:
+        raise PermissionError(
+            f"The signal cache in {directory!r} lacks {lacking} (e.g. id {example_id!r}), and the directory cannot be "
+            f"written ({err}) to add them. Use a writable signal_cache_dir (a copy of this cache there is reused), or "
+            "a dataset whose rows it holds."
+        ) from None
 
 
 def build_or_update_cache(
@@ -61,6 +82,8 @@ def build_or_update_cache(
     texts = column_values(dataset, text_column)
     check_texts(texts, ids, "dataset", text_column)
     todo = cache.missing(ids, texts)
+    if todo:
+        check_can_add(cache, f"{len(todo)} of the {len(ids)} rows", ids[todo[0]])
     rank, world_size, chunk_size = shard
     try:
         for positions, signals in batches(shard_positions(todo, rank, world_size, chunk_size)):
@@ -99,6 +122,8 @@ def build_or_update_cache_streaming(
 
     def finish(batch: list[dict]) -> None:
         nonlocal missing, batches
+        if batches == 0:
+            check_can_add(cache, "rows of the stream", str(batch[0][id_column]))
         if batches % world_size == rank:
             signals = compute(batch)
             deterministic = torch.stack([certainty_from_logits(logits) for logits in signals.logits], dim=1)
@@ -189,7 +214,7 @@ class SignalPrecompute:
         missing rows (K dropout passes each) costs no more teacher passes than one deterministic pass over every
         row into a new cache of the exact kind; a run over mostly NEW rows then does not pay for MC passes it
         never reads."""
-        directory = self.args.signal_cache_dir or os.path.join(self.args.output_dir, "teacher_signals")
+        directory = self.args.resolved_signal_cache_dir()
         kinds = list(dict.fromkeys([(mc, features), (mc, True), (True, features), (True, True)]))
         choices = []
         for (with_mc, with_features), fingerprint in zip(kinds, self.fingerprints(kinds)):

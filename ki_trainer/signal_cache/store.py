@@ -41,7 +41,7 @@ class TeacherSignalCache:
 
     Persistence: ``path`` is the main file; rows computed since the last write go to shard files in
     ``<path>.shards/`` (see :meth:`flush`); :meth:`load` merges both, :meth:`save` compacts them. Files are
-    memory-mapped (see the format notes above): only the ids and text hashes are held in memory (about 100
+    memory-mapped (see :mod:`.file_format`): only the ids and text hashes are held in memory (about 100
     bytes a row), the signal rows stay on disk until a lookup reads them, so a pool larger than RAM works.
     """
 
