@@ -8,6 +8,7 @@ teachers sharing one tokenizer share one encoding.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from typing import Any, Optional, Sequence
@@ -16,11 +17,14 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from .label_space import LabelSpace
+from .peft_support import unwrap
+from .teacher import model_position_limit
 
 TEACHER_INPUTS_KEY = "teacher_inputs"
 EXAMPLE_IDS_KEY = "example_ids"
 GOLD_LABEL_FALLBACK = "labels"  # the column name HF scripts use after `rename_column("label", "labels")`
 IGNORED_LABEL = -100  # a row without a gold label (skipped by the metrics)
+_UNBOUNDED_TOKENIZER_LENGTH = 1_000_000
 
 
 def _missing_label(value: Any) -> bool:
@@ -35,21 +39,26 @@ def _missing_label(value: Any) -> bool:
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """Equal fingerprints mean identical encodings: the full serialized fast tokenizer (normalizer,
-    pre-tokenizer, vocabulary, post-processor), or the vocabulary and class for slow ones."""
-    cached = getattr(tokenizer, "_ki_fingerprint", None)
-    if cached is not None:
-        return cached
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        text = backend.to_str()
-    else:
-        text = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
-    text = f"{type(tokenizer).__name__}|{tokenizer.padding_side}|{tokenizer.pad_token}|{text}"
-    fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
-    try:
-        tokenizer._ki_fingerprint = fingerprint
-    except AttributeError:
-        pass
+    pre-tokenizer, vocabulary, post-processor), or the vocabulary and class for slow ones, and the side
+    that truncation cuts."""
+    fingerprint = getattr(tokenizer, "_ki_fingerprint", None)
+    if fingerprint is None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            text = backend.to_str()
+        else:
+            text = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+        text = f"{type(tokenizer).__name__}|{tokenizer.padding_side}|{tokenizer.pad_token}|{text}"
+        fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
+        try:
+            tokenizer._ki_fingerprint = fingerprint
+        except AttributeError:
+            pass
+    side = getattr(tokenizer, "truncation_side", "right")
+    if side != "right":
+        # Left truncation keeps another part of a long text. Read on every call (the attribute can change after
+        # the first); the default side adds nothing, so right-truncating fingerprints and their caches stay as they were.
+        fingerprint = hashlib.sha256(f"{fingerprint}|truncation_side={side}".encode()).hexdigest()[:16]
     return fingerprint
 
 
@@ -235,3 +244,85 @@ class KnowledgeIntegrationCollator:
                 key: self._encode(tok, texts, length) for key, (tok, length) in self.groups.items()
             }
         return batch
+
+
+def checked_max_length(tokenizer: PreTrainedTokenizerBase, config, requested: Optional[int], who: str) -> int:
+    """The truncation length for one model: the request, checked against the model's limit."""
+    limits = [limit for limit in (model_position_limit(config), tokenizer.model_max_length) if limit]
+    limits = [int(limit) for limit in limits if limit < _UNBOUNDED_TOKENIZER_LENGTH]
+    limit = min(limits) if limits else None
+    if requested is None:
+        return limit if limit is not None else 512
+    if limit is not None and requested > limit:
+        raise ValueError(f"max_length={requested} exceeds what the {who} can read ({limit} tokens).")
+    return requested
+
+
+def build_collator(model, tokenizer, teachers: Sequence, label_space: LabelSpace, args,
+                   student_collator=None) -> KnowledgeIntegrationCollator:
+    """The default collator of a run: the student's and each teacher's truncation length checked against what
+    the model can read (a teacher sharing the student's tokenizer, without its own ``max_length``, reads at most
+    what the student reads)."""
+    for teacher in teachers:
+        teacher.check_reads(tokenizer)
+    student_length = checked_max_length(tokenizer, unwrap(model).config, args.max_length, "student")
+    teacher_lengths = []
+    for teacher in teachers:
+        own_tokenizer = teacher.tokenizer or tokenizer
+        requested = teacher.max_length if teacher.max_length is not None else args.max_length
+        length = checked_max_length(own_tokenizer, teacher.model.config, requested, f"teacher {teacher.name!r}")
+        teacher_lengths.append(min(length, student_length) if teacher.tokenizer is None and requested is None else length)
+    return KnowledgeIntegrationCollator(
+        tokenizer,
+        label_space,
+        teacher_tokenizers=[t.tokenizer for t in teachers],
+        text_column=args.text_column,
+        label_column=args.label_column,
+        max_length=student_length,
+        teacher_max_lengths=teacher_lengths,
+        pad_to_multiple_of=8 if (args.bf16 or args.fp16) else None,
+        id_column=args.id_column if args.signals_are_cached else None,
+        student_collator=student_collator,
+    )
+
+
+def collator_for(data_collator, tokenizer, student, teachers: Sequence, label_space: LabelSpace, args, train_dataset):
+    """The run's collator and the student's tokenizer: the user's :class:`KnowledgeIntegrationCollator` as given,
+    else the default one, wrapped around a user's padding collator (e.g. ``DataCollatorWithPadding`` from a
+    converted script: it pads the pre-tokenized student ids, the KI collator adds gold labels, ids and the
+    teachers' own encodings)."""
+    from .dataset_checks import check_user_collator
+
+    if isinstance(data_collator, KnowledgeIntegrationCollator):
+        return data_collator, tokenizer
+    user_collator = data_collator
+    if user_collator is not None:
+        tokenizer = tokenizer or getattr(user_collator, "tokenizer", None)
+        check_user_collator(user_collator, train_dataset, args)
+    if tokenizer is None:
+        raise ValueError(
+            "KnowledgeIntegrationTrainer tokenizes raw text itself: pass the student's tokenizer as "
+            "`processing_class=` (or your own `data_collator=`)."
+        )
+    return build_collator(student, tokenizer, teachers, label_space, args, user_collator), tokenizer
+
+
+def split_batch(inputs: dict) -> tuple[dict, dict, Optional[list]]:
+    """A collated batch split into the student's inputs (gold labels removed: they never enter the training
+    loss), the teachers' own encodings and the example ids."""
+    student_inputs = dict(inputs)
+    teacher_batches = student_inputs.pop(TEACHER_INPUTS_KEY, {})
+    example_ids = student_inputs.pop(EXAMPLE_IDS_KEY, None)
+    student_inputs.pop("labels", None)
+    return student_inputs, teacher_batches, example_ids
+
+
+def without_gold_labels(collator):
+    """A copy of a :class:`KnowledgeIntegrationCollator` that reads no gold labels (training batches: labels never
+    enter the loss, so a training label outside the union, or a malformed one, is ignored instead of failing
+    mid-epoch); any other collator unchanged."""
+    if not isinstance(collator, KnowledgeIntegrationCollator) or not collator.label_column:
+        return collator
+    collator = copy.copy(collator)
+    collator.label_column = None
+    return collator

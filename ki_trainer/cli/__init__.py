@@ -1,8 +1,10 @@
 """The ``ki-trainer`` console command (also ``python -m ki_trainer``).
 
 Each subcommand is a module of this package with ``main(argv, prog)``; ``examples/*.py`` call the
-same functions. ``merge-distill`` is registered when :mod:`ki_trainer.merge_distill` imports and
-provides ``ki_trainer/merge_distill/cli.py`` with ``main(argv, prog)`` (see :func:`merge_distill_command`).
+same functions. The modules import the library (``ki_trainer.merge_distill`` ...), never the other way round.
+
+Nothing here imports torch or transformers: ``ki-trainer --help``, ``--version`` and a mistyped command answer
+at once; a subcommand's module is imported when it runs.
 """
 
 from __future__ import annotations
@@ -33,21 +35,6 @@ def _command(module: str, summary: str) -> tuple[Callable[..., Any], str]:
     return run, summary
 
 
-def merge_distill_command() -> tuple[Optional[Callable[..., Any]], str]:
-    """The ``merge-distill`` subcommand, or ``None`` and the reason it is not available.
-
-    The hook: ``ki_trainer/merge_distill/cli.py`` defines ``main(argv: list[str], prog: str)``.
-    """
-    try:
-        module = importlib.import_module("ki_trainer.merge_distill.cli")
-    except ImportError as error:
-        return None, f"not available in this installation ({error})"
-    if not callable(getattr(module, "main", None)):
-        return None, "not available: ki_trainer.merge_distill.cli has no main(argv, prog)"
-    summary = (module.__doc__ or "MergeDistill: distill several teachers into one student.").strip().splitlines()[0]
-    return (lambda argv, prog: module.main(list(argv), prog=prog)), summary
-
-
 def commands() -> dict[str, tuple[Optional[Callable[..., Any]], str]]:
     """Subcommand name -> (runner or None when unavailable, one-line summary)."""
     table: dict[str, tuple[Optional[Callable[..., Any]], str]] = {
@@ -55,8 +42,12 @@ def commands() -> dict[str, tuple[Optional[Callable[..., Any]], str]]:
         "train-teachers": _command("train_teachers", "fine-tune one teacher per class subset of the embedded data"),
         "demo": _command("demo", "the main job end to end on a laptop CPU (two teachers -> one student)"),
         "launch-config": _command("launch_config", "list / print the path of a shipped accelerate config file"),
+        "merge-distill": _command(
+            "merge_distill", "merge masked-LM teachers (own vocabularies, own languages) into one multilingual student LM"
+        ),
+        "report": _command("report", "per-label routing, margins and accuracies of an integrate run (table + PNG)"),
+        "env": _command("env", "versions, devices and accelerate config, to paste into a bug report"),
     }
-    table["merge-distill"] = merge_distill_command()
     return table
 
 
@@ -74,8 +65,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print_overview()
         return 0 if argv else 2
-    if argv[0] == "--version":
-        from .. import __version__
+    if argv[0] in ("--version", "-V", "version"):
+        from .._version import __version__
 
         print(f"ki-trainer {__version__}")
         return 0
@@ -92,11 +83,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if runner is None:
         print(f"ki-trainer {name}: {summary}.", file=sys.stderr)
         return 2
-    from .arguments import RunFileError
+    from ..errors import UsageError  # RunFileError (a run file's mistakes) is one too
 
     try:
         runner(argv[1:], f"ki-trainer {name}")
-    except RunFileError as error:
+    except UsageError as error:  # the message says what to fix: no traceback
         print(f"ki-trainer {name}: {error}", file=sys.stderr)
         return 2
     return 0

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from ..collator import tokenizer_fingerprint
-from ..signal_cache import StaleSignalCacheError, _hash_tensor, text_hash
+from ..signal_cache import StaleSignalCacheError, hash_state_dict, hash_tensor, text_hash
 
 CACHE_FORMAT_VERSION = 1
 
@@ -158,10 +158,8 @@ def topk_fingerprint(teachers, id_maps: Sequence[torch.Tensor], settings: dict) 
     hasher = hashlib.sha256(f"md-topk-v{CACHE_FORMAT_VERSION}|{json.dumps(settings, sort_keys=True)}".encode())
     for teacher, id_map in zip(teachers, id_maps):
         hasher.update(json.dumps([teacher.name, teacher.languages, tokenizer_fingerprint(teacher.tokenizer)]).encode())
-        _hash_tensor(hasher.update, id_map)
-        for name, tensor in sorted(teacher.model.state_dict().items()):
-            hasher.update(name.encode())
-            _hash_tensor(hasher.update, tensor)
+        hash_tensor(hasher.update, id_map)
+        hash_state_dict(hasher.update, teacher.model)
     return hasher.hexdigest()[:20]
 
 
