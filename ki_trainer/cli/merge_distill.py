@@ -381,7 +381,7 @@ def build_vocabulary(teachers: Sequence, train, script_args: MergeDistillArgumen
     tokenizers, names = [t.tokenizer for t in teachers], [t.name for t in teachers]
     choice = script_args.student_tokenizer or "union"
     if choice == "auto":
-        from .vocabulary import choose_student_tokenizer
+        from ..merge_distill.vocabulary import choose_student_tokenizer
 
         by_language: dict[str, list[str]] = {}
         for text, language in zip(texts, languages):
