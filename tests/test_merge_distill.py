@@ -431,6 +431,12 @@ def test_train_save_reload_fill_mask_and_card(teachers, tmp_path):
     with contextlib.redirect_stdout(printed):
         exec(compile(snippet, "README.md", "exec"), {})
     assert len(printed.getvalue().strip().splitlines()) == 3
+    from ki_trainer.merge_distill.model_card import add_results_to_card
+
+    add_results_to_card(str(tmp_path), "| a | b |\n|---|---|\n| 1 | 2 |")
+    card = add_results_to_card(str(tmp_path), "| a | b |\n|---|---|\n| 3 | 4 |")  # replaces, never duplicates
+    assert card.count("## Results") == 1 and "| 3 | 4 |" in card and "| 1 | 2 |" not in card
+    assert card.index("## Results") < card.index("## Citations")
 
 
 def test_scores_and_teacher_selection(teachers):

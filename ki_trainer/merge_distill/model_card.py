@@ -138,3 +138,25 @@ def student_card(teachers: Sequence, language_teachers: dict, vocabulary, args, 
         body += ["## Results", "", results.strip(), ""]
     body += ["## Citations", "", CITATIONS, ""]
     return "\n".join(meta + body)
+
+
+def add_results_to_card(directory: str, results: str, heading: str = "## Results") -> str:
+    """Put ``results`` (markdown) into ``<directory>/README.md`` under ``heading`` (replacing an earlier
+    section of that heading), before the citations. Returns the card's new text."""
+    import os
+    import re
+
+    path = os.path.join(directory, "README.md")
+    with open(path, encoding="utf-8") as handle:
+        card = handle.read()
+    section = f"{heading}\n\n{results.strip()}\n\n"
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(card):
+        card = pattern.sub(lambda _: section, card, count=1)
+    elif "## Citations" in card:
+        card = card.replace("## Citations", section + "## Citations", 1)
+    else:
+        card = card.rstrip("\n") + "\n\n" + section
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(card)
+    return card
