@@ -282,10 +282,7 @@ class MergeDistillTrainer(Trainer):
         fingerprint = self.signal_fingerprint()
         directory = self.args.signal_cache_dir or os.path.join(self.args.output_dir, "teacher_signals")
         path = os.path.join(directory, f"{fingerprint}.pt")
-        cache = (
-            TopKSignalCache.load(path, fingerprint, self.args.top_k) if os.path.exists(path)
-            else TopKSignalCache(fingerprint, self.args.top_k, path)
-        )
+        cache = TopKSignalCache.open(path, fingerprint, self.args.top_k)  # main file + shards of a killed precompute
         collator = self.data_collator
         static, emit = collator.static_masking, collator.emit_ids
         collator.static_masking, collator.emit_ids = True, True
@@ -301,8 +298,8 @@ class MergeDistillTrainer(Trainer):
                 cache.add(batch[EXAMPLE_IDS_KEY], [r[self.args.text_column] for r in chunk], (labels != -100).sum(1).tolist(), signal)
         finally:
             collator.static_masking, collator.emit_ids = static, emit
-        if todo or not os.path.exists(path):
-            cache.save(path)
+        if todo or not os.path.exists(path) or os.path.isdir(path + ".shards"):
+            cache.save(path)  # merges the shards into the main file
         self.signal_cache = cache.finalize()
         logger.info("Top-k signal cache %s: %d rows (%d computed), %.1f MB", path, len(cache), len(todo), cache.nbytes() / 1e6)
         return cache
