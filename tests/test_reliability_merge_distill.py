@@ -96,3 +96,59 @@ def test_a_vocabulary_min_count_that_keeps_no_token_names_the_option(teachers):
     counts = [count_tokens(t.tokenizer, texts, 32) for t in teachers]
     with pytest.raises(ValueError, match="min_count=1000 keeps no token.*vocabulary_min_count"):
         StudentVocabulary.union([t.tokenizer for t in teachers], [t.name for t in teachers], counts, min_count=1000)
+
+
+# ---------------------------------------------------------------- training runs: fingerprint, lock, resume
+def checkpointed(teachers, tmp_path, **config):
+    return make_trainer(teachers, tmp_path, max_steps=4, save_strategy="steps", save_steps=2, teacher_signals="on_the_fly",
+                        **config)
+
+
+def weights(model):
+    return torch.cat([p.detach().flatten().float() for p in model.parameters()])
+
+
+def test_resuming_a_merge_distill_run_with_a_teacher_swapped_is_refused(teachers, tmp_path):
+    from ki_trainer.checkpoints import CheckpointMismatchError
+
+    checkpointed(teachers, tmp_path).train()
+    tok = teachers[1].tokenizer
+    swapped = [teachers[0], MaskedLMTeacher(tiny_mlm(len(tok), 7), tok, languages=["de"], name="b")]  # same name
+    with pytest.raises(CheckpointMismatchError, match="belongs to another run.*teachers"):
+        checkpointed(swapped, tmp_path).train(resume_from_checkpoint=True)  # was: continued silently
+
+
+def test_a_second_merge_distill_run_on_a_busy_output_dir_is_refused(teachers, tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from ki_trainer.launch import LOCK_NAME, LaunchError
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # another live run ...
+    try:
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid}))
+        with pytest.raises(LaunchError, match="Another run is writing"):  # ... holds the directory
+            checkpointed(teachers, tmp_path).train()  # was: both "succeed" and mix checkpoints
+    finally:
+        other.kill()
+        other.wait()
+    checkpointed(teachers, tmp_path).train()  # its process is gone: the stale lock is taken over
+
+
+def test_a_merge_distill_checkpoint_cut_off_mid_save_falls_back_to_the_previous_one(teachers, tmp_path, caplog):
+    import logging
+    import os
+
+    full = checkpointed(teachers, tmp_path / "full", static_masking=True)
+    full.train()
+    checkpointed(teachers, tmp_path, static_masking=True).train()
+    os.remove(tmp_path / "out" / "checkpoint-4" / "trainer_state.json")  # killed while saving checkpoint-4
+    resumed = checkpointed(teachers, tmp_path, static_masking=True)
+    with caplog.at_level(logging.WARNING):
+        resumed.train(resume_from_checkpoint=True)  # was: torch/Trainer error on the incomplete folder
+    assert any("checkpoint-4" in r.getMessage() and "cut off" in r.getMessage() for r in caplog.records)
+    assert resumed.state.global_step == 4
+    torch.testing.assert_close(weights(resumed.model), weights(full.model))

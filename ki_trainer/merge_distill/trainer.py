@@ -19,6 +19,7 @@ from ..signal_cache import column_names, column_values
 from ..teacher import model_position_limit
 from .collator import EXAMPLE_IDS_KEY, TEACHER_BATCHES_KEY, MergeDistillCollator
 from .config import MergeDistillConfig
+from .guards import RunGuards
 from .model_card import MERGE_DISTILL_TAGS, merge_distill_section
 from .signals import TopKSignal, TopKSignalCache, masked_lm_logits, merge_distill_loss, topk_fingerprint, topk_to_student
 from .teacher import MaskedLMTeacher
@@ -27,7 +28,7 @@ from .vocabulary import StudentVocabulary
 logger = logging.getLogger(__name__)
 
 
-class MergeDistillTrainer(Trainer):
+class MergeDistillTrainer(RunGuards, Trainer):
     """Trainer for MergeDistill.
 
     Args:
