@@ -18,6 +18,8 @@ from typing import Any, Optional, Sequence
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from ..errors import UsageError
+
 RUN_FILE_SUFFIXES = (".yaml", ".yml", ".json")
 HELP_ALL = "--help-all"
 
@@ -51,7 +53,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
     """Keep the description's layout; show each option's default."""
 
 
-class RunFileError(ValueError):
+class RunFileError(UsageError):
     """A run file that cannot be read, or that names options the command does not have."""
 
 
@@ -162,6 +164,16 @@ def _type_problem(action: argparse.Action, value: Any) -> Optional[str]:
 def split_run_file(argv: Sequence[str]) -> tuple[Optional[str], list[str]]:
     """``[run.yaml, --flag, ...]`` -> (``run.yaml``, flags); a run file is only ever the first argument."""
     argv = list(argv)
+    for i, arg in enumerate(argv):  # TRL's `--config run.yaml` names the run file too
+        if arg == "--config" or arg.startswith("--config="):
+            path = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
+            if not path or path.startswith("-"):
+                raise RunFileError("--config needs a run file: --config run.yaml")
+            rest = argv[:i] + argv[i + (1 if "=" in arg else 2):]
+            if rest and not rest[0].startswith("-"):
+                raise RunFileError(f"Two run files: {rest[0]!r} and --config {path!r}; give one.")
+            argv = [path, *rest]
+            break
     if argv and not argv[0].startswith("-"):
         if not argv[0].endswith(RUN_FILE_SUFFIXES):
             raise RunFileError(
@@ -265,12 +277,16 @@ class CommandParser(HfArgumentParser):
     def _apply_run_file(self, run_file: str) -> None:
         values = load_run_file(run_file)
         known = {a.dest: a for a in self._actions if a.dest not in ("help", "help_all")}
+        aliases = {option.lstrip("-"): action.dest for action in self._actions for option in action.option_strings
+                   if option.startswith("--") and option.lstrip("-") not in known
+                   and not isinstance(action, argparse._StoreFalseAction)}  # --no_x is no alias of x
+        lines = {aliases.get(key, key): line for key, line in getattr(values, "lines", {}).items()}
+        values = {aliases.get(key, key): value for key, value in values.items()}  # e.g. model_name_or_path: -> student
         unknown = [key for key in values if key not in known]
         if unknown:
             hints = {key: difflib.get_close_matches(key, list(known), n=1) for key in unknown}
             described = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
             raise RunFileError(f"{run_file}: unknown option(s) {described}. `{self.prog} --help-all` lists them all.")
-        lines = getattr(values, "lines", {})
         for key, value in values.items():
             problem = _type_problem(known[key], value)
             if problem is not None:
