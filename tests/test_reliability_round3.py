@@ -369,3 +369,27 @@ def test_teacher_labels_given_as_one_string_are_an_error(tok):
     with pytest.raises(TypeError, match="labels must be a list of label names .*got str 'abc'"):
         Teacher(model, labels="abc")  # was: three classes 'a', 'b', 'c'
     assert Teacher(model, labels=("a", "b", "c")).labels == ["a", "b", "c"]
+
+
+def test_selection_shares_split_exact_ties_instead_of_crediting_the_first_teacher(tmp_path, tok):
+    from transformers import TrainerCallback
+
+    teachers = []
+    for i, labels in enumerate(TEACHER_SPLIT):
+        model = tiny_bert(2, len(tok), labels=labels, seed=20 + i)
+        with torch.no_grad():  # uniform outputs: both teachers exactly equally (un)certain on every row
+            model.classifier.weight.zero_()
+            model.classifier.bias.zero_()
+        teachers.append(Teacher(model, name=f"t{i}"))
+    logged = []
+
+    class Recorder(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logged.append(dict(logs or {}))
+
+    trainer = make_trainer(tmp_path, tok, teachers, [{"text": r["text"]} for r in make_rows(2, seed=1)], max_steps=1,
+                           logging_steps=1, strategy="muki")
+    trainer.add_callback(Recorder())
+    trainer.train()
+    shares = next(logs for logs in logged if "selection_share_t0" in logs)
+    assert (shares["selection_share_t0"], shares["selection_share_t1"]) == (0.5, 0.5)  # was (1.0, 0.0)
