@@ -393,3 +393,18 @@ def test_selection_shares_split_exact_ties_instead_of_crediting_the_first_teache
     trainer.train()
     shares = next(logs for logs in logged if "selection_share_t0" in logs)
     assert (shares["selection_share_t0"], shares["selection_share_t1"]) == (0.5, 0.5)  # was (1.0, 0.0)
+
+
+def test_a_multi_label_student_is_not_trained_and_saved_as_one(tmp_path, tok):
+    teachers = [Teacher(tiny_bert(2, len(tok), labels=labels, seed=20 + i), name=f"t{i}")
+                for i, labels in enumerate(TEACHER_SPLIT)]
+    rows = [{"text": r["text"]} for r in make_rows(2, seed=1)]
+    student = tiny_bert(4, len(tok), seed=3, problem_type="multi_label_classification")
+    with pytest.raises(ValueError, match="student is a 'multi_label_classification' model"):
+        KnowledgeIntegrationTrainer(model=student, args=config(tmp_path), teachers=teachers, train_dataset=rows,
+                                    processing_class=tok)
+    student.save_pretrained(tmp_path / "base")  # from a path: trained and saved as a softmax classifier
+    tok.save_pretrained(tmp_path / "base")
+    trainer = KnowledgeIntegrationTrainer(model=str(tmp_path / "base"), args=config(tmp_path, max_steps=1),
+                                          teachers=teachers, train_dataset=rows)
+    assert trainer.model.config.problem_type == "single_label_classification"
