@@ -408,3 +408,18 @@ def test_a_multi_label_student_is_not_trained_and_saved_as_one(tmp_path, tok):
     trainer = KnowledgeIntegrationTrainer(model=str(tmp_path / "base"), args=config(tmp_path, max_steps=1),
                                           teachers=teachers, train_dataset=rows)
     assert trainer.model.config.problem_type == "single_label_classification"
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("max_steps", True, "an integer"), ("mc_samples", 2.5, "an integer"), ("mc_top_layers", 1.5, "an integer or None"),
+    ("kd_temperature", "2", "a number"), ("margin_reweighting", "no", "True or False"),
+])
+def test_config_fields_of_the_wrong_type_are_rejected_by_name(tmp_path, field, value, expected):
+    from ki_trainer.merge_distill import MergeDistillConfig
+
+    with pytest.raises(TypeError, match=f"{field} must be {expected}, got {type(value).__name__} {value!r}"):
+        KnowledgeIntegrationConfig(output_dir=str(tmp_path), report_to=[], **{field: value})
+    if field in ("max_steps", "kd_temperature"):
+        with pytest.raises(TypeError, match=f"{field} must be {expected}"):
+            MergeDistillConfig(output_dir=str(tmp_path), report_to=[], **{field: value})
+    assert KnowledgeIntegrationConfig(output_dir=str(tmp_path), report_to=[], max_steps=3, kd_temperature=2).max_steps == 3
