@@ -105,6 +105,15 @@ def topk_to_student(logits: torch.Tensor, id_map: torch.Tensor, k: int, temperat
     student counterpart (``id_map == -1``) dropped, and the rest renormalised to sum to one. A position
     whose top-k maps to nothing gets all-zero probabilities (it then has no KD term) and kept mass 0.
     """
+    if logits.numel() and not bool(torch.isfinite(logits).all()):  # one host sync per teacher batch
+        from ..querying import TeacherNaNError
+
+        bad = int((~torch.isfinite(logits).all(-1)).sum())
+        raise TeacherNaNError(
+            f"NaN/inf teacher masked-LM logits at {bad} of {logits.shape[0]} predicted positions: check the teacher's "
+            "weights and dtype (fp16 overflow: try teacher_dtype='bfloat16' or 'float32'); training on them would "
+            "make the student NaN."
+        )
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     k = min(k, probs.shape[-1])
     top_probs, top_ids = probs.topk(k, dim=-1)
