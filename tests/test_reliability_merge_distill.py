@@ -116,6 +116,9 @@ def test_resuming_a_merge_distill_run_with_a_teacher_swapped_is_refused(teachers
     swapped = [teachers[0], MaskedLMTeacher(tiny_mlm(len(tok), 7), tok, languages=["de"], name="b")]  # same name
     with pytest.raises(CheckpointMismatchError, match="belongs to another run.*teachers"):
         checkpointed(swapped, tmp_path).train(resume_from_checkpoint=True)  # was: continued silently
+    shorter = [MaskedLMTeacher(teachers[0].model, tok, languages=["en"], name="a", max_length=8), teachers[1]]
+    with pytest.raises(CheckpointMismatchError, match="belongs to another run.*'max_length': 8"):
+        checkpointed(shorter, tmp_path).train(resume_from_checkpoint=True)
 
 
 def test_a_second_merge_distill_run_on_a_busy_output_dir_is_refused(teachers, tmp_path):

@@ -422,4 +422,5 @@ def test_config_fields_of_the_wrong_type_are_rejected_by_name(tmp_path, field, v
     if field in ("max_steps", "kd_temperature"):
         with pytest.raises(TypeError, match=f"{field} must be {expected}"):
             MergeDistillConfig(output_dir=str(tmp_path), report_to=[], **{field: value})
-    assert KnowledgeIntegrationConfig(output_dir=str(tmp_path), report_to=[], max_steps=3, kd_temperature=2).max_steps == 3
+    ok = KnowledgeIntegrationConfig(output_dir=str(tmp_path), report_to=[], max_steps=3, kd_temperature=2)
+    assert ok.max_steps == 3

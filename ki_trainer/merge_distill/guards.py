@@ -1,8 +1,9 @@
 """The integrate path's run guards for :class:`~ki_trainer.merge_distill.MergeDistillTrainer`.
 
-* Every checkpoint records what run it belongs to (``ki_fingerprint.json``: the teachers' names, languages and
-  weight hashes, the student vocabulary, the distillation settings); a resume of another run's checkpoint is a
-  :class:`~ki_trainer.checkpoints.CheckpointMismatchError` listing what differs.
+* Every checkpoint records what run it belongs to (``ki_fingerprint.json``: the teachers' names, languages,
+  weight hashes, truncation lengths and tokenizations, the student vocabulary, the distillation settings); a
+  resume of another run's checkpoint is a :class:`~ki_trainer.checkpoints.CheckpointMismatchError` listing what
+  differs.
 * ``resume_from_checkpoint=True`` takes the newest COMPLETE checkpoint (a newer one cut off mid-save is skipped
   with a warning); a longer run's checkpoint, which would train nothing, is refused.
 * One run at a time writes an ``output_dir`` (:func:`~ki_trainer.launch.output_dir_lock`).
@@ -22,6 +23,7 @@ import os
 from typing import Any, Optional
 
 from .. import checkpoints
+from ..collator import tokenizer_fingerprint
 from ..guards import FiniteLossGuard
 from ..launch import output_dir_lock
 
@@ -43,7 +45,9 @@ class RunGuards:
         fields = {f.name for f in dataclasses.fields(self.args)}
         tokens = json.dumps(list(getattr(self.vocabulary, "tokens", []) or []), ensure_ascii=False).encode()
         return {
-            "teachers": [{"name": t.name, "languages": list(getattr(t, "languages", []) or []), "weights": digest}
+            "teachers": [{"name": t.name, "languages": list(getattr(t, "languages", []) or []), "weights": digest,
+                          "max_length": t.max_length,
+                          "tokenization": tokenizer_fingerprint(t.tokenizer) if t.tokenizer is not None else None}
                          for t, digest in zip(self.teachers, self._teacher_digests)],
             "language_teachers": dict(getattr(self, "language_teachers", {}) or {}),
             "student_vocabulary": hashlib.sha256(tokens).hexdigest()[:20],

@@ -234,7 +234,8 @@ class TopKSignalCache:
         self._ids.append(signal.ids.to(torch.int32).cpu())
         self._probs.append(signal.probs.to(torch.float16).cpu())
         self._pending += len(example_ids)
-        if self.path is not None and (self._pending >= FLUSH_ROWS or time.monotonic() - self._last_flush >= FLUSH_SECONDS):
+        due = self._pending >= FLUSH_ROWS or time.monotonic() - self._last_flush >= FLUSH_SECONDS
+        if self.path is not None and due:
             self.flush()
 
     def finalize(self) -> "TopKSignalCache":
@@ -382,7 +383,8 @@ def _read(path: str, fingerprint: str, k: int) -> dict:
         raise corrupt(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'unreadable'}") from None
     if not isinstance(payload, dict):
         raise corrupt(f"it holds a {type(payload).__name__}, not a cache")
-    if payload.get("version") != CACHE_FORMAT_VERSION or payload.get("fingerprint") != fingerprint or payload.get("k") != k:
+    settings = (payload.get("version"), payload.get("fingerprint"), payload.get("k"))
+    if settings != (CACHE_FORMAT_VERSION, fingerprint, k):
         raise StaleSignalCacheError(
             f"Top-k signal cache {path} was computed for other teachers or settings "
             f"(fingerprint {payload.get('fingerprint')!r}, expected {fingerprint!r}). Delete it or point "
