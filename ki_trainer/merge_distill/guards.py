@@ -86,7 +86,9 @@ class RunGuards:
         super()._save_checkpoint(model, trial)
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        path = checkpoints.resolve_resume(resume_from_checkpoint, self.args.output_dir, self.run_fingerprint())
+        path = None
+        if resume_from_checkpoint is not None and resume_from_checkpoint is not False:  # teacher weights hashed only then
+            path = checkpoints.resolve_resume(resume_from_checkpoint, self.args.output_dir, self.run_fingerprint())
         if self._resume_guard is None:
             self._resume_guard = checkpoints.ResumeGuard()
             self.add_callback(self._resume_guard)
