@@ -73,15 +73,16 @@ def check_field_types(args) -> None:
     ``mc_samples=2.5`` fail deep in a forward, ``margin_reweighting="no"`` be true. Python does not check
     dataclass annotations; ``HfArgumentParser`` converts command-line strings before they get here."""
     for f in dataclasses.fields(args):
-        kind, optional = _scalar_annotation(f.type)
+        kind, _ = _scalar_annotation(f.type)
         value = getattr(args, f.name, None)
-        if kind is None or (value is None and optional) or value is f.default or not f.init:
+        # None is left to the fields' own checks: HfArgumentParser strips Optional[...] from the shared field
+        # objects, so whether a field allows None cannot be read reliably here.
+        if kind is None or value is None or value is f.default or not f.init:
             continue
         is_bool = isinstance(value, bool) or type(value).__name__ in ("bool", "bool_")  # numpy's too
         if (is_bool != (kind == "bool")) or (kind != "bool" and not isinstance(value, _SCALAR_TYPES[kind])):
             expected = {"int": "an integer", "float": "a number", "bool": "True or False"}[kind]
-            raise TypeError(f"{f.name} must be {expected}{' or None' if optional else ''}, got "
-                            f"{type(value).__name__} {value!r}.")
+            raise TypeError(f"{f.name} must be {expected}, got {type(value).__name__} {value!r}.")
 
 
 @dataclass

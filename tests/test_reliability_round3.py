@@ -411,7 +411,7 @@ def test_a_multi_label_student_is_not_trained_and_saved_as_one(tmp_path, tok):
 
 
 @pytest.mark.parametrize("field,value,expected", [
-    ("max_steps", True, "an integer"), ("mc_samples", 2.5, "an integer"), ("mc_top_layers", 1.5, "an integer or None"),
+    ("max_steps", True, "an integer"), ("mc_samples", 2.5, "an integer"), ("mc_top_layers", 1.5, "an integer"),
     ("kd_temperature", "2", "a number"), ("margin_reweighting", "no", "True or False"),
 ])
 def test_config_fields_of_the_wrong_type_are_rejected_by_name(tmp_path, field, value, expected):
