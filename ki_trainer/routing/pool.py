@@ -48,12 +48,9 @@ def _features(signals: TeacherSignals) -> list[torch.Tensor]:
     return [f.float() for f in signals.features]
 
 
-def _zscore_fit(scores: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"mean": scores.mean(0), "std": scores.std(0, unbiased=False).clamp_min(1e-6)}
-
-
-def _zscore(scores: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
-    return (scores - stats["mean"].to(scores.device)) / stats["std"].to(scores.device)
+# The z-score is written once, in routing/standardization.py (certainty_normalization uses it too).
+from .standardization import zscore as _zscore  # noqa: E402
+from .standardization import zscore_fit as _zscore_fit  # noqa: E402
 
 
 def _probabilities(z: torch.Tensor, temperature: float) -> torch.Tensor:
