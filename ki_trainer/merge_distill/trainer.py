@@ -23,7 +23,15 @@ from .collator import EXAMPLE_IDS_KEY, KD_POSITIONS_KEY, TEACHER_BATCHES_KEY, Me
 from .config import MergeDistillConfig
 from .guards import RunGuards
 from .model_card import student_card
-from .signals import TopKSignal, TopKSignalCache, masked_lm_logits, merge_distill_loss, topk_fingerprint, topk_to_student
+from .signals import (
+    TopKSignal,
+    TopKSignalCache,
+    check_finite_teacher_logits,
+    masked_lm_logits,
+    merge_distill_loss,
+    topk_fingerprint,
+    topk_to_student,
+)
 from .teacher import MaskedLMTeacher
 from .vocabulary import StudentVocabulary
 
@@ -285,6 +293,7 @@ class MergeDistillTrainer(RunGuards, Trainer):
                     sub["predict"].to(device),
                     columns=None if columns is None else columns.to(device),
                 )
+            check_finite_teacher_logits(logits)
             teacher_probs = torch.softmax(logits.float() / self.args.kd_temperature, dim=-1)
             top_probs, top_ids = teacher_probs.topk(min(k, teacher_probs.shape[-1]), dim=-1)
             if columns is not None:
