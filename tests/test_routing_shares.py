@@ -1,0 +1,214 @@
+"""Routing on pools whose rows the teachers do NOT own in equal shares, and on pools too small to fit on.
+
+Synthetic teachers with known owners: on a row of its own classes a teacher's pooled feature lies near one of
+its class prototypes; elsewhere it falls diffusely around the teacher's mean; its logits are confident
+everywhere (so confidence alone routes near chance). The pool's owner shares are set per test.
+"""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from ki_trainer import TeacherSignals, build_router
+from ki_trainer.routing import describe_shares, fit_owner_mixture
+
+FEATURE_ROUTERS = ["prototype", "relative_mahalanobis", "knn_smoothing", "self_training", "consensus"]
+POOL_ROUTERS = FEATURE_ROUTERS + ["standardized"]
+
+
+def owned_pool(counts, classes=3, dim=16, seed=0, tight=1.5, spread=1.5):
+    """``counts[t]`` rows owned by teacher t (in that order); returns the signals and the gold owners."""
+    world = torch.Generator().manual_seed(1234)  # the same teachers for every sample of rows
+    prototypes = [torch.randn(classes, dim, generator=world) * 3 for _ in counts]
+    g = torch.Generator().manual_seed(seed)
+    owners, feats, logits = [], [[] for _ in counts], [[] for _ in counts]
+    for owner, n in enumerate(counts):
+        for i in range(n):
+            owners.append(owner)
+            for t in range(len(counts)):
+                if t == owner:
+                    feature, cls = prototypes[t][i % classes] + tight * torch.randn(dim, generator=g), i % classes
+                else:
+                    feature = prototypes[t].mean(0) + spread * torch.randn(dim, generator=g)
+                    cls = int(torch.randint(0, classes, (1,), generator=g))
+                row = torch.zeros(classes)
+                row[cls] = 2.0 + 3.0 * float(torch.rand(1, generator=g))
+                feats[t].append(feature)
+                logits[t].append(row)
+    logits = [torch.stack(x) for x in logits]
+    certainty = torch.stack([1 - (-(torch.softmax(x, -1) * torch.log_softmax(x, -1)).sum(-1) / math.log(classes))
+                             for x in logits], 1)
+    noise = torch.rand(certainty.shape, generator=g) * 0.01
+    signals = TeacherSignals(logits=logits, certainty=certainty, mutual_information=noise, top_variance=noise / 10,
+                             features=[torch.stack(x) for x in feats])
+    return signals, torch.tensor(owners)
+
+
+def accuracy(router, signals, owners):
+    return float((router.score(signals).argmax(1) == owners).float().mean())
+
+
+def permuted(signals, order):
+    """The same rows with the teachers listed in ``order``."""
+    pick = lambda xs: [xs[t] for t in order]  # noqa: E731
+    return TeacherSignals(logits=pick(signals.logits), certainty=signals.certainty[:, order],
+                          mutual_information=signals.mutual_information[:, order],
+                          top_variance=signals.top_variance[:, order], features=pick(signals.features))
+
+
+SKEWED = [(360, 40), (380, 20), (40, 360), (340, 40, 20)]
+
+
+# ---------------------------------------------------------------------- the failure, reproduced
+@pytest.mark.parametrize("counts", [(360, 40), (380, 20), (340, 40, 20)])
+def test_equal_shares_z_scores_route_below_the_majority_baseline_on_a_skewed_pool(counts):
+    """The calibration before share estimation (z-scores over the pool: ``shares="equal"``) fails on skewed pools:
+    every teacher's pool mean is pulled to the majority teacher's level, and the default router routes fewer rows
+    right than always answering the majority teacher."""
+    pool, owners = owned_pool(counts)
+    majority = max(counts) / sum(counts)
+    for name in ("relative_mahalanobis", "prototype", "self_training"):
+        assert accuracy(build_router(name, {"shares": "equal"}).fit(pool), pool, owners) < majority, name
+
+
+def test_equal_shares_z_scores_route_well_on_a_balanced_pool():
+    pool, owners = owned_pool((200, 200))
+    assert accuracy(build_router("relative_mahalanobis", {"shares": "equal"}).fit(pool), pool, owners) > 0.95
+
+
+# ---------------------------------------------------------------------- the fix
+@pytest.mark.parametrize("counts", SKEWED)
+@pytest.mark.parametrize("name", FEATURE_ROUTERS)
+def test_share_aware_routers_beat_the_majority_and_mc_entropy_on_skewed_pools(name, counts):
+    pool, owners = owned_pool(counts)
+    test, test_owners = owned_pool(counts, seed=1)
+    majority = max(counts) / sum(counts)
+    router = build_router(name).fit(pool)
+    mc = accuracy(build_router("mc_entropy"), pool, owners)
+    assert accuracy(router, pool, owners) >= max(majority, mc) + 0.02, name
+    assert accuracy(router, test, test_owners) >= majority, name  # unseen rows of the same mixture
+    torch.testing.assert_close(router.score(test).sum(1), torch.ones(len(test_owners)))
+
+
+@pytest.mark.parametrize("counts", [(200, 200), (100, 100, 100), (150, 150, 50, 50)])
+@pytest.mark.parametrize("name", FEATURE_ROUTERS)
+def test_share_estimation_keeps_balanced_and_mildly_skewed_pools_routed(name, counts):
+    pool, owners = owned_pool(counts)
+    equal = accuracy(build_router(name, {"shares": "equal"}).fit(pool), pool, owners)
+    estimate = accuracy(build_router(name).fit(pool), pool, owners)
+    assert estimate >= equal - 0.01, (name, equal, estimate)
+
+
+@pytest.mark.parametrize("counts", [(200, 200), (320, 80), (360, 40), (380, 20), (20, 380), (340, 40, 20),
+                                    (150, 150, 50, 50)])
+def test_estimated_shares_match_the_true_owner_shares(counts):
+    pool, _ = owned_pool(counts)
+    truth = torch.tensor(counts, dtype=torch.float) / sum(counts)
+    for name in ("relative_mahalanobis", "knn_smoothing", "consensus", "self_training"):
+        router = build_router(name).fit(pool)
+        assert router.shares is not None, (name, router.shares_note)
+        assert float(router.shares.sum()) == pytest.approx(1.0, abs=1e-5)
+        assert float((router.shares - truth).abs().max()) < 0.03, (name, router.shares.tolist(), truth.tolist())
+
+
+def test_the_estimate_is_reported_in_words_and_kept_in_the_router_state(caplog):
+    pool, _ = owned_pool((360, 40))
+    router = build_router("relative_mahalanobis").fit(pool)
+    assert router.describe_shares(["A", "B"]) == "the pool looks 90% teacher A, 10% teacher B"
+    assert router.describe_shares() == "the pool looks 90% teacher 0, 10% teacher 1"
+    again = build_router("relative_mahalanobis").load_state_dict(router.state_dict())
+    torch.testing.assert_close(again.shares, router.shares)
+    torch.testing.assert_close(again.score(pool), router.score(pool))
+    assert describe_shares([0.876, 0.124], ["en", "it"]) == "the pool looks 88% teacher en, 12% teacher it"
+    with pytest.raises(ValueError, match="2 shares but 3 teacher names"):
+        describe_shares([0.5, 0.5], ["a", "b", "c"])
+
+
+def test_equal_shares_option_keeps_the_pool_z_scores():
+    pool, _ = owned_pool((360, 40))
+    router = build_router("relative_mahalanobis", {"shares": "equal"}).fit(pool)
+    assert router.shares is None and router.shares_note == "shares='equal'"
+    torch.testing.assert_close(router.score(pool), torch.softmax(router.zscores(pool), 1))
+    with pytest.raises(ValueError, match="shares must be one of"):
+        build_router("prototype", {"shares": "guess"})
+
+
+@pytest.mark.parametrize("name", POOL_ROUTERS)
+def test_routers_do_not_depend_on_the_order_of_the_teachers(name):
+    """Listing the teachers in another order permutes the scores and the shares, nothing else."""
+    pool, _ = owned_pool((300, 60, 40))
+    order = [2, 0, 1]
+    router = build_router(name).fit(pool)
+    other = build_router(name).fit(permuted(pool, order))
+    torch.testing.assert_close(other.score(permuted(pool, order)), router.score(pool)[:, order], atol=2e-4, rtol=1e-3)
+    if router.shares is not None:
+        torch.testing.assert_close(other.shares, router.shares[order], atol=1e-4, rtol=1e-3)
+
+
+# ---------------------------------------------------------------------- the mixture itself
+def test_owner_mixture_recovers_known_shares_and_levels():
+    g = torch.Generator().manual_seed(0)
+    owners = (torch.rand(2000, generator=g) < 0.15).long()  # 85% teacher 0
+    raw = torch.randn(2000, 2, generator=g)
+    raw[torch.arange(2000), owners] += 3.0  # the owner's score is 3 higher
+    fit = fit_owner_mixture(raw)
+    assert fit["accepted"], fit["reason"]
+    torch.testing.assert_close(fit["shares"], torch.tensor([0.85, 0.15]), atol=0.02, rtol=0)
+    torch.testing.assert_close(fit["mu_in"] - fit["mu_out"], torch.tensor([3.0, 3.0]), atol=0.15, rtol=0)
+    torch.testing.assert_close(fit["var"], torch.tensor([1.0, 1.0]), atol=0.1, rtol=0)
+
+
+def test_owner_mixture_refuses_scores_without_owner_structure():
+    raw = torch.randn(1000, 2, generator=torch.Generator().manual_seed(0))
+    fit = fit_owner_mixture(raw)
+    assert not fit["accepted"] and "no owner structure" in fit["reason"]
+
+
+def test_owner_mixture_rejects_non_finite_scores():
+    raw = torch.randn(10, 2)
+    raw[3, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"not finite \(pool rows \[3\]"):
+        fit_owner_mixture(raw)
+
+
+# ---------------------------------------------------------------------- tiny pools
+@pytest.mark.parametrize("name", POOL_ROUTERS)
+def test_a_pool_too_small_to_fit_on_falls_back_to_a_router_without_fit(name):
+    pool, _ = owned_pool((2, 1))
+    with pytest.warns(UserWarning, match=r"given 3 pool row\(s\) to fit on; it needs at least 20 .*'entropy'"):
+        router = build_router(name).fit(pool)
+    assert router.fitted and router.fallback == "entropy"
+    test, _ = owned_pool((30, 30), seed=1)
+    torch.testing.assert_close(router.score(test), build_router("entropy").score(test))
+    assert "3 pool row(s) seen, 20 needed" in router.describe_shares()
+    again = build_router(name).load_state_dict(router.state_dict())  # the fall-back travels with the state
+    torch.testing.assert_close(again.score(test), router.score(test))
+
+
+def test_the_fallback_routes_by_what_each_teacher_says_not_by_its_position():
+    """No 0.5/0.5 ties on a tiny pool: the fall-back scores each teacher's own certainty, so a confident teacher
+    wins whatever its place in the list, and the margins a student is weighted by are not zero."""
+    logits = [torch.tensor([[4.0, 0.0, 0.0], [0.1, 0.0, 0.0]]), torch.tensor([[0.1, 0.0, 0.0], [0.0, 5.0, 0.0]])]
+    signals = TeacherSignals(logits=logits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        router = build_router("relative_mahalanobis", {"min_rows_per_teacher": 2})
+        router.requires = frozenset({"logits"})  # this pool carries no features: the fall-back does not read them
+        router.fit(signals)
+    scores = router.score(signals)
+    assert scores.argmax(1).tolist() == [0, 1]
+    assert bool(((scores[:, 0] - scores[:, 1]).abs() > 0.1).all())
+    swapped = router.score(TeacherSignals(logits=logits[::-1]))
+    torch.testing.assert_close(swapped, scores.flip(1))
+
+
+def test_min_rows_per_teacher_is_an_option():
+    pool, _ = owned_pool((3, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fall-back warning
+        router = build_router("relative_mahalanobis", {"min_rows_per_teacher": 3}).fit(pool)
+    assert router.fallback is None
+    with pytest.raises(ValueError, match="min_rows_per_teacher must be >= 1"):
+        build_router("relative_mahalanobis", {"min_rows_per_teacher": 0})
