@@ -16,7 +16,7 @@ from ki_trainer.checkpoints import weights_digest
 from ki_trainer.data import load_debian_sections
 from ki_trainer.pretrained import resolve_model
 from ki_trainer.signal_cache import check_texts
-from ki_trainer.trainer import _same_weights
+from ki_trainer.guards import _same_weights
 
 MODELS = ("sentence-transformers/all-MiniLM-L6-v2", "sentence-transformers/all-mpnet-base-v2")
 

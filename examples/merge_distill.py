@@ -15,7 +15,7 @@ import argparse
 from transformers import pipeline
 
 from ki_trainer import MergeDistillConfig
-from ki_trainer.merge_distill.cli import MergeDistillArguments, run
+from ki_trainer.cli.merge_distill import MergeDistillArguments, run
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--english", default="outputs/merge_distill/cpu/teachers/all-MiniLM-L6-v2")

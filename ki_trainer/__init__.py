@@ -5,6 +5,7 @@ comes from an ensemble of :class:`Teacher` models integrated by a registered str
 default: Monte-Carlo-dropout certainty, soft/hard selection, margin re-weighting).
 """
 
+from ._version import __version__
 from .checkpoints import CheckpointMismatchError
 from .collator import KnowledgeIntegrationCollator
 from .config import KnowledgeIntegrationConfig
@@ -33,7 +34,6 @@ from .signal_cache import CorruptSignalCacheError, StaleSignalCacheError
 from .teacher import Teacher
 from .trainer import KnowledgeIntegrationTrainer, NonFiniteLossError
 
-__version__ = "0.1.0"
 
 __all__ = [
     "CheckpointMismatchError",

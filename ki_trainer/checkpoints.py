@@ -21,7 +21,11 @@ import re
 from typing import Any, Optional
 
 import torch
+from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 FINGERPRINT_FILE = "ki_fingerprint.json"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -132,3 +136,47 @@ def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> l
         if saved.get(key) != current.get(key):
             differences.append(f"{key}: checkpoint {saved.get(key)!r} vs this run {current.get(key)!r}")
     return differences
+
+
+def resolve_resume(resume_from_checkpoint, output_dir: str, current: dict[str, Any]) -> Optional[str]:
+    """The checkpoint to resume (``None``: start afresh). ``True`` resolves to the newest COMPLETE checkpoint in
+    ``output_dir`` (newer cut-off ones are skipped with a warning); a checkpoint of another run (its fingerprint
+    differs from ``current``) is refused."""
+    if resume_from_checkpoint is None or resume_from_checkpoint is False:
+        return None
+    if resume_from_checkpoint is True:
+        path, skipped = latest_complete_checkpoint(output_dir)
+        for bad, reason in skipped:
+            logger.warning(f"Not resuming from {bad}: {reason}.")
+        if path is None:
+            raise ValueError(
+                f"No complete checkpoint to resume in output_dir {output_dir!r}"
+                + (f" ({len(skipped)} incomplete skipped)." if skipped else ".")
+            )
+        if skipped:
+            logger.warning(f"Resuming from the previous complete checkpoint {path}.")
+    else:
+        path = str(resume_from_checkpoint)
+        reason = incomplete_reason(path)
+        if reason is not None:
+            raise ValueError(f"Cannot resume from {path}: {reason}.")
+    differences = fingerprint_differences(read_fingerprint(path), current)
+    if differences:
+        raise CheckpointMismatchError(
+            f"Checkpoint {path} belongs to another run; resuming it would continue that run: "
+            + "; ".join(differences)
+            + ". Use another output_dir, or resume the run it belongs to."
+        )
+    return path
+
+
+class ResumeGuard(TrainerCallback):
+    """Refuse a resume that would train 0 steps and hand back another (longer) run's model."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step > 0 and state.max_steps > 0 and state.global_step >= state.max_steps:
+            raise ValueError(
+                f"The checkpoint being resumed is at step {state.global_step}, but this run ends at step "
+                f"{state.max_steps}: nothing would be trained and train() would return the checkpoint's model. It "
+                "belongs to a longer run; use another output_dir or a larger max_steps/num_train_epochs."
+            )

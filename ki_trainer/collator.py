@@ -16,11 +16,14 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from .label_space import LabelSpace
+from .peft_support import unwrap
+from .teacher import model_position_limit
 
 TEACHER_INPUTS_KEY = "teacher_inputs"
 EXAMPLE_IDS_KEY = "example_ids"
 GOLD_LABEL_FALLBACK = "labels"  # the column name HF scripts use after `rename_column("label", "labels")`
 IGNORED_LABEL = -100  # a row without a gold label (skipped by the metrics)
+_UNBOUNDED_TOKENIZER_LENGTH = 1_000_000
 
 
 def _missing_label(value: Any) -> bool:
@@ -235,3 +238,43 @@ class KnowledgeIntegrationCollator:
                 key: self._encode(tok, texts, length) for key, (tok, length) in self.groups.items()
             }
         return batch
+
+
+def checked_max_length(tokenizer: PreTrainedTokenizerBase, config, requested: Optional[int], who: str) -> int:
+    """The truncation length for one model: the request, checked against the model's limit."""
+    limits = [limit for limit in (model_position_limit(config), tokenizer.model_max_length) if limit]
+    limits = [int(limit) for limit in limits if limit < _UNBOUNDED_TOKENIZER_LENGTH]
+    limit = min(limits) if limits else None
+    if requested is None:
+        return limit if limit is not None else 512
+    if limit is not None and requested > limit:
+        raise ValueError(f"max_length={requested} exceeds what the {who} can read ({limit} tokens).")
+    return requested
+
+
+def build_collator(model, tokenizer, teachers: Sequence, label_space: LabelSpace, args,
+                   student_collator=None) -> KnowledgeIntegrationCollator:
+    """The default collator of a run: the student's and each teacher's truncation length checked against what
+    the model can read (a teacher sharing the student's tokenizer, without its own ``max_length``, reads at most
+    what the student reads)."""
+    for teacher in teachers:
+        teacher.check_reads(tokenizer)
+    student_length = checked_max_length(tokenizer, unwrap(model).config, args.max_length, "student")
+    teacher_lengths = []
+    for teacher in teachers:
+        own_tokenizer = teacher.tokenizer or tokenizer
+        requested = teacher.max_length if teacher.max_length is not None else args.max_length
+        length = checked_max_length(own_tokenizer, teacher.model.config, requested, f"teacher {teacher.name!r}")
+        teacher_lengths.append(min(length, student_length) if teacher.tokenizer is None and requested is None else length)
+    return KnowledgeIntegrationCollator(
+        tokenizer,
+        label_space,
+        teacher_tokenizers=[t.tokenizer for t in teachers],
+        text_column=args.text_column,
+        label_column=args.label_column,
+        max_length=student_length,
+        teacher_max_lengths=teacher_lengths,
+        pad_to_multiple_of=8 if (args.bf16 or args.fp16) else None,
+        id_column=args.id_column if args.teacher_signals == "cached" else None,
+        student_collator=student_collator,
+    )

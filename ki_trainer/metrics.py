@@ -7,11 +7,16 @@ in the gold labels or the predictions; the tests check it against scikit-learn).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
+import torch
+from transformers.utils import logging
 
 from .label_space import LabelSpace
+from .strategies import TeacherSignals
+
+logger = logging.get_logger(__name__)
 
 
 def accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
@@ -70,4 +75,46 @@ def integration_metrics(
         metrics["teacher_selection_accuracy"] = selection_accuracy(certainty, labels, label_space)
     if routed_predictions is not None:
         metrics["routed_teacher_accuracy"] = accuracy(np.asarray(routed_predictions)[labelled], labels)
+    return metrics
+
+
+def routed_teacher_predictions(signals: TeacherSignals, label_space: LabelSpace) -> torch.Tensor:
+    """``[B]`` union ids: the prediction of each row's most competent teacher (highest certainty/router score).
+
+    Its accuracy (``routed_teacher_accuracy``) is that of the hard-routed ensemble the student compresses.
+    """
+    chosen = signals.certainty.argmax(1)
+    per_teacher = torch.stack([
+        label_space.teacher_to_union(t).to(logits.device)[logits.argmax(1)]
+        for t, logits in enumerate(signals.logits)
+    ], dim=1)
+    return per_teacher.gather(1, chosen.to(per_teacher.device).unsqueeze(1)).squeeze(1)
+
+
+def evaluation_metrics(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    label_space: LabelSpace,
+    certainty: Optional[np.ndarray] = None,
+    routed_predictions: Optional[np.ndarray] = None,
+    user_metrics: Optional[Callable[[], dict]] = None,
+) -> dict[str, float]:
+    """The metrics of one evaluation: :func:`integration_metrics` over the labelled rows (with ``labelled_rows``),
+    nothing but a warning when no row has a gold label, then the user's own ``compute_metrics`` (``user_metrics``).
+    Certainty/routed predictions not gathered for every row are dropped with a warning."""
+    if certainty is not None and len(certainty) != len(labels):
+        logger.warning("Teacher certainty was not gathered for every eval example; skipping selection accuracy.")
+        certainty = routed_predictions = None
+    labels = np.asarray(labels)
+    unlabelled = int((labels < 0).sum())
+    if unlabelled == len(labels):
+        logger.warning("No evaluation row has a gold label: only the KI loss is reported.")
+        metrics = {}
+    else:
+        if unlabelled:
+            logger.warning(f"{unlabelled} of {len(labels)} evaluation rows have no gold label; metrics skip them.")
+        metrics = integration_metrics(logits, labels, label_space, certainty, routed_predictions=routed_predictions)
+        metrics["labelled_rows"] = len(labels) - unlabelled
+    if user_metrics is not None:
+        metrics.update(user_metrics())
     return metrics

@@ -200,3 +200,67 @@ def integration_section(teachers: Sequence[Teacher], args) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def card_facts(trainer, output_dir: str, **kwargs) -> dict[str, Any]:
+    """The keyword arguments of :func:`render_model_card` for a trained ``KnowledgeIntegrationTrainer``
+    (``kwargs``: ``create_model_card``'s ``language``, ``license``, ``tags``, ``model_name``, ``finetuned_from``,
+    ``dataset``)."""
+    import torch
+    import transformers
+
+    from ._version import __version__
+    from .collator import KnowledgeIntegrationCollator
+    from .dataset_checks import column_names, column_values, is_streaming
+    from .peft_support import is_peft_model
+
+    tags = kwargs.get("tags")
+    tags = [tags] if isinstance(tags, str) else list(tags or [])
+    dataset = kwargs.get("dataset")
+    dataset = dataset[0] if isinstance(dataset, (list, tuple)) and dataset else dataset
+    language = kwargs.get("language")
+    language = [language] if isinstance(language, str) else language
+    args = trainer.args
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    is_adapter = is_peft_model(model) and not args.merge_adapter
+    versions = {"ki-trainer": __version__, "transformers": transformers.__version__, "torch": torch.__version__}
+    if is_peft_model(model):
+        import peft
+
+        versions["peft"] = peft.__version__
+    repo_id = args.hub_model_id or os.path.basename(os.path.normpath(output_dir))
+    eval_metrics = next((dict(log) for log in reversed(trainer.state.log_history)
+                         if any(k.startswith("eval_") for k in log)), {})
+    collator = trainer.data_collator
+    max_length = getattr(collator, "max_length", None) if isinstance(collator, KnowledgeIntegrationCollator) else None
+    train_dataset = trainer.train_dataset
+    if train_dataset is not None and not is_streaming(train_dataset) and "input_ids" in column_names(train_dataset):
+        longest = max(len(ids) for ids in column_values(train_dataset, "input_ids"))
+        max_length = f"{longest} (longest pre-tokenized training row; the user's own truncation)"
+    return dict(
+        teachers=trainer.teachers,
+        args=args,
+        labels=trainer.label_space.labels,
+        model_name=kwargs.get("model_name") or repo_id.split("/")[-1],
+        repo_id=repo_id,
+        base_model=kwargs.get("finetuned_from") or trainer.student_source,
+        is_adapter=is_adapter,
+        train_rows=len(train_dataset) if hasattr(train_dataset, "__len__") else None,
+        max_length=max_length,
+        eval_metrics={k: v for k, v in eval_metrics.items() if k.startswith("eval_")},
+        versions=versions,
+        tags=tags,
+        language=language,
+        license=kwargs.get("license"),
+        dataset=dataset,
+    )
+
+
+def write_model_card(trainer, output_dir: str, **kwargs) -> str:
+    """Render the card of ``trainer``'s student into ``<output_dir>/README.md`` and return its path."""
+    text = render_model_card(**card_facts(trainer, output_dir, **kwargs))
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "README.md")
+    with open(path, "w", encoding="utf-8") as card:
+        card.write(text)
+    return path

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from .collator import tokenizer_fingerprint
+from .dataset_checks import check_texts, column_names, column_values, is_streaming  # noqa: F401  (re-exported)
 from .numerics import certainty_from_logits
 from .strategies import TeacherSignals
 from .teacher import Teacher
@@ -878,26 +879,6 @@ def _merge(sources: list, where: str) -> tuple[list[str], list[int], dict, list]
     return ids, hashes, specs or {}, segments
 
 
-def check_texts(texts: Sequence, ids: Optional[Sequence] = None, where: str = "dataset", column: str = "text") -> None:
-    """Cheap scan before any expensive work: every text is a str that encodes as UTF-8.
-
-    Raises naming the first bad row (position and id), instead of failing in the middle of an epoch or
-    of a precompute.
-    """
-    for position, text in enumerate(texts):
-        problem = None
-        if not isinstance(text, str):
-            problem = f"is {type(text).__name__} {text!r:.40}, not a string"
-        else:
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as err:
-                problem = f"is not valid text ({err.reason} at character {err.start}, e.g. a lone surrogate)"
-        if problem is not None:
-            who = f"row {position}" + (f" (id {ids[position]!r})" if ids is not None else "")
-            raise ValueError(f"{where}: column {column!r} at {who} {problem}. Fix or drop the row.")
-
-
 def shard_positions(positions: Sequence[int], rank: int, world_size: int, chunk_size: int) -> list[int]:
     """This rank's share of ``positions``: consecutive chunks of ``chunk_size`` dealt round-robin
     (chunk ``c`` goes to rank ``c % world_size``), in their original order.
@@ -1022,26 +1003,3 @@ def build_or_update_cache_streaming(
             cache.flush()  # keep what was computed; the original error is what the user must see
         raise
     return missing, ids
-
-
-def is_streaming(dataset) -> bool:
-    """Whether ``dataset`` can only be iterated (``IterableDataset``, ``datasets`` streaming), not indexed."""
-    return isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__")
-
-
-def column_names(dataset) -> list[str]:
-    """Column names of a ``datasets.Dataset``, or the keys of the first row of any indexable dataset (of an
-    iterable one: its declared ``column_names``, else ``[]``: unknown before iterating)."""
-    names = getattr(dataset, "column_names", None)
-    if names is not None:
-        return list(names)
-    if is_streaming(dataset):
-        return []
-    return list(dataset[0]) if len(dataset) else []
-
-
-def column_values(dataset, name: str) -> list:
-    """One column as a list; works without ``datasets`` (lists of dicts, torch Datasets of dicts)."""
-    if getattr(dataset, "column_names", None) is not None:
-        return list(dataset[name])
-    return [dataset[i][name] for i in range(len(dataset))]

@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import weakref
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -23,13 +22,11 @@ import numpy as np
 import torch
 from transformers import (
     AutoConfig,
-    AutoModelForSequenceClassification,
     AutoTokenizer,
     EvalPrediction,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
-    TrainerCallback,
     TrainingArguments,
     enable_full_determinism,
     set_seed,
@@ -37,14 +34,14 @@ from transformers import (
 from transformers.utils import logging
 
 from . import checkpoints
-from .collator import EXAMPLE_IDS_KEY, GOLD_LABEL_FALLBACK, TEACHER_INPUTS_KEY, KnowledgeIntegrationCollator
+from .collator import EXAMPLE_IDS_KEY, TEACHER_INPUTS_KEY, KnowledgeIntegrationCollator, build_collator
 from .config import KnowledgeIntegrationConfig
-from .console import describe_new_head, quiet_model_loading
-from .label_space import LabelSpace
+from .dataset_checks import check_dataset, check_user_collator, column_names, column_values, is_streaming
+from .guards import FiniteLossGuard, NonFiniteLossError, check_teachers_distinct, check_writable  # noqa: F401
 from .launch import check_distributed_type, check_launch, output_dir_lock
-from .metrics import integration_metrics
-from .model_card import MODEL_CARD_TAGS, render_model_card
-from .peft_support import is_peft_model, merged_copy, unwrap, wrap_student, write_labels
+from .metrics import evaluation_metrics, routed_teacher_predictions
+from .model_card import write_model_card
+from .peft_support import is_peft_model, merged_copy, unwrap, write_labels
 from .querying import query_teachers
 from .routing import Router, build_router
 from .signal_cache import SUFFIX as SIGNAL_CACHE_SUFFIX
@@ -54,96 +51,22 @@ from .signal_cache import (
     batch_seed,
     build_or_update_cache,
     build_or_update_cache_streaming,
-    check_texts,
-    column_names,
-    column_values,
-    is_streaming,
     teachers_fingerprints,
     text_hash,
 )
-from .student_init import average_teachers_into
-from .strategies import IntegrationOutput, TeacherSignals, get_strategy
-from .teacher import Teacher, model_position_limit
+from .strategies import TeacherSignals, get_strategy
+from .student import (
+    adopt_union_labels,
+    check_student_vocabulary,
+    finish_student,
+    label_space_for,
+    load_student,
+    student_label_order,
+)
+from .teacher import Teacher
+from .training_stats import MARGIN_COLLAPSE, TrainingStats  # noqa: F401
 
 logger = logging.get_logger(__name__)
-
-_UNBOUNDED_TOKENIZER_LENGTH = 1_000_000
-MARGIN_COLLAPSE = 1e-3  # mean top-2 certainty margin below which margin re-weighting stalls learning
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The knowledge-integration loss became NaN/inf: the student's weights are no longer trustworthy."""
-
-
-def check_teachers_distinct(teachers: Sequence[Teacher]) -> None:
-    """Two entries for the same model (the same object, or equal weights in two wrappers) make every
-    certainty margin ~0 and the student silently stops learning: reject them."""
-    for j, b in enumerate(teachers):
-        for i, a in enumerate(teachers[:j]):
-            if a.model is b.model and getattr(a, "adapter", None) != getattr(b, "adapter", None):
-                continue  # two adapters of one shared PeftModel are two teachers
-            same = a.model is b.model or _same_weights(a.model, b.model)
-            if same:
-                how = "the same model object" if a.model is b.model else "models with identical weights"
-                raise ValueError(
-                    f"Teachers {i} ({a.name or a.source or '?'}) and {j} ({b.name or b.source or '?'}) are {how}. "
-                    "A duplicate teacher makes every certainty margin ~0 (the student stops learning) and counts "
-                    "one model twice; pass each teacher once."
-                )
-
-
-def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    """Equal state dicts (cheap when they differ: stops at the first unequal tensor)."""
-    state_a, state_b = a.state_dict(), b.state_dict()
-    if list(state_a) != list(state_b):
-        return False
-    for name, x in state_a.items():
-        y = state_b[name]
-        if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(x, y.to(x.device)):
-            return False
-    return True
-
-
-def check_writable(directory: str, what: str) -> None:
-    """Fail now, not after hours of work, if ``directory`` cannot be written (nothing is created:
-    the probe goes to the directory or, if it does not exist yet, to its nearest existing parent)."""
-    probe = os.path.abspath(directory)
-    while not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    try:
-        if not os.path.isdir(probe):
-            raise NotADirectoryError(f"{probe} is not a directory")
-        with tempfile.NamedTemporaryFile(dir=probe, prefix=".ki-write-test-"):
-            pass
-    except OSError as err:
-        raise PermissionError(f"{what}={directory!r} cannot be written ({err}); choose another directory.") from None
-
-
-class _ResumeGuard(TrainerCallback):
-    """Refuse a resume that would train 0 steps and hand back another (longer) run's model."""
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if state.global_step > 0 and state.max_steps > 0 and state.global_step >= state.max_steps:
-            raise ValueError(
-                f"The checkpoint being resumed is at step {state.global_step}, but this run ends at step "
-                f"{state.max_steps}: nothing would be trained and train() would return the checkpoint's model. It "
-                "belongs to a longer run; use another output_dir or a larger max_steps/num_train_epochs."
-            )
-
-
-_GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
-
-
-def _config_labels(config) -> Optional[list[str]]:
-    """A config's label names in id order, or ``None`` when it has none or only generic ``LABEL_i``."""
-    id2label = getattr(config, "id2label", None) or {}
-    names = [str(id2label[i]) for i in sorted(id2label, key=int)]
-    if not names or all(_GENERIC_LABEL.match(name) for name in names):
-        return None
-    return names
 
 
 def _unique_names(teachers: Sequence[Teacher]) -> list[str]:
@@ -155,18 +78,6 @@ def _unique_names(teachers: Sequence[Teacher]) -> list[str]:
         seen.add(name)
         names.append(name)
     return names
-
-
-def _max_length(tokenizer: PreTrainedTokenizerBase, config, requested: Optional[int], who: str) -> int:
-    """The truncation length for one model: the request, checked against the model's limit."""
-    limits = [limit for limit in (model_position_limit(config), tokenizer.model_max_length) if limit]
-    limits = [int(limit) for limit in limits if limit < _UNBOUNDED_TOKENIZER_LENGTH]
-    limit = min(limits) if limits else None
-    if requested is None:
-        return limit if limit is not None else 512
-    if limit is not None and requested > limit:
-        raise ValueError(f"max_length={requested} exceeds what the {who} can read ({limit} tokens).")
-    return requested
 
 
 class KnowledgeIntegrationTrainer(Trainer):
@@ -244,32 +155,15 @@ class KnowledgeIntegrationTrainer(Trainer):
             self.student_source = str(model)
             if processing_class is None and (data_collator is None or not isinstance(data_collator, KnowledgeIntegrationCollator)):
                 processing_class = AutoTokenizer.from_pretrained(str(model))
-            order = self._student_label_order(AutoConfig.from_pretrained(str(model)), strict=False)
-            self.label_space = LabelSpace([t.labels for t in teachers], [t.name for t in teachers], labels=order)
+            self.label_space = label_space_for(AutoConfig.from_pretrained(str(model)), teachers, strict=False)
             # The new head is initialised here, before Trainer.__init__ seeds: seed it ourselves.
             enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
-            with quiet_model_loading():  # one line for the expected new head instead of the load-report table
-                model, loading_info = AutoModelForSequenceClassification.from_pretrained(
-                    str(model),
-                    num_labels=self.label_space.num_labels,
-                    id2label=self.label_space.id2label,
-                    label2id=self.label_space.label2id,
-                    ignore_mismatched_sizes=True,
-                    output_loading_info=True,
-                )
-            line, not_head = describe_new_head(loading_info, self.label_space.num_labels, str(model.name_or_path))
-            logger.info(line)
-            if not_head:
-                logger.warning(f"The student checkpoint lacks weights outside the classification head (newly "
-                               f"initialised, train them or check the checkpoint): {not_head}")
+            model = load_student(str(model), self.label_space)
         else:
             self.student_source = getattr(getattr(unwrap(model), "config", None), "_name_or_path", None) or None
-            order = self._student_label_order(getattr(unwrap(model), "config", None), strict=True)
-            self.label_space = LabelSpace([t.labels for t in teachers], [t.name for t in teachers], labels=order)
-            self._adopt_union_labels(model)
-        self._initialise_student(model, processing_class, args)
-        if peft_config is not None:
-            model = wrap_student(model, peft_config)
+            self.label_space = label_space_for(getattr(unwrap(model), "config", None), teachers, strict=True)
+            adopt_union_labels(model, self.label_space)
+        model = finish_student(model, teachers, self.label_space, processing_class, args, peft_config)
         if model_init is not None:
             self._model_init_probe, model = model, None
 
@@ -289,15 +183,15 @@ class KnowledgeIntegrationTrainer(Trainer):
             # the KI collator around it adds gold labels, ids and the teachers' own encodings.
             user_collator, data_collator = data_collator, None
             processing_class = processing_class or getattr(user_collator, "tokenizer", None)
-            self._check_user_collator(user_collator, train_dataset, args)
+            check_user_collator(user_collator, train_dataset, args)
         if data_collator is None:
             if processing_class is None:
                 raise ValueError(
                     "KnowledgeIntegrationTrainer tokenizes raw text itself: pass the student's tokenizer as "
                     "`processing_class=` (or your own `data_collator=`)."
                 )
-            data_collator = self._default_collator(student, processing_class, args, user_collator)
-        self._check_student_vocabulary(unwrap(student), processing_class)
+            data_collator = build_collator(student, processing_class, teachers, self.label_space, args, user_collator)
+        check_student_vocabulary(unwrap(student), processing_class)
         if args.should_save:
             check_writable(args.output_dir, "output_dir")
         if args.teacher_signals == "cached":
@@ -317,7 +211,6 @@ class KnowledgeIntegrationTrainer(Trainer):
         # reference is checked on lookup, so a new dataset at a freed one's address never gets its ids.
         self._streamed_ids: dict[int, tuple[Callable[[], Any], list[str]]] = {}
         self.certainty_statistics: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # per-teacher mean, std
-        self._margin_warned = False
         super().__init__(
             model=model,
             model_init=model_init,
@@ -340,116 +233,14 @@ class KnowledgeIntegrationTrainer(Trainer):
                 teacher.model = prepared[original]
             prepared[original] = teacher.prepare(self.accelerator.device, teacher_dtype).model
         self._teacher_keys = [teacher.accepted_inputs() for teacher in self.teachers]
-        self._reset_stats()
-        self._non_finite_steps = torch.zeros((), dtype=torch.long, device=self.accelerator.device)
-        self._finite_checked_step = 0
-        self.add_callback(_ResumeGuard())
+        self._stats = TrainingStats(self.label_space.teacher_names, self.accelerator.device)
+        self._finite_loss = FiniteLossGuard(self.accelerator.device)
+        self._final_save = self._pushing = False  # a save of the final model (merge_adapter applies) / push_to_hub
+        self.add_callback(checkpoints.ResumeGuard())
 
     # ------------------------------------------------------------------ set-up helpers
-    def _student_label_order(self, config, strict: bool) -> Optional[list[str]]:
-        """The student's own label order when its config names exactly the teachers' union labels.
-
-        ``None`` (take the union's first-seen order) when it has no names or generic ``LABEL_i``. When it
-        names other labels: a clear error for a student instance (``strict``; its predictions would be
-        decoded with the wrong names), a fresh head for a checkpoint loaded by path.
-        """
-        names = _config_labels(config)
-        union = list(dict.fromkeys(label for teacher in self.teachers for label in teacher.labels))
-        if names is None:
-            return None
-        if len(names) == len(union) and sorted(names) == sorted(union):
-            return names
-        if not strict:
-            logger.info(f"The student checkpoint's labels {names} are not the teachers' union {union}: new head.")
-            return None
-        if len(names) != len(union):
-            return None  # _adopt_union_labels reports the class-count mismatch
-        raise ValueError(
-            f"The student's config.id2label names {names}, but the teachers' union labels are {union} "
-            f"(not in the student: {sorted(set(union) - set(names))}; not owned by any teacher: "
-            f"{sorted(set(names) - set(union))}). Labels are matched by name: give the student id2label over "
-            f"exactly the union's names (in the order you want), or no names (num_labels={len(union)}) to take "
-            "the union's order."
-        )
-
-    def _adopt_union_labels(self, model: torch.nn.Module) -> None:
-        config = getattr(unwrap(model), "config", None)
-        num_labels = getattr(config, "num_labels", None)
-        if num_labels != self.label_space.num_labels:
-            raise ValueError(
-                f"The student has {num_labels} output classes but the teachers' union has "
-                f"{self.label_space.num_labels}: {self.label_space.labels}. Build it with "
-                f"num_labels={self.label_space.num_labels}, or pass a path/Hub id and let the trainer build it."
-            )
-        config.id2label = dict(self.label_space.id2label)
-        config.label2id = dict(self.label_space.label2id)
-
-    @staticmethod
-    def _check_student_vocabulary(model, tokenizer) -> None:
-        """A tokenizer with more tokens than the student's embedding table fails deep in torch otherwise."""
-        if not isinstance(tokenizer, PreTrainedTokenizerBase) or not hasattr(model, "get_input_embeddings"):
-            return
-        embeddings = model.get_input_embeddings()
-        rows = getattr(embeddings, "num_embeddings", None)
-        if rows is not None and len(tokenizer) > rows:
-            raise ValueError(
-                f"The student has {rows} token embeddings but its tokenizer has {len(tokenizer)} tokens: ids beyond "
-                f"{rows - 1} would fail inside the forward. Use the student's own tokenizer, or call "
-                "model.resize_token_embeddings(len(tokenizer)) first."
-            )
-
     def _check_dataset(self, dataset, split: str, args: KnowledgeIntegrationConfig):
-        if dataset is None:
-            return None
-        if hasattr(dataset, "__len__") and len(dataset) == 0:
-            raise ValueError(f"The {split} dataset is empty.")
-        columns = getattr(dataset, "column_names", None)
-        if columns is not None and args.text_column not in columns:
-            own_tokenizers = [t.name for t in self.teachers if t.tokenizer is not None]
-            if "input_ids" not in columns:
-                raise ValueError(
-                    f"The {split} dataset has no text column {args.text_column!r} (columns: {columns}). "
-                    "Set text_column= in KnowledgeIntegrationConfig."
-                )
-            if own_tokenizers or args.teacher_signals == "cached":
-                why = (f"teacher(s) {own_tokenizers} tokenize it with their own tokenizer" if own_tokenizers
-                       else "teacher_signals='cached' checks each cached row against its text")
-                raise ValueError(
-                    f"The {split} dataset is pre-tokenized without its text column {args.text_column!r} (columns: "
-                    f"{columns}), but {why}. Keep the text column when you tokenize (no remove_columns=)."
-                )
-        if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__") and args.text_column in column_names(dataset):
-            # Cheap scan before any expensive work: a bad row fails here, by position and id, not mid-epoch.
-            texts = column_values(dataset, args.text_column)
-            ids = column_values(dataset, args.id_column) if args.id_column in column_names(dataset) else None
-            check_texts(texts, ids, f"The {split} dataset", args.text_column)
-        if split == "train" and is_streaming(dataset) and args.teacher_signals == "cached" and columns is not None \
-                and args.id_column not in columns:
-            raise ValueError(
-                f"The {split} dataset is an IterableDataset without an example id column {args.id_column!r} (columns: "
-                f"{columns}). teacher_signals='cached' precomputes its signals in one pass and looks rows up by id: add "
-                "an id column (e.g. dataset.map(lambda r, i: {'id': str(i)}, with_indices=True)) or set id_column=, "
-                "or use teacher_signals='on_the_fly'."
-            )
-        column = args.label_column
-        if columns is not None and column not in columns and GOLD_LABEL_FALLBACK in columns:
-            column = GOLD_LABEL_FALLBACK  # `labels`, as HF scripts name it: read like `label`
-        feature = (getattr(dataset, "features", None) or {}).get(column)
-        names = getattr(feature, "names", None)
-        if names is not None and names != self.label_space.labels:
-            # A ClassLabel column numbers classes in ITS order: translate ids to names, never reuse them.
-            # (`features=` matters: without it `map` re-encodes the names into the old ClassLabel.)
-            from datasets import Value  # lazy: only datasets.Dataset inputs get here (GPU images may lack it)
-
-            features = dataset.features.copy()
-            features[column] = Value("string")
-            dataset = dataset.map(
-                lambda batch: {column: [names[i] if i is not None and i >= 0 else None for i in batch[column]]},
-                batched=True,
-                features=features,
-                desc=f"Mapping {split} ClassLabel ids to label names",
-            )
-        return dataset
+        return check_dataset(dataset, split, args, self.teachers, self.label_space)
 
     def call_model_init(self, trial=None) -> torch.nn.Module:
         """A fresh student per ``train()`` / trial, with the union labels (and ``peft_config``) applied."""
@@ -457,67 +248,19 @@ class KnowledgeIntegrationTrainer(Trainer):
             model, self._model_init_probe = self._model_init_probe, None
             return model
         model = super().call_model_init(trial)
-        order = self._student_label_order(getattr(unwrap(model), "config", None), strict=True)
+        order = student_label_order(getattr(unwrap(model), "config", None), self.teachers, strict=True)
         if order is not None and order != self.label_space.labels:
             raise ValueError(
                 f"model_init returned a student labelled {order}, but the first one fixed the order "
                 f"{self.label_space.labels}. Build every student with the same id2label."
             )
-        self._adopt_union_labels(model)
-        self._initialise_student(model, self.processing_class, self.args)
-        if self._peft_config is not None:
-            model = wrap_student(model, self._peft_config)
-        return model
-
-    def _initialise_student(self, model: torch.nn.Module, tokenizer, args: KnowledgeIntegrationConfig) -> None:
-        """Apply ``student_init`` to a freshly built student (before PEFT wraps it)."""
-        if args.student_init == "pretrained":
-            return
-        counts = average_teachers_into(model, self.teachers, self.label_space, tokenizer,
-                                       stack_heads=args.student_init == "teacher_average")
-        logger.info(f"Student initialised from the average of {len(self.teachers)} teachers: {counts['averaged']} "
-                    f"weights averaged, {counts['stacked']} output-layer weights stacked over the union labels.")
+        adopt_union_labels(model, self.label_space)
+        return finish_student(model, self.teachers, self.label_space, self.processing_class, self.args, self._peft_config)
 
     def _hp_search_setup(self, trial) -> None:
         # A trial sets fields on self.args (e.g. kd_temperature): rebuild the strategy from them.
         super()._hp_search_setup(trial)
         self.strategy = get_strategy(self.args.strategy)(self.label_space, self.args.strategy_options())
-
-    def _check_user_collator(self, collator, dataset, args: KnowledgeIntegrationConfig) -> None:
-        """A user's padding collator needs token ids: say so at construction, not at the first batch."""
-        columns = column_names(dataset) if dataset is not None else []
-        if columns and "input_ids" not in columns:
-            raise ValueError(
-                f"data_collator={type(collator).__name__} pads token ids, but the train dataset has no input_ids "
-                f"(columns: {columns}). Either tokenize it first (dataset.map(tokenize, batched=True), keeping the "
-                f"{args.text_column!r} column for teachers with their own tokenizer), or drop data_collator= and let "
-                "the trainer tokenize the raw text itself."
-            )
-
-    def _default_collator(
-        self, model, tokenizer, args: KnowledgeIntegrationConfig, student_collator=None
-    ) -> KnowledgeIntegrationCollator:
-        for teacher in self.teachers:
-            teacher.check_reads(tokenizer)
-        student_length = _max_length(tokenizer, unwrap(model).config, args.max_length, "student")
-        teacher_lengths = []
-        for teacher in self.teachers:
-            own_tokenizer = teacher.tokenizer or tokenizer
-            requested = teacher.max_length if teacher.max_length is not None else args.max_length
-            length = _max_length(own_tokenizer, teacher.model.config, requested, f"teacher {teacher.name!r}")
-            teacher_lengths.append(min(length, student_length) if teacher.tokenizer is None and requested is None else length)
-        return KnowledgeIntegrationCollator(
-            tokenizer,
-            self.label_space,
-            teacher_tokenizers=[t.tokenizer for t in self.teachers],
-            text_column=args.text_column,
-            label_column=args.label_column,
-            max_length=student_length,
-            teacher_max_lengths=teacher_lengths,
-            pad_to_multiple_of=8 if (args.bf16 or args.fp16) else None,
-            id_column=args.id_column if args.teacher_signals == "cached" else None,
-            student_collator=student_collator,
-        )
 
     def _set_signature_columns_if_needed(self) -> None:
         # Keep raw text, gold labels, ids and lengths: the collator and the length-grouped sampler need
@@ -601,8 +344,8 @@ class KnowledgeIntegrationTrainer(Trainer):
         signals = self.normalize_certainty(self.route(signals))
         result = self.strategy.compute(student_logits, signals)
         if model.training:
-            self._non_finite_steps += (~torch.isfinite(result.loss.detach())).long()  # no host sync here
-            self._accumulate_stats(result, signals)
+            self._finite_loss.record(result.loss)  # no host sync here
+            self._stats.accumulate(result, signals)
         self._last_signals = signals
         return (result.loss, outputs) if return_outputs else result.loss
 
@@ -982,34 +725,8 @@ class KnowledgeIntegrationTrainer(Trainer):
         return checkpoints.run_fingerprint(self)
 
     def _checked_resume(self, resume_from_checkpoint):
-        """Resolve ``True`` to the newest COMPLETE checkpoint (newer cut-off ones are skipped with a warning)
-        and refuse a checkpoint of another run."""
-        if resume_from_checkpoint is None or resume_from_checkpoint is False:
-            return None
-        if resume_from_checkpoint is True:
-            path, skipped = checkpoints.latest_complete_checkpoint(self.args.output_dir)
-            for bad, reason in skipped:
-                logger.warning(f"Not resuming from {bad}: {reason}.")
-            if path is None:
-                raise ValueError(
-                    f"No complete checkpoint to resume in output_dir {self.args.output_dir!r}"
-                    + (f" ({len(skipped)} incomplete skipped)." if skipped else ".")
-                )
-            if skipped:
-                logger.warning(f"Resuming from the previous complete checkpoint {path}.")
-        else:
-            path = str(resume_from_checkpoint)
-            reason = checkpoints.incomplete_reason(path)
-            if reason is not None:
-                raise ValueError(f"Cannot resume from {path}: {reason}.")
-        differences = checkpoints.fingerprint_differences(checkpoints.read_fingerprint(path), self.run_fingerprint())
-        if differences:
-            raise checkpoints.CheckpointMismatchError(
-                f"Checkpoint {path} belongs to another run; resuming it would continue that run: "
-                + "; ".join(differences)
-                + ". Use another output_dir, or resume the run it belongs to."
-            )
-        return path
+        """Resolve ``True`` to the newest COMPLETE checkpoint and refuse a checkpoint of another run."""
+        return checkpoints.resolve_resume(resume_from_checkpoint, self.args.output_dir, self.run_fingerprint())
 
     def _save_checkpoint(self, model, trial) -> None:
         self._check_finite_loss("before saving a checkpoint")
@@ -1019,22 +736,9 @@ class KnowledgeIntegrationTrainer(Trainer):
         super()._save_checkpoint(model, trial)
 
     def _check_finite_loss(self, when: str, collective: bool = True) -> None:
-        """Raise if any training step since the last check had a NaN/inf loss (one host sync; summed over
-        processes when ``collective``, so every rank stops together)."""
-        flag = self._non_finite_steps
-        if collective and self.accelerator.num_processes > 1:
-            flag = self.accelerator.reduce(flag.clone(), reduction="sum")
-        count = int(flag.item())
+        """Raise if any training step since training began had a NaN/inf loss (one host sync)."""
         step = self.state.global_step if getattr(self, "state", None) is not None else 0
-        if count:
-            since = self._finite_checked_step  # the flag stays set: later saves refuse too
-            raise NonFiniteLossError(
-                f"The knowledge-integration loss was NaN/inf in {count} training step(s) between step {since} and "
-                f"{step} (found {when}); the student's weights are no longer trustworthy, so training stops and "
-                "nothing more is saved. Usual causes: teachers returning NaN/inf (keep check_teacher_outputs=True), "
-                "fp16 overflow (use bf16 or fp32), a too large learning_rate."
-            )
-        self._finite_checked_step = step
+        self._finite_loss.check(self.accelerator, step, when, collective)
 
     # ------------------------------------------------------------------ evaluation
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -1056,16 +760,8 @@ class KnowledgeIntegrationTrainer(Trainer):
         return loss, logits.detach(), labels
 
     def routed_teacher_predictions(self, signals: TeacherSignals) -> torch.Tensor:
-        """``[B]`` union ids: the prediction of each row's most competent teacher (highest certainty/router score).
-
-        Its accuracy (``routed_teacher_accuracy``) is that of the hard-routed ensemble the student compresses.
-        """
-        chosen = signals.certainty.argmax(1)
-        per_teacher = torch.stack([
-            self.label_space.teacher_to_union(t).to(logits.device)[logits.argmax(1)]
-            for t, logits in enumerate(signals.logits)
-        ], dim=1)
-        return per_teacher.gather(1, chosen.to(per_teacher.device).unsqueeze(1)).squeeze(1)
+        """``[B]`` union ids: each row's most competent teacher's prediction (see :func:`~ki_trainer.metrics.routed_teacher_predictions`)."""
+        return routed_teacher_predictions(signals, self.label_space)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         if eval_dataset is not None and not isinstance(eval_dataset, (str, dict)):
@@ -1119,32 +815,18 @@ class KnowledgeIntegrationTrainer(Trainer):
             self._eval_certainty, self._eval_routed = [], []
 
     def _compute_metrics(self, eval_pred: EvalPrediction) -> dict[str, float]:
-        logits, labels = eval_pred.predictions, eval_pred.label_ids
         certainty = torch.cat(self._eval_certainty).numpy() if self._eval_certainty else None
         routed = torch.cat(self._eval_routed).numpy() if self._eval_routed else None
-        if certainty is not None and len(certainty) != len(labels):
-            logger.warning("Teacher certainty was not gathered for every eval example; skipping selection accuracy.")
-            certainty = routed = None
-        labels = np.asarray(labels)
-        unlabelled = int((labels < 0).sum())
-        if unlabelled == len(labels):
-            logger.warning("No evaluation row has a gold label: only the KI loss is reported.")
-            metrics = {}
-        else:
-            if unlabelled:
-                logger.warning(f"{unlabelled} of {len(labels)} evaluation rows have no gold label; metrics skip them.")
-            metrics = integration_metrics(logits, labels, self.label_space, certainty, routed_predictions=routed)
-            metrics["labelled_rows"] = len(labels) - unlabelled
-        if self._user_compute_metrics is not None:
-            metrics.update(self._user_compute_metrics(eval_pred))
-        return metrics
+        user = self._user_compute_metrics
+        return evaluation_metrics(eval_pred.predictions, eval_pred.label_ids, self.label_space, certainty, routed,
+                                  user_metrics=(lambda: user(eval_pred)) if user is not None else None)
 
     # ------------------------------------------------------------------ saving and the model card
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """Save the student (a PEFT adapter with its labels, or merged with ``merge_adapter``) and, for a
         final save, its model card (``README.md``)."""
         self._check_finite_loss("before saving the model", collective=False)  # users may call it on one rank
-        self._final_save = not _internal_call or getattr(self, "_pushing", False)
+        self._final_save = not _internal_call or self._pushing
         try:
             super().save_model(output_dir, _internal_call)
         finally:
@@ -1156,7 +838,7 @@ class KnowledgeIntegrationTrainer(Trainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         self._save_router_state(output_dir)  # a transductive router's fit travels with the model and checkpoints
         peft_student = is_peft_model(self.accelerator.unwrap_model(self.model))
-        if peft_student and self.args.merge_adapter and getattr(self, "_final_save", False):
+        if peft_student and self.args.merge_adapter and self._final_save:
             original = self.model
             self.model = merged_copy(self.accelerator.unwrap_model(original))  # training keeps the adapter
             try:
@@ -1197,107 +879,11 @@ class KnowledgeIntegrationTrainer(Trainer):
 
     def write_model_card(self, output_dir: str, **kwargs) -> str:
         """Render the model card into ``<output_dir>/README.md`` and return its path."""
-        import transformers
-
-        from . import __version__
-
-        tags = kwargs.get("tags")
-        tags = [tags] if isinstance(tags, str) else list(tags or [])
-        dataset = kwargs.get("dataset")
-        dataset = dataset[0] if isinstance(dataset, (list, tuple)) and dataset else dataset
-        language = kwargs.get("language")
-        language = [language] if isinstance(language, str) else language
-        model = self.accelerator.unwrap_model(self.model)
-        is_adapter = is_peft_model(model) and not self.args.merge_adapter
-        versions = {"ki-trainer": __version__, "transformers": transformers.__version__, "torch": torch.__version__}
-        if is_peft_model(model):
-            import peft
-
-            versions["peft"] = peft.__version__
-        repo_id = self.args.hub_model_id or os.path.basename(os.path.normpath(output_dir))
-        eval_metrics = next((dict(log) for log in reversed(self.state.log_history)
-                             if any(k.startswith("eval_") for k in log)), {})
-        collator = self.data_collator
-        max_length = getattr(collator, "max_length", None) if isinstance(collator, KnowledgeIntegrationCollator) else None
-        if self.train_dataset is not None and not is_streaming(self.train_dataset) \
-                and "input_ids" in column_names(self.train_dataset):
-            longest = max(len(ids) for ids in column_values(self.train_dataset, "input_ids"))
-            max_length = f"{longest} (longest pre-tokenized training row; the user's own truncation)"
-        text = render_model_card(
-            teachers=self.teachers,
-            args=self.args,
-            labels=self.label_space.labels,
-            model_name=kwargs.get("model_name") or repo_id.split("/")[-1],
-            repo_id=repo_id,
-            base_model=kwargs.get("finetuned_from") or self.student_source,
-            is_adapter=is_adapter,
-            train_rows=len(self.train_dataset) if hasattr(self.train_dataset, "__len__") else None,
-            max_length=max_length,
-            eval_metrics={k: v for k, v in eval_metrics.items() if k.startswith("eval_")},
-            versions=versions,
-            tags=tags,
-            language=language,
-            license=kwargs.get("license"),
-            dataset=dataset,
-        )
-        os.makedirs(output_dir, exist_ok=True)
-        path = os.path.join(output_dir, "README.md")
-        with open(path, "w", encoding="utf-8") as card:
-            card.write(text)
-        return path
+        return write_model_card(self, output_dir, **kwargs)
 
     # ------------------------------------------------------------------ logging
-    def _reset_stats(self) -> None:
-        device = self.accelerator.device
-        n = self.label_space.num_teachers
-        self._stats = {
-            "divergence": torch.zeros((), device=device),
-            "margin": torch.zeros((), device=device),
-            "certainty": torch.zeros(n, device=device),
-            "selected": torch.zeros(n, device=device),
-            "rows": torch.zeros((), device=device),
-        }
-        self._stats_pending = False
-
-    def _accumulate_stats(self, result: IntegrationOutput, signals: TeacherSignals) -> None:
-        """Accumulate on device (no host sync); :meth:`log` reduces and reports them."""
-        stats = self._stats
-        stats["divergence"] += result.divergence.detach().sum()
-        stats["rows"] += result.divergence.shape[0]
-        if result.weights is not None:
-            stats["margin"] += result.weights.detach().sum()
-        if signals.certainty is not None:
-            stats["certainty"] += signals.certainty.detach().float().sum(0)
-            stats["selected"] += torch.bincount(
-                signals.certainty.argmax(1), minlength=self.label_space.num_teachers
-            ).float()
-        self._stats_pending = True
-
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
         self._check_finite_loss("at a logging step")  # before the Trainer logs a NaN loss as a finite number
-        if "loss" in logs and self._stats_pending:
-            stats = {k: self.accelerator.reduce(v, reduction="sum") for k, v in self._stats.items()}
-            rows = max(float(stats["rows"]), 1.0)
-            logs["kd_divergence"] = round(float(stats["divergence"]) / rows, 6)
-            if self.strategy.certainty_source is not None:
-                if self.args.margin_reweighting and self.label_space.num_teachers > 1:
-                    logs["mean_margin"] = round(float(stats["margin"]) / rows, 6)
-                    self._warn_margin_collapse(float(stats["margin"]) / rows)
-                for name, certainty, selected in zip(
-                    self.label_space.teacher_names, stats["certainty"].tolist(), stats["selected"].tolist()
-                ):
-                    logs[f"certainty_{name}"] = round(certainty / rows, 6)
-                    logs[f"selection_share_{name}"] = round(selected / rows, 6)
-            self._reset_stats()
+        if "loss" in logs:
+            logs.update(self._stats.logs(self.accelerator, self.args, self.strategy.certainty_source is not None))
         super().log(logs, start_time)
-
-    def _warn_margin_collapse(self, mean_margin: float) -> None:
-        if mean_margin >= MARGIN_COLLAPSE or self._margin_warned or self.args.normalize_margin_weights:
-            return
-        self._margin_warned = True
-        logger.warning(
-            f"The mean margin between the two most certain teachers is {mean_margin:.2g}: the teachers are about "
-            "equally certain everywhere (near-duplicate or uniformly unsure teachers), so margin re-weighting "
-            "shrinks every update to ~0 and the student barely learns. Check the teachers, or set "
-            "normalize_margin_weights=True or margin_reweighting=False."
-        )

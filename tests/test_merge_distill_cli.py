@@ -14,7 +14,7 @@ from test_merge_distill import IT_PIECES, en_sentences, it_sentences, tiny_mlm, 
 from transformers import AutoModelForMaskedLM, AutoTokenizer
 
 from ki_trainer.cli import commands, main
-from ki_trainer.merge_distill.cli import load_texts, teacher_entries
+from ki_trainer.cli.merge_distill import load_texts, teacher_entries
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,7 @@
 """The ``ki-trainer`` console command (also ``python -m ki_trainer``).
 
 Each subcommand is a module of this package with ``main(argv, prog)``; ``examples/*.py`` call the
-same functions. ``merge-distill`` is registered when :mod:`ki_trainer.merge_distill` imports and
-provides ``ki_trainer/merge_distill/cli.py`` with ``main(argv, prog)`` (see :func:`merge_distill_command`).
+same functions. The modules import the library (``ki_trainer.merge_distill`` ...), never the other way round.
 """
 
 from __future__ import annotations
@@ -33,21 +32,6 @@ def _command(module: str, summary: str) -> tuple[Callable[..., Any], str]:
     return run, summary
 
 
-def merge_distill_command() -> tuple[Optional[Callable[..., Any]], str]:
-    """The ``merge-distill`` subcommand, or ``None`` and the reason it is not available.
-
-    The hook: ``ki_trainer/merge_distill/cli.py`` defines ``main(argv: list[str], prog: str)``.
-    """
-    try:
-        module = importlib.import_module("ki_trainer.merge_distill.cli")
-    except ImportError as error:
-        return None, f"not available in this installation ({error})"
-    if not callable(getattr(module, "main", None)):
-        return None, "not available: ki_trainer.merge_distill.cli has no main(argv, prog)"
-    summary = (module.__doc__ or "MergeDistill: distill several teachers into one student.").strip().splitlines()[0]
-    return (lambda argv, prog: module.main(list(argv), prog=prog)), summary
-
-
 def commands() -> dict[str, tuple[Optional[Callable[..., Any]], str]]:
     """Subcommand name -> (runner or None when unavailable, one-line summary)."""
     table: dict[str, tuple[Optional[Callable[..., Any]], str]] = {
@@ -55,8 +39,10 @@ def commands() -> dict[str, tuple[Optional[Callable[..., Any]], str]]:
         "train-teachers": _command("train_teachers", "fine-tune one teacher per class subset of the embedded data"),
         "demo": _command("demo", "the main job end to end on a laptop CPU (two teachers -> one student)"),
         "launch-config": _command("launch_config", "list / print the path of a shipped accelerate config file"),
+        "merge-distill": _command(
+            "merge_distill", "merge masked-LM teachers (own vocabularies, own languages) into one multilingual student LM"
+        ),
     }
-    table["merge-distill"] = merge_distill_command()
     return table
 
 
@@ -75,7 +61,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print_overview()
         return 0 if argv else 2
     if argv[0] == "--version":
-        from .. import __version__
+        from .._version import __version__
 
         print(f"ki-trainer {__version__}")
         return 0

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from ..cli.arguments import CommandParser, is_help_all, own_fields
+from .arguments import CommandParser, is_help_all, own_fields
 from ..console import hide_progress_bars, phase, quiet_model_loading, use_row_progress
 from ..launch import check_launch
-from .config import MergeDistillConfig
+from ..merge_distill.config import MergeDistillConfig
 
 TEACHER_KEYS = {"path", "languages", "name", "tokenizer", "max_length"}
 DATA_FORMATS = ("auto", "rows", "debian_ddtp")
@@ -204,7 +204,7 @@ def teacher_entries(specs: Optional[Sequence[TeacherSpec]]) -> list[dict[str, An
 
 def build_teachers(entries: Sequence[dict[str, Any]]) -> list:
     """:class:`~ki_trainer.merge_distill.MaskedLMTeacher` objects from :func:`teacher_entries`."""
-    from .teacher import MaskedLMTeacher
+    from ..merge_distill.teacher import MaskedLMTeacher
 
     teachers = []
     for entry in entries:
@@ -350,7 +350,7 @@ def build_vocabulary(teachers: Sequence, train, script_args: MergeDistillArgumen
     from transformers import AutoTokenizer
 
     from ..pretrained import resolve_model
-    from .vocabulary import StudentVocabulary, count_tokens
+    from ..merge_distill.vocabulary import StudentVocabulary, count_tokens
 
     texts = train[args.text_column]
     languages = train[args.language_column] if args.language_column in train.column_names else [""] * len(texts)
@@ -370,7 +370,7 @@ def build_vocabulary(teachers: Sequence, train, script_args: MergeDistillArgumen
 
 def build_student_for(vocabulary, teachers: Sequence, script_args: MergeDistillArguments):
     """The student ``BertForMaskedLM`` of the size ``script_args`` asks for (width: the teachers' by default)."""
-    from .student import build_student
+    from ..merge_distill.student import build_student
 
     widths = {t.name: int(t.model.get_input_embeddings().weight.shape[1]) for t in teachers}
     hidden = script_args.student_hidden_size
@@ -425,7 +425,7 @@ def run(script_args: MergeDistillArguments, args: MergeDistillConfig) -> dict[st
 
     Returns the summary also written to ``<output_dir>/merge_distill.json``.
     """
-    from .trainer import MergeDistillTrainer
+    from ..merge_distill.trainer import MergeDistillTrainer
 
     entries = teacher_entries(script_args.teachers)  # before any work: a bad entry fails in milliseconds
     if not script_args.train_files:
