@@ -11,6 +11,8 @@ pool (every training row, read WITHOUT labels) and on the test rows.
         --split 2x10 --output_dir outputs/routing/results/2x10 --level routing
     # student level: oracle, vanilla KD, MUKI as published, and students trained with the given routers
     ... --level students --student_routers self_training knn_smoothing consensus --seeds 0 1 2
+    # skewed pools: the pool subsampled so that the teachers own 50:50, 80:20, 95:5 of its rows (one run each)
+    ... --level routing --pool_shares 0.5,0.5 0.8,0.2 0.95,0.05
 
 Writes ``DIR/results.json`` (``{"rows": [{"method", "kind", "accuracy", "accuracy_std",
 "routing_accuracy", "n_seeds", ...}], "settings": {...}}``, fractions in [0, 1]), ``DIR/results.md``
@@ -19,7 +21,13 @@ interrupted run resumes. Gold labels are used only to REPORT: never in teacher s
 router fitting, student training or choosing between routers at training time. The perfect-router
 row (``kind: ceiling``) is the ensemble routed by the gold owner: an upper bound that uses labels; the
 supervised-router row (also ``kind: ceiling``) is the self-training head fitted on the gold owners of every
-pool row: how well the teachers' signals can route at all.
+pool row: how well the teachers' signals can route at all; the majority-teacher row (``kind: baseline``) routes
+every row to the teacher owning most pool rows: on a skewed pool, the bar a router must clear.
+
+``--pool_shares 0.9,0.1`` builds the pool by subsampling each teacher's training rows (by GOLD owner, used only to
+build the pool; seeded by ``--pool_seed``) so that teacher t owns share t of it; the test rows are unchanged. Each
+share spec writes ``DIR/shares-0.9-0.1/results.json`` (with ``pool_owner_counts``; every pool router's row carries
+its label-free ``estimated_shares``), and all of them ``DIR/skew.json``.
 """
 
 from __future__ import annotations

@@ -419,7 +419,9 @@ class KnowledgeIntegrationTrainer(Trainer):
             ids = [ids[i] for i in sorted(chosen.tolist())]
         pool = self.signal_cache.lookup(ids, self._certainty_source)
         self.router.fit(pool)
-        logger.info(f"Router {self.router.name!r} fitted on {len(ids)} unlabeled rows.")
+        shares = getattr(self.router, "describe_shares", None)  # the pool's teacher shares, as the router estimated them
+        found = f"; {shares([t.name for t in self.teachers])}" if shares is not None else ""
+        logger.info(f"Router {self.router.name!r} fitted on {len(ids)} unlabeled rows{found}.")
         if self.args.should_save:
             self._save_router_state(self.args.output_dir)
         self.certainty_statistics = None  # standardization statistics follow the new scores

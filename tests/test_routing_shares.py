@@ -88,17 +88,22 @@ def test_share_aware_routers_beat_the_majority_and_mc_entropy_on_skewed_pools(na
     router = build_router(name).fit(pool)
     mc = accuracy(build_router("mc_entropy"), pool, owners)
     assert accuracy(router, pool, owners) >= max(majority, mc) + 0.02, name
-    assert accuracy(router, test, test_owners) >= majority, name  # unseen rows of the same mixture
+    assert accuracy(router, test, test_owners) >= majority - 0.01, name  # unseen rows of the same mixture
     torch.testing.assert_close(router.score(test).sum(1), torch.ones(len(test_owners)))
 
 
 @pytest.mark.parametrize("counts", [(200, 200), (100, 100, 100), (150, 150, 50, 50)])
 @pytest.mark.parametrize("name", FEATURE_ROUTERS)
 def test_share_estimation_keeps_balanced_and_mildly_skewed_pools_routed(name, counts):
+    """Balanced pools route as before (the estimate lies within min_skew of equal shares: the same z-scores); a
+    mildly skewed pool of four teachers loses at most 2 points to the z-scores that happen to suit it."""
     pool, owners = owned_pool(counts)
-    equal = accuracy(build_router(name, {"shares": "equal"}).fit(pool), pool, owners)
-    estimate = accuracy(build_router(name).fit(pool), pool, owners)
-    assert estimate >= equal - 0.01, (name, equal, estimate)
+    equal = build_router(name, {"shares": "equal"}).fit(pool)
+    estimate = build_router(name).fit(pool)
+    if len(set(counts)) == 1:
+        assert not estimate.uses_shares
+        torch.testing.assert_close(estimate.score(pool), equal.score(pool))
+    assert accuracy(estimate, pool, owners) >= accuracy(equal, pool, owners) - 0.02, name
 
 
 @pytest.mark.parametrize("counts", [(200, 200), (320, 80), (360, 40), (380, 20), (20, 380), (340, 40, 20),
@@ -156,8 +161,10 @@ def test_owner_mixture_recovers_known_shares_and_levels():
     fit = fit_owner_mixture(raw)
     assert fit["accepted"], fit["reason"]
     torch.testing.assert_close(fit["shares"], torch.tensor([0.85, 0.15]), atol=0.02, rtol=0)
-    torch.testing.assert_close(fit["mu_in"] - fit["mu_out"], torch.tensor([3.0, 3.0]), atol=0.15, rtol=0)
-    torch.testing.assert_close(fit["var"], torch.tensor([1.0, 1.0]), atol=0.1, rtol=0)
+    lift = fit["means"].diagonal() - fit["means"].flip(0).diagonal()  # own component minus the other, per teacher
+    torch.testing.assert_close(lift, torch.tensor([3.0, 3.0]) / raw.std(0), atol=0.15, rtol=0)
+    swapped = fit_owner_mixture(raw.flip(1))  # the teachers' order does not matter
+    torch.testing.assert_close(swapped["shares"], fit["shares"].flip(0), atol=1e-4, rtol=0)
 
 
 def test_owner_mixture_refuses_scores_without_owner_structure():
@@ -212,3 +219,71 @@ def test_min_rows_per_teacher_is_an_option():
     assert router.fallback is None
     with pytest.raises(ValueError, match="min_rows_per_teacher must be >= 1"):
         build_router("relative_mahalanobis", {"min_rows_per_teacher": 0})
+
+
+# ---------------------------------------------------------------------- in the trainer
+def _trainer(tmp_path, trained_teachers, rows, **kw):
+    from conftest import build_tokenizer, tiny_bert
+
+    from ki_trainer import KnowledgeIntegrationConfig, KnowledgeIntegrationTrainer, Teacher
+
+    tok = build_tokenizer()
+    teachers = [Teacher(model, tokenizer=own, name=name) for (model, own), name in zip(trained_teachers, ["A", "B"])]
+    args = KnowledgeIntegrationConfig(
+        output_dir=str(tmp_path / "out"), strategy="muki", teacher_signals="cached", signal_cache_dir=str(tmp_path / "c"),
+        max_steps=2, per_device_train_batch_size=8, learning_rate=1e-3, report_to=[], use_cpu=True, disable_tqdm=True,
+        save_strategy="no", seed=0, **kw)
+    return KnowledgeIntegrationTrainer(model=tiny_bert(4, len(tok), seed=3), args=args, teachers=teachers,
+                                       train_dataset=rows, processing_class=tok)
+
+
+@pytest.fixture
+def pool_rows():
+    from conftest import make_rows
+    from datasets import Dataset
+
+    rows = make_rows(8, seed=4)  # 32 rows, 4 classes, 2 per teacher
+    return Dataset.from_list([{"id": f"ex{i}", "text": r["text"], "label": r["label"]} for i, r in enumerate(rows)])
+
+
+def test_the_trainer_logs_the_estimate_with_teacher_names_and_the_card_shows_it(tmp_path, trained_teachers,
+                                                                                pool_rows):
+    from transformers.utils import logging as hf_logging
+
+    from ki_trainer.model_card import router_fit_summary
+
+    trainer = _trainer(tmp_path, trained_teachers, pool_rows)
+    assert trainer.router.name == "relative_mahalanobis"
+    records = []
+    handler = type("H", (__import__("logging").Handler,), {"emit": lambda self, r: records.append(r.getMessage())})()
+    logger = hf_logging.get_logger("ki_trainer.trainer")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel("INFO")
+    try:
+        trainer.fit_router()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    line = next(m for m in records if "fitted on 32 unlabeled rows" in m)
+    expected = trainer.router.describe_shares(["A", "B"])
+    assert line.endswith(f"; {expected}.") and ("teacher A" in expected or "not estimated" in expected)
+    summary = router_fit_summary(trainer)
+    assert summary == f"fitted on 32 unlabeled pool rows; {expected}"
+    trainer.save_model()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"- router fit: {summary}" in card
+
+
+def test_router_fit_rows_2_falls_back_with_a_warning_instead_of_tied_scores(tmp_path, trained_teachers, pool_rows):
+    """The issue's tiny pool: router_fit_rows=2 used to fit two rows and score every row 0.5/0.5."""
+    trainer = _trainer(tmp_path, trained_teachers, pool_rows, router_fit_rows=2)
+    with pytest.warns(UserWarning, match=r"given 2 pool row\(s\) to fit on; it needs at least 20"):
+        trainer.fit_router()
+    assert trainer.router.fallback == "entropy"
+    signals = trainer.signal_cache.lookup([str(i) for i in pool_rows["id"]], None)
+    scores = trainer.router.score(signals)
+    torch.testing.assert_close(scores, build_router("entropy").score(signals))
+    assert float((scores[:, 0] - scores[:, 1]).abs().min()) > 0  # no exact ties: every row has a margin
+    trainer.save_model()
+    assert "not estimated: 2 pool row(s) seen, 20 needed; routed by 'entropy'" in (tmp_path / "out" / "README.md").read_text()

@@ -48,6 +48,9 @@ MIN_ROWS_PER_TEACHER = 10
 # The fallback needs no fit and reads only the deterministic logits (present in every signal mode).
 FALLBACK_ROUTER = "entropy"
 SHARES = ("estimate", "equal")
+# An estimate whose every share lies within MIN_SKEW of 1/teachers routes as equal shares: on the balanced 2x10 pool
+# of debian_sections20 the estimate reads 60:40 (docs/routing.md), and a prior that small costs more than it gains.
+MIN_SKEW = 0.1
 
 
 # ---------------------------------------------------------------------- shared building blocks
@@ -100,7 +103,7 @@ def _pseudo_label_mask(probs: torch.Tensor, share: float) -> tuple[torch.Tensor,
 
 
 # Options every pool router takes (see _TransductiveRouter).
-_POOL_DEFAULTS: dict[str, Any] = {"shares": "estimate", "min_rows_per_teacher": MIN_ROWS_PER_TEACHER}
+_POOL_DEFAULTS: dict[str, Any] = {"shares": "estimate", "min_skew": MIN_SKEW, "min_rows_per_teacher": MIN_ROWS_PER_TEACHER}
 
 
 class _TransductiveRouter(Router):
@@ -119,6 +122,8 @@ class _TransductiveRouter(Router):
         super().__init__(**options)
         if self.options.get("shares", "estimate") not in SHARES:
             raise ValueError(f"Router {self.name!r}: shares must be one of {SHARES}, got {self.options['shares']!r}.")
+        if not 0.0 <= float(self.options["min_skew"]) < 1.0:
+            raise ValueError(f"Router {self.name!r}: min_skew must be in [0, 1).")
         if int(self.options["min_rows_per_teacher"]) < 1:
             raise ValueError(f"Router {self.name!r}: min_rows_per_teacher must be >= 1.")
 
@@ -185,8 +190,19 @@ class _TransductiveRouter(Router):
             return (f"not estimated: {self.state['fit_rows']} pool row(s) seen, {self.state['min_rows']} needed; "
                     f"routed by {self.fallback!r}")
         if self.shares is not None:
-            return describe_shares(self.shares.tolist(), names)
+            line = describe_shares(self.shares.tolist(), names)
+            if not self.uses_shares:
+                line += f" (within {self.options['min_skew']:g} of equal shares: routed as equal shares)"
+            return line
         return f"not estimated ({self.shares_note or 'equal shares assumed'})"
+
+    @property
+    def uses_shares(self) -> bool:
+        """Whether the estimated shares are the routing prior (an estimate far enough from equal shares)."""
+        shares = self.shares
+        if shares is None:
+            return False
+        return bool((shares - 1.0 / len(shares)).abs().max() >= float(self.options.get("min_skew", MIN_SKEW)))
 
     def _log_shares(self) -> None:
         logger.info(f"Router {self.name!r}: {self.describe_shares()}.")
@@ -195,7 +211,6 @@ class _TransductiveRouter(Router):
 def _set_shares(router: _TransductiveRouter, mixture: Optional[dict[str, Any]], note: str = "") -> None:
     """Record a share estimate (or why there is none) in ``router.state``."""
     if mixture is not None and mixture["accepted"]:
-        router.state["mixture"] = {k: mixture[k] for k in ("shares", "mu_in", "mu_out", "var")}
         router.state["shares"] = mixture["shares"]
     else:
         router.state["shares_note"] = note or (mixture["reason"] if mixture is not None else "equal shares assumed")
@@ -222,7 +237,7 @@ class _ZScoredRouter(_TransductiveRouter):
         raw = self.raw_score(signals)
         self.state["zscore"] = _zscore_fit(raw)
         if self.options.get("shares", "estimate") == "estimate":
-            _set_shares(self, fit_owner_mixture(raw, _zscore(raw, self.state["zscore"])))
+            _set_shares(self, fit_owner_mixture(_zscore(raw, self.state["zscore"])))
         else:
             _set_shares(self, None, "shares='equal'")
 
@@ -232,8 +247,8 @@ class _ZScoredRouter(_TransductiveRouter):
         return _zscore(self.raw_score(signals), self.state["zscore"])
 
     def _owner_logits(self, signals: TeacherSignals) -> torch.Tensor:
-        if "mixture" in self.state:
-            return owner_logits(self.raw_score(signals), self.state["mixture"])
+        if self.uses_shares:
+            return owner_logits(self.zscores(signals), self.shares)
         return self.zscores(signals)
 
 
@@ -339,11 +354,11 @@ def _member(name: str, options: dict[str, Any]) -> "_TransductiveRouter":
     return StandardizedRouter(base=name, **inherited)
 
 
-def _implied_shares(router: "_TransductiveRouter", members: Sequence["_TransductiveRouter"], pool: TeacherSignals) -> None:
-    """A combination's shares: the pool mean of its own routing probabilities (the share estimate at an EM fixed
-    point), when every member estimated shares; else the members' note."""
+def _implied_shares(router: "_TransductiveRouter", members: Sequence["_TransductiveRouter"]) -> None:
+    """A combination's shares: the mean of its members' estimates, when every member estimated shares (each member
+    routes with its own estimate as its prior); else the members' note."""
     if all(m.shares is not None for m in members):
-        router.state["shares"] = router.score(pool).mean(0)
+        router.state["shares"] = torch.stack([m.shares for m in members]).mean(0)
     else:
         notes = [m.describe_shares() for m in members if m.shares is None]
         router.state["shares_note"] = "; ".join(dict.fromkeys(notes)).replace("not estimated (", "").rstrip(")") \
@@ -370,7 +385,7 @@ class ConsensusRouter(_TransductiveRouter):
     def _fit(self, signals: TeacherSignals) -> None:
         members = [_member(name, self.options).fit(signals) for name in self.options["members"]]
         self.state["members"] = [{"name": m.name, "router": m.state_dict()} for m in members]
-        _implied_shares(self, members, signals)
+        _implied_shares(self, members)
 
     def _owner_logits(self, signals: TeacherSignals) -> torch.Tensor:
         total = None
@@ -409,7 +424,7 @@ class KNNSmoothingRouter(_TransductiveRouter):
         self.state["base_name"] = base.name
         self.state["pool_features"] = _joint_features(signals).half()
         self.state["pool_z"] = base.owner_logits(signals)
-        _implied_shares(self, [base], signals)
+        _implied_shares(self, [base])
 
     def _owner_logits(self, signals: TeacherSignals) -> torch.Tensor:
         base = build_router(self.state.get("base_name", self.options["base"])).load_state_dict(self.state["base"])
@@ -467,7 +482,8 @@ class SelfTrainingRouter(_TransductiveRouter):
         uniform = torch.full((num_teachers,), 1.0 / num_teachers)
         shift = torch.zeros(num_teachers)
         if seed.shares is not None:  # the seed estimated the pool's shares (shares="estimate" and a clear structure)
-            shift = (seed.shares.clamp_min(1e-6) / uniform).log()
+            if seed.uses_shares:
+                shift = (seed.shares.clamp_min(1e-6) / uniform).log()
             self.state["shares"] = seed.shares
         else:
             self.state["shares_note"] = seed.describe_shares().replace("not estimated (", "").rstrip(")")

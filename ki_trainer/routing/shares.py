@@ -32,112 +32,115 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-LOG_2PI = math.log(2 * math.pi)
+def _t_log_density(delta: torch.Tensor, logdet: torch.Tensor, dim: int, nu: float) -> torch.Tensor:
+    """Log density of a ``dim``-variate Student-t with ``nu`` degrees of freedom at squared Mahalanobis ``delta``."""
+    return (math.lgamma((nu + dim) / 2) - math.lgamma(nu / 2) - 0.5 * dim * math.log(nu * math.pi)
+            - 0.5 * logdet - 0.5 * (nu + dim) * torch.log1p(delta / nu))
 
 
-def _gaussian_log_density(s: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-    return -0.5 * ((s - mean) ** 2 / var + var.log() + LOG_2PI)
+def _t_mixture(z: torch.Tensor, resp: torch.Tensor, nu: float, max_iter: int, tol: float
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """EM for ``K = resp.shape[1]`` Student-t components with one shared scatter matrix (fixed ``nu``).
 
-
-def _mixture_step(s: torch.Tensor, resp: torch.Tensor, var_floor: torch.Tensor) -> dict[str, torch.Tensor]:
-    """M-step: shares, in/out means and the tied variance per teacher from owner responsibilities ``resp``."""
-    n = s.shape[0]
-    w_in, w_out = resp, 1.0 - resp
-    shares = resp.mean(0).clamp_min(1e-12)
-    shares = shares / shares.sum()
-    mu_in = (w_in * s).sum(0) / w_in.sum(0).clamp_min(1e-12)
-    mu_out = (w_out * s).sum(0) / w_out.sum(0).clamp_min(1e-12)
-    var = ((w_in * (s - mu_in) ** 2).sum(0) + (w_out * (s - mu_out) ** 2).sum(0)) / n
-    return {"shares": shares, "mu_in": mu_in, "mu_out": mu_out, "var": torch.maximum(var, var_floor)}
-
-
-def _joint(s: torch.Tensor, params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """``log P(row, owner = k)`` up to nothing (a proper log density), and the owner logits ``log pi + LLR``."""
-    log_in = _gaussian_log_density(s, params["mu_in"], params["var"])
-    log_out = _gaussian_log_density(s, params["mu_out"], params["var"])
-    logits = params["shares"].log() + log_in - log_out
-    return logits + log_out.sum(1, keepdim=True), logits
-
-
-def _run_em(s: torch.Tensor, resp: torch.Tensor, var_floor: torch.Tensor, max_iter: int, tol: float
-            ) -> tuple[dict[str, torch.Tensor], float]:
+    Returns (shares ``[K]``, means ``[K, T]``, row log-joint ``[N, K]``, log-likelihood)."""
+    n, dim = z.shape
+    k = resp.shape[1]
+    eye = torch.eye(dim, dtype=z.dtype)
+    u = torch.ones(n, k, dtype=z.dtype)  # the t-weights: rows far from a component count less in its fit
     previous = -math.inf
-    params = _mixture_step(s, resp, var_floor)
-    log_likelihood = previous
     for _ in range(max_iter):
-        joint, _ = _joint(s, params)
+        shares = resp.mean(0).clamp_min(1e-12)
+        w = resp * u
+        means = (w.T @ z) / w.sum(0).clamp_min(1e-12)[:, None]
+        scatter = sum(((w[:, j : j + 1] * (z - means[j])).T @ (z - means[j])) for j in range(k)) / n + 1e-6 * eye
+        precision, logdet = torch.linalg.inv(scatter), torch.logdet(scatter)
+        delta = torch.stack([(((z - means[j]) @ precision) * (z - means[j])).sum(1) for j in range(k)], 1)
+        joint = shares.log() + _t_log_density(delta, logdet, dim, nu)
         log_likelihood = float(torch.logsumexp(joint, 1).sum())
         resp = torch.softmax(joint, 1)
-        params = _mixture_step(s, resp, var_floor)
+        u = (nu + dim) / (nu + delta)
         if log_likelihood - previous <= tol * abs(log_likelihood):
             break
         previous = log_likelihood
-    joint, _ = _joint(s, params)
-    return params, float(torch.logsumexp(joint, 1).sum())
+    return resp.mean(0), means, joint, log_likelihood
 
 
-def fit_owner_mixture(raw: torch.Tensor, start: Optional[torch.Tensor] = None, max_iter: int = 300,
-                      tol: float = 1e-9) -> dict[str, Any]:
-    """Fit the owner mixture to ``raw`` (``[rows, teachers]`` raw competence scores, higher = more competent).
+def _match_components(means: torch.Tensor) -> list[int]:
+    """``order[t]``: the component that teacher t owns, the one that raises t's score most above the others'
+    (greedy on ``means[k, t] - mean_k means[k, t]``; the result does not depend on the teachers' order)."""
+    lift = means - means.mean(0, keepdim=True)
+    order = [-1] * means.shape[1]
+    free_k, free_t = set(range(means.shape[0])), set(range(means.shape[1]))
+    while free_t:
+        k, t = max(((k, t) for k in free_k for t in free_t), key=lambda kt: float(lift[kt[0], kt[1]]))
+        order[t] = k
+        free_k.discard(k)
+        free_t.discard(t)
+    return order
 
-    ``start`` (``[rows, teachers]`` logits; default: the equal-shares z-scores of ``raw``) seeds EM; it is also restarted with
-    the start tilted towards each teacher in turn (prior 0.8 on it), so a skewed pool is found whichever teacher
-    dominates, and the fit with the highest likelihood is kept (the set of starts does not depend on the
-    teachers' order). Returns the parameters (``shares``, ``mu_in``, ``mu_out``, ``var``: fp32 ``[teachers]``
-    tensors), ``accepted`` (whether the estimate is trusted, see the module docstring) and ``reason``.
+
+def fit_owner_mixture(z: torch.Tensor, nu: float = 4.0, max_iter: int = 200, tol: float = 1e-7) -> dict[str, Any]:
+    """Estimate the pool's teacher shares from ``z`` (``[rows, teachers]`` per-teacher competence scores, z-scored
+    over the pool; higher = more competent), label-free.
+
+    The rows are modelled as a mixture of one heavy-tailed (Student-t, ``nu`` degrees of freedom) component per
+    owner, in the joint space of all teachers' scores, with one shared scatter matrix (which absorbs what moves
+    every teacher's score together, e.g. short or generic text); heavy tails keep a long tail of one teacher's
+    scores from being taken for an owner of its own. EM starts from the scores themselves and from the scores
+    tilted towards each teacher in turn (so a skewed pool is found whichever teacher dominates; the set of starts
+    does not depend on the teachers' order); the fit with the highest likelihood is kept, and each component is
+    matched to the teacher whose score it raises most.
+
+    Returns ``shares`` (``[teachers]``, fp32), ``means`` (``[teachers, teachers]``: component t's mean row-centred
+    score of each teacher), ``accepted`` (whether the estimate is trusted: the mixture beats a single component by
+    BIC, and each teacher's component raises that teacher's score above every other component) and ``reason``.
     """
-    if raw.dim() != 2 or raw.shape[0] < 2:
-        raise ValueError(f"fit_owner_mixture needs a [rows >= 2, teachers] score matrix, got {tuple(raw.shape)}.")
-    if not torch.isfinite(raw).all():
-        bad = (~torch.isfinite(raw)).any(1).nonzero().flatten()[:5].tolist()
-        raise ValueError(f"Router raw scores are not finite (pool rows {bad}...): cannot estimate the teacher shares.")
-    n, num_teachers = raw.shape
-    # Standardize each teacher's raw scores first (affine: the model is unchanged) so tolerances are scale-free.
-    centre, scale = raw.double().mean(0), raw.double().std(0, unbiased=False).clamp_min(1e-12)
-    s = (raw.double() - centre) / scale
-    start = s if start is None else start
-    var_floor = torch.full((num_teachers,), 1e-4, dtype=torch.float64)
-    starts = [start.double()]
-    if num_teachers > 1:
-        for k in range(num_teachers):
-            tilt = torch.full((num_teachers,), math.log(0.2 / (num_teachers - 1)), dtype=torch.float64)
-            tilt[k] = math.log(0.8)
-            starts.append(start.double() + tilt)
-    best: Optional[tuple[dict[str, torch.Tensor], float]] = None
-    for logits in starts:
-        params, log_likelihood = _run_em(s, torch.softmax(logits, 1), var_floor, max_iter, tol)
-        if best is None or log_likelihood > best[1] + 1e-9 * abs(log_likelihood):
-            best = (params, log_likelihood)
-    params, log_likelihood = best
-    # No owner structure at all: one Gaussian per teacher (2 parameters each; the mixture has 4T - 1).
-    null = float(_gaussian_log_density(s, s.mean(0), s.var(0, unbiased=False).clamp_min(1e-4)).sum())
-    delta_bic = 2.0 * (log_likelihood - null) - (2 * num_teachers - 1) * math.log(n)
-    reason = ""
+    if z.dim() != 2 or z.shape[0] < 2:
+        raise ValueError(f"fit_owner_mixture needs a [rows >= 2, teachers] score matrix, got {tuple(z.shape)}.")
+    if not torch.isfinite(z).all():
+        bad = (~torch.isfinite(z)).any(1).nonzero().flatten()[:5].tolist()
+        raise ValueError(f"Router scores are not finite (pool rows {bad}...): cannot estimate the teacher shares.")
+    n, num_teachers = z.shape
     if num_teachers < 2:
-        reason = "one teacher"
-    elif delta_bic <= 0:
+        return {"shares": torch.ones(1), "accepted": False, "reason": "one teacher", "log_likelihood": 0.0}
+    s = z.double()
+    s = (s - s.mean(0)) / s.std(0, unbiased=False).clamp_min(1e-12)
+    # Only how the teachers' scores differ on a row tells its owner (what moves all of them together, e.g. short or
+    # generic text, does not): the mixture lives in the sum-zero subspace (T - 1 dimensions; for two teachers, the
+    # difference of their scores).
+    q, _ = torch.linalg.qr(torch.eye(num_teachers, dtype=s.dtype) - 1.0 / num_teachers)
+    basis = q[:, : num_teachers - 1]
+    best = None
+    for tilt in [None] + list(range(num_teachers)):
+        start = s.clone()
+        if tilt is not None:
+            start[:, tilt] += 1.5
+        shares, means, joint, log_likelihood = _t_mixture(s @ basis, torch.softmax(3.0 * start, 1), nu, max_iter, tol)
+        means = means @ basis.T  # back to one (row-centred) coordinate per teacher
+        if best is None or log_likelihood > best[3] + 1e-9 * abs(log_likelihood):
+            best = (shares, means, joint, log_likelihood)
+    shares, means, _, log_likelihood = best
+    # No owner structure: one component (heavy-tailed or Gaussian) explains the score differences as well (BIC; the
+    # mixture has T(T-1) more parameters: T-1 more means of T-1 coordinates, and T-1 shares).
+    single = max(_t_mixture(s @ basis, torch.ones(n, 1, dtype=s.dtype), dof, max_iter, tol)[3] for dof in (nu, 1e6))
+    delta_bic = 2.0 * (log_likelihood - single) - num_teachers * (num_teachers - 1) * math.log(n)
+    order = _match_components(means)
+    shares, means = shares[order], means[order]
+    own = means.diagonal()
+    others = means.masked_fill(torch.eye(num_teachers, dtype=torch.bool), -math.inf).max(0).values
+    reason = ""
+    if delta_bic <= 0:
         reason = f"the scores show no owner structure (BIC gain {delta_bic:.1f} <= 0)"
-    elif bool((params["mu_in"] <= params["mu_out"]).any()):
-        worse = (params["mu_in"] <= params["mu_out"]).nonzero().flatten().tolist()
-        reason = f"teacher(s) {worse} would score their own rows lower than the others'"
-    # Back to the caller's scale: s = (raw - centre) / scale.
-    out = {
-        "shares": params["shares"].float(),
-        "mu_in": (params["mu_in"] * scale + centre).float(),
-        "mu_out": (params["mu_out"] * scale + centre).float(),
-        "var": (params["var"] * scale**2).float(),
-        "log_likelihood": log_likelihood,
-        "delta_bic": delta_bic,
-        "accepted": not reason,
-        "reason": reason,
-    }
-    return out
+    elif bool((own <= others).any()):
+        worse = (own <= others).nonzero().flatten().tolist()
+        reason = f"no component raises teacher(s) {worse}'s score above the others'"
+    return {"shares": (shares / shares.sum()).float(), "means": means.float(), "log_likelihood": log_likelihood,
+            "delta_bic": delta_bic, "accepted": not reason, "reason": reason}
 
 
-def owner_logits(raw: torch.Tensor, mixture: dict[str, Any]) -> torch.Tensor:
-    """``[rows, teachers]`` owner log-posteriors (up to a per-row constant): ``log pi_k + LLR_k(raw_k)``."""
-    params = {k: mixture[k].to(raw.device).double() for k in ("shares", "mu_in", "mu_out", "var")}
-    return _joint(raw.double(), params)[1].float()
+def owner_logits(z: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
+    """``[rows, teachers]`` owner logits: each teacher's pool z-score plus the log of its estimated share."""
+    return z + shares.to(z.device).clamp_min(1e-6).log()
 
 
 def describe_shares(shares: Sequence[float], names: Optional[Sequence[str]] = None) -> str:
