@@ -49,6 +49,7 @@ import bench_common as common  # noqa: E402
 import routing_eval  # noqa: E402
 
 from ki_trainer.config import STUDENT_INITS  # noqa: E402
+from ki_trainer.routing import get_router  # noqa: E402
 
 CONFIGS: dict[str, dict[str, Any]] = {
     # Fits a 2-core CPU: ~1 hour for the signals plus the student level with cached signals (docs/routing.md).
@@ -83,16 +84,22 @@ def signals_for(args, cfg) -> tuple[Any, Any, Any, list[list[str]]]:
     return data, pool_signals, test_signals, blocks
 
 
-def routing_rows(routers, cfg, pool_signals, test_signals, blocks, pool_labels, test_labels) -> list[dict[str, Any]]:
+def routing_rows(routers, cfg, pool_signals, test_signals, blocks, pool_labels, test_labels,
+                 compare_equal_shares: bool = False) -> list[dict[str, Any]]:
     """Teachers, the three labelled references (perfect router, supervised router, majority teacher) and every router
-    (fitted on the pool, label-free) on the pool and the test rows."""
+    (fitted on the pool, label-free) on the pool and the test rows; with ``compare_equal_shares`` every pool router
+    also with ``shares="equal"`` (the pool z-scores without a share estimate), as ``ROUTER[shares=equal]``."""
     rows = routing_eval.teacher_rows(test_signals, blocks, test_labels)
     rows.append(routing_eval.ceiling(pool_signals, test_signals, blocks, pool_labels, test_labels))
     rows.append(routing_eval.supervised_bound(pool_signals, test_signals, blocks, pool_labels, test_labels))
     rows.append(routing_eval.majority_baseline(pool_signals, test_signals, blocks, pool_labels, test_labels))
-    for name in routers:
+    runs = [(name, None) for name in routers]
+    if compare_equal_shares:
+        runs += [(name, {"shares": "equal"}) for name in routers if "shares" in get_router(name).defaults]
+    for router, options in runs:
+        name = router + ("[shares=equal]" if options else "")
         record = routing_eval.evaluate_router(
-            name, None, pool_signals, test_signals, blocks, pool_labels, test_labels,
+            router, options, pool_signals, test_signals, blocks, pool_labels, test_labels,
             cfg["mc_samples"], cfg.get("mc_top_layers"),
         )
         record["method"] = f"ensemble routed by {name}" + (" (MUKI as published)" if name == PUBLISHED else "")
@@ -296,7 +303,8 @@ def run_level(args, cfg, data, pool_signals, test_signals, blocks, out: Path, st
         extra = {"pool_shares": shares, "pool_seed": args.pool_seed, "pool_owner_counts": counts.tolist()}
         print(f"[{time.strftime('%H:%M:%S')}] pool subsampled to shares {shares} by gold owner (to BUILD the pool "
               f"only): {counts.tolist()} rows", flush=True)
-    rows = routing_rows(args.routers, cfg, pool_signals, test_signals, blocks, pool_labels, data["test"]["label"])
+    rows = routing_rows(args.routers, cfg, pool_signals, test_signals, blocks, pool_labels, data["test"]["label"],
+                        args.compare_equal_shares)
     if args.level == "students":
         rows += student_level(args, cfg, data, blocks, rows, out)
     settings = {"data": common.data_name(args.data), "split": args.split, "split_seed": args.split_seed,
@@ -336,6 +344,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                              "run each, in DIR/shares-0.9-0.1/ ...). The GOLD owner is used only to build the pool; the "
                              "routers never see it; the test rows are unchanged")
     parser.add_argument("--pool_seed", type=int, default=0, help="seed of the --pool_shares subsample")
+    parser.add_argument("--compare_equal_shares", action="store_true",
+                        help="also report every pool router with shares='equal' (no share estimate) as ROUTER[shares=equal]")
     parser.add_argument("--cache_root", default="outputs/routing", help="where teachers and signal caches are kept")
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else sys.argv[1:]

@@ -26,6 +26,13 @@ fit reads only the teachers' signals on the pool (logits, MC statistics, pooled 
 
 Every router's output is a probability over teachers (rows sum to 1), so soft selection and margin
 re-weighting read it the same way.
+
+Skewed pools: none of these assumes that the teachers own equal shares of the pool. With ``shares="estimate"``
+(the default) each router estimates the shares label-free (:mod:`ki_trainer.routing.shares`) and, when they are
+clearly unequal, adds their log as the prior; the estimate is kept in the router state (``router.shares``,
+``router.describe_shares(names)``: "the pool looks 88% teacher A, 12% teacher B"), logged and put on the model card.
+``shares="equal"`` keeps the plain pool z-scores. A pool with fewer than ``min_rows_per_teacher`` (10) rows per
+teacher is not fitted on: the router warns and routes by ``entropy``, which needs no fit.
 """
 
 from __future__ import annotations

@@ -1,28 +1,24 @@
 """How the unlabeled pool divides between the teachers, estimated label-free, and routing that uses it.
 
 A transductive router turns each teacher's raw competence score on a row (a relative Mahalanobis
-distance, a prototype cosine, a standardized certainty) into a probability over teachers. Z-scoring
-each teacher's score over the whole pool, and comparing the z-scores, silently assumes that every
-teacher owns the same share of the pool: on a pool that is 90% teacher A, A's pool mean IS its
-in-domain level, so A's own rows score about zero and lose to chance (measured: 0.47 routing
-accuracy at 90:10, below the 0.90 of always picking A).
+distance, a prototype cosine, a standardized certainty) into a probability over teachers by z-scoring
+each teacher's score over the whole pool and comparing the z-scores. That silently assumes that every
+teacher owns the same share of the pool: on a pool that is 95% teacher A, A's pool mean IS its
+in-domain level, so A's own rows score about zero and lose half the time (measured on debian_sections20
+2x10: 55.5% of the pool rows routed right at 95:5, below the 95% of always answering A).
 
-Here the pool is modelled instead as what it is, a mixture of owners. Row ``i`` belongs to exactly
-one teacher ``k`` (share ``pi_k``); given its owner, each teacher ``t``'s raw score is Gaussian, with
-an "in" mean when ``t`` owns the row and an "out" mean otherwise (one variance per teacher, so the
-evidence is monotone in the score). EM over the pool's raw scores, with no label, gives the shares
-and the per-teacher in/out levels; a row's owner posterior is then
+Here the pool is modelled as a mixture of owners: each row belongs to one teacher (share ``pi_k``), and
+the teachers' z-scores of a row, seen only through how they DIFFER (what moves every teacher's score
+together, such as short or generic text, says nothing about the owner), follow one heavy-tailed
+(Student-t) component per owner with a shared scatter. EM over the pool's scores, without a label,
+gives the shares; the router then routes by ``z_k + log pi_k`` (its z-scores, plus the log of each
+teacher's estimated share as the prior).
 
-    log P(owner = k | row) = log pi_k + LLR_k(s_k) + const,
-    LLR_k(s) = log N(s; mu_in_k, var_k) - log N(s; mu_out_k, var_k)
-
-(each teacher is calibrated against its own in- and out-of-domain rows, not against the pool mean).
-On a balanced pool this is the z-score rule with each teacher weighted by how well its score
-separates its rows; on a skewed pool the prior and the in/out levels follow the pool.
-
-The estimate is kept only when the mixture explains the scores clearly better than no owner
-structure at all (BIC against one Gaussian per teacher) and every teacher scores its own rows higher
-than the others' (``mu_in > mu_out``); otherwise the router keeps the equal-shares z-scores and says so.
+The estimate is used only when it is trustworthy and matters: the mixture must beat a single
+component by BIC (otherwise the scores show no owner structure), each teacher's component must raise
+that teacher's score above the others, and some share must lie at least ``min_skew`` (0.1) from
+``1/teachers`` (on the balanced 2x10 pool the estimate reads 60:40; a prior that small costs more than it
+gains). Otherwise the router keeps the equal-shares z-scores, and says so.
 """
 
 from __future__ import annotations
