@@ -157,6 +157,6 @@ def cached_pool_and_test(trainer, pool, test):
     compared on the same teacher outputs; a transductive ``router`` of the trainer is fitted on ``pool``.
     """
     pool_cache = trainer.precompute_teacher_signals(pool, mc=True, features=True)
-    test_cache = trainer._cached_signals(test, file_suffix=".test", mc=True, features=True)
+    test_cache = trainer.cached_signals.load(test, file_suffix=".test", mc=True, features=True)
     as_ids = lambda rows: [str(x) for x in rows["id"]]  # noqa: E731
     return pool_cache.lookup(as_ids(pool), "mc"), test_cache.lookup(as_ids(test), "mc")

@@ -210,7 +210,7 @@ class Bench:
         trainer, model = self.ki_trainer(batch, mc_top_layers=top, **overrides)
         if naive:
             # Same trainer, same student step and loss; only the teacher query is the sequential loop.
-            trainer.teacher_signals = lambda student_inputs, teacher_batches=None, **_: naive_signals(
+            trainer.query_signals = lambda student_inputs, teacher_batches=None, **_: naive_signals(
                 trainer.teachers, student_inputs, a.mc_samples
             )
         inputs = [{k: v for k, v in b.items() if k not in ("labels", "example_ids")} for b in batches]
@@ -220,7 +220,7 @@ class Bench:
         )
         return dict(
             name=name, batch=batch, trainer=trainer, step=self.step_fn(trainer, model, batches),
-            query=lambda i: trainer.teacher_signals(inputs[i % len(inputs)]), batches=batches, flops=flops,
+            query=lambda i: trainer.query_signals(inputs[i % len(inputs)]), batches=batches, flops=flops,
             extra=dict(
                 teacher_dtype=str(trainer.args.resolved_teacher_dtype()),
                 mc_top_layers=top,
@@ -285,6 +285,7 @@ class Bench:
         trainer.model = trainer.model_wrapped = None
         if isinstance(trainer, KnowledgeIntegrationTrainer):
             trainer.teachers, trainer.signal_cache, trainer._last_signals = [], None, None
+            trainer.querier = trainer.cached_signals = None
         del trainer
         gc.collect()
         if self.cuda:

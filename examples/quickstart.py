@@ -8,7 +8,7 @@ unlabeled = data["train"].remove_columns("label").shuffle(seed=0).select(range(6
 teachers = [Teacher("outputs/demo/teachers/teacher_0"),         # knows admin .. math
             Teacher("outputs/demo/teachers/teacher_1")]         # knows net .. x11
 args = KnowledgeIntegrationConfig(output_dir="outputs/quickstart", strategy="muki", mc_samples=8,
-                                  teacher_signals="cached", max_length=48, num_train_epochs=2,
+                                  signal_source="cached", max_length=48, num_train_epochs=2,
                                   per_device_train_batch_size=16, learning_rate=2e-4,
                                   report_to="none", save_strategy="no")
 trainer = KnowledgeIntegrationTrainer(model=resolve_model("sentence-transformers/paraphrase-MiniLM-L3-v2"),

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import zipfile
 from typing import Any, Optional
 
 import torch
@@ -58,7 +59,7 @@ def run_fingerprint(trainer) -> dict[str, Any]:
     """What identifies a knowledge-integration run: the teachers (names, labels, weights), the union
     label order and the integration settings. Two runs with different fingerprints must never share a
     checkpoint. Teacher weights are hashed once per trainer (they are frozen)."""
-    digests = getattr(trainer, "_teacher_digests", None)
+    digests = trainer._teacher_digests
     if digests is None:
         digests = trainer._teacher_digests = [weights_digest(t.model) for t in trainer.teachers]
     args = trainer.args
@@ -74,7 +75,24 @@ def run_fingerprint(trainer) -> dict[str, Any]:
         "mc_top_layers": args.mc_top_layers,
         "router": args.resolved_router(),
         "router_options": dict(args.router_options or {}),
+        "teacher_inputs": teacher_inputs(trainer),
     }
+
+
+def teacher_inputs(trainer) -> list[dict[str, Any]]:
+    """What each teacher reads: its truncation length and its tokenization (fingerprint, including the side
+    truncation cuts), as the run's collator encodes it. ``None`` where a custom collator decides."""
+    from .collator import KnowledgeIntegrationCollator, tokenizer_fingerprint
+
+    collator = trainer.data_collator
+    if not isinstance(collator, KnowledgeIntegrationCollator):
+        return [{"max_length": None, "tokenization": None} for _ in trainer.teachers]
+    inputs = []
+    for t in range(len(trainer.teachers)):
+        key = collator.teacher_input_key(t)
+        tokenizer, length = collator.groups[key] if key is not None else (collator.tokenizer, collator.max_length)
+        inputs.append({"max_length": length, "tokenization": tokenizer_fingerprint(tokenizer)})
+    return inputs
 
 
 def write_fingerprint(checkpoint_dir: str, fingerprint: dict[str, Any]) -> None:
@@ -108,6 +126,38 @@ def incomplete_reason(checkpoint_dir: str) -> Optional[str]:
             json.load(handle)
     except (OSError, ValueError):
         return f"its {TRAINER_STATE_FILE} is missing or unreadable (cut off while saving)"
+    for name in sorted(os.listdir(checkpoint_dir)):
+        problem = _file_problem(os.path.join(checkpoint_dir, name))
+        if problem is not None:
+            return f"its {name} {problem} (cut off while saving, e.g. by a full disk, or damaged)"
+    return None
+
+
+def _file_problem(path: str) -> Optional[str]:
+    """Why a checkpoint file is not whole, from its size and framing only (no tensor is read): a torch file
+    (``.pt``/``.pth``/``.bin``: a zip archive) lacks its closing directory, a safetensors file is shorter than its
+    header says, a JSON file does not parse. ``None`` for whole files and for files of other kinds."""
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        return None
+    try:
+        if name.endswith((".pt", ".pth", ".bin")):
+            return None if zipfile.is_zipfile(path) else "is not a complete torch file"
+        if name.endswith(".safetensors"):
+            size = os.path.getsize(path)
+            with open(path, "rb") as handle:
+                head = handle.read(8)
+                length = int.from_bytes(head, "little") if len(head) == 8 else -1
+                if length < 0 or 8 + length > size:
+                    return "has a cut-off safetensors header"
+                header = json.loads(handle.read(length))
+            end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+            return None if size >= 8 + length + end else f"is {size} bytes, shorter than its header says ({8 + length + end})"
+        if name.endswith(".json"):
+            with open(path, encoding="utf-8") as handle:
+                json.load(handle)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as error:
+        return f"cannot be read ({type(error).__name__}: {error})"
     return None
 
 
@@ -129,10 +179,17 @@ def latest_complete_checkpoint(output_dir: str) -> tuple[Optional[str], list[tup
     return None, skipped
 
 
+# Fields added to the fingerprint after checkpoints without them were written: a checkpoint that predates one is
+# not compared on it (it could not record it), every newer checkpoint is.
+_LATER_FIELDS = frozenset({"teacher_inputs"})
+
+
 def fingerprint_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Human-readable differences, one per top-level field."""
     differences = []
     for key in sorted(set(saved) | set(current)):
+        if key in _LATER_FIELDS and key not in saved:
+            continue
         if saved.get(key) != current.get(key):
             differences.append(f"{key}: checkpoint {saved.get(key)!r} vs this run {current.get(key)!r}")
     return differences
@@ -170,11 +227,33 @@ def resolve_resume(resume_from_checkpoint, output_dir: str, current: dict[str, A
     return path
 
 
+def saved_max_steps(checkpoint_dir: str) -> Optional[int]:
+    """The ``max_steps`` of the run that wrote ``checkpoint_dir`` (from its ``trainer_state.json``)."""
+    try:
+        with open(os.path.join(checkpoint_dir, TRAINER_STATE_FILE), encoding="utf-8") as handle:
+            return int(json.load(handle).get("max_steps"))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 class ResumeGuard(TrainerCallback):
-    """Refuse a resume that would train 0 steps and hand back another (longer) run's model."""
+    """Refuse a resume that would train 0 steps and hand back another (longer) run's model.
+
+    ``checkpoint`` is the checkpoint being resumed (set by the trainer): when it is THIS run's own final
+    checkpoint (same fingerprint, same ``max_steps``), the run has simply finished, and resuming it returns
+    its model with a warning instead of an error.
+    """
+
+    checkpoint: Optional[str] = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step > 0 and state.max_steps > 0 and state.global_step >= state.max_steps:
+            if self.checkpoint is not None and saved_max_steps(self.checkpoint) == state.max_steps:
+                logger.warning(
+                    f"{self.checkpoint} is this run's final checkpoint (step {state.global_step} of {state.max_steps}): "
+                    "the run has finished, nothing is trained, and train() returns its model."
+                )
+                return
             raise ValueError(
                 f"The checkpoint being resumed is at step {state.global_step}, but this run ends at step "
                 f"{state.max_steps}: nothing would be trained and train() would return the checkpoint's model. It "

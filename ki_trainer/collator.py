@@ -8,6 +8,7 @@ teachers sharing one tokenizer share one encoding.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from typing import Any, Optional, Sequence
@@ -38,21 +39,26 @@ def _missing_label(value: Any) -> bool:
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """Equal fingerprints mean identical encodings: the full serialized fast tokenizer (normalizer,
-    pre-tokenizer, vocabulary, post-processor), or the vocabulary and class for slow ones."""
-    cached = getattr(tokenizer, "_ki_fingerprint", None)
-    if cached is not None:
-        return cached
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        text = backend.to_str()
-    else:
-        text = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
-    text = f"{type(tokenizer).__name__}|{tokenizer.padding_side}|{tokenizer.pad_token}|{text}"
-    fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
-    try:
-        tokenizer._ki_fingerprint = fingerprint
-    except AttributeError:
-        pass
+    pre-tokenizer, vocabulary, post-processor), or the vocabulary and class for slow ones, and the side
+    that truncation cuts."""
+    fingerprint = getattr(tokenizer, "_ki_fingerprint", None)
+    if fingerprint is None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            text = backend.to_str()
+        else:
+            text = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+        text = f"{type(tokenizer).__name__}|{tokenizer.padding_side}|{tokenizer.pad_token}|{text}"
+        fingerprint = hashlib.sha256(text.encode()).hexdigest()[:16]
+        try:
+            tokenizer._ki_fingerprint = fingerprint
+        except AttributeError:
+            pass
+    side = getattr(tokenizer, "truncation_side", "right")
+    if side != "right":
+        # Left truncation keeps another part of a long text. Read on every call (the attribute can change after
+        # the first); the default side adds nothing, so right-truncating fingerprints and their caches stay as they were.
+        fingerprint = hashlib.sha256(f"{fingerprint}|truncation_side={side}".encode()).hexdigest()[:16]
     return fingerprint
 
 
@@ -275,6 +281,48 @@ def build_collator(model, tokenizer, teachers: Sequence, label_space: LabelSpace
         max_length=student_length,
         teacher_max_lengths=teacher_lengths,
         pad_to_multiple_of=8 if (args.bf16 or args.fp16) else None,
-        id_column=args.id_column if args.teacher_signals == "cached" else None,
+        id_column=args.id_column if args.signals_are_cached else None,
         student_collator=student_collator,
     )
+
+
+def collator_for(data_collator, tokenizer, student, teachers: Sequence, label_space: LabelSpace, args, train_dataset):
+    """The run's collator and the student's tokenizer: the user's :class:`KnowledgeIntegrationCollator` as given,
+    else the default one, wrapped around a user's padding collator (e.g. ``DataCollatorWithPadding`` from a
+    converted script: it pads the pre-tokenized student ids, the KI collator adds gold labels, ids and the
+    teachers' own encodings)."""
+    from .dataset_checks import check_user_collator
+
+    if isinstance(data_collator, KnowledgeIntegrationCollator):
+        return data_collator, tokenizer
+    user_collator = data_collator
+    if user_collator is not None:
+        tokenizer = tokenizer or getattr(user_collator, "tokenizer", None)
+        check_user_collator(user_collator, train_dataset, args)
+    if tokenizer is None:
+        raise ValueError(
+            "KnowledgeIntegrationTrainer tokenizes raw text itself: pass the student's tokenizer as "
+            "`processing_class=` (or your own `data_collator=`)."
+        )
+    return build_collator(student, tokenizer, teachers, label_space, args, user_collator), tokenizer
+
+
+def split_batch(inputs: dict) -> tuple[dict, dict, Optional[list]]:
+    """A collated batch split into the student's inputs (gold labels removed: they never enter the training
+    loss), the teachers' own encodings and the example ids."""
+    student_inputs = dict(inputs)
+    teacher_batches = student_inputs.pop(TEACHER_INPUTS_KEY, {})
+    example_ids = student_inputs.pop(EXAMPLE_IDS_KEY, None)
+    student_inputs.pop("labels", None)
+    return student_inputs, teacher_batches, example_ids
+
+
+def without_gold_labels(collator):
+    """A copy of a :class:`KnowledgeIntegrationCollator` that reads no gold labels (training batches: labels never
+    enter the loss, so a training label outside the union, or a malformed one, is ignored instead of failing
+    mid-epoch); any other collator unchanged."""
+    if not isinstance(collator, KnowledgeIntegrationCollator) or not collator.label_column:
+        return collator
+    collator = copy.copy(collator)
+    collator.label_column = None
+    return collator

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -78,10 +79,10 @@ class KnowledgeIntegrationConfig(TrainingArguments):
         metadata={
             "help": f"Competence estimator that scores each teacher on each example for the certainty-based "
             f"strategies, one of {list_routers()}. Default for muki: 'relative_mahalanobis' with "
-            "teacher_signals='cached' (fitted label-free on the whole unlabeled pool; it routes better than MC "
+            "signal_source='cached' (fitted label-free on the whole unlabeled pool; it routes better than MC "
             "entropy on every split measured), 'mc_entropy' (MUKI as published) on the fly; "
             "set router='mc_entropy' for the published recipe with cached signals. entropy: 'entropy'. "
-            "Transductive routers need teacher_signals='cached'. See docs/routing.md."
+            "Transductive routers need signal_source='cached'. See docs/routing.md."
         },
     )
     router_options: Optional[Union[dict, str]] = field(
@@ -115,7 +116,7 @@ class KnowledgeIntegrationConfig(TrainingArguments):
             "help": "'standardize' rescales each teacher's certainty to zero mean and unit variance over the "
             "training rows before teachers are compared (label-free). Teachers of different architectures, sizes "
             "or languages are calibrated differently, so raw certainties can favour one teacher everywhere; "
-            "standardizing compares each teacher with itself. Needs teacher_signals='cached'.",
+            "standardizing compares each teacher with itself. Needs signal_source='cached'.",
             "choices": ["none", "standardize"],
         },
     )
@@ -174,12 +175,20 @@ class KnowledgeIntegrationConfig(TrainingArguments):
             "run once and are shared by the K samples. Faster; changes the certainty estimate (measure it)."
         },
     )
-    teacher_signals: str = field(
+    signal_source: str = field(
         default="on_the_fly",
         metadata={
-            "help": "'on_the_fly' queries the teachers every step (fresh MC samples each epoch); 'cached' computes "
-            "each training example's signals once, keyed by example id, and reuses them across epochs, runs "
-            "and strategies (evaluation sets with ids too, one cache file per metric_key_prefix).",
+            "help": "Where the teachers' signals come from. 'on_the_fly' queries the teachers every step (fresh MC "
+            "samples each epoch); 'cached' computes each training example's signals once, keyed by example id, and "
+            "reuses them across epochs, runs and strategies (evaluation sets with ids too, one cache file per "
+            "metric_key_prefix).",
+            "choices": ["on_the_fly", "cached"],
+        },
+    )
+    teacher_signals: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Deprecated name of signal_source (same values); still accepted.",
             "choices": ["on_the_fly", "cached"],
         },
     )
@@ -209,6 +218,11 @@ class KnowledgeIntegrationConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        if self.teacher_signals is not None:  # the deprecated name: moved to signal_source
+            if self.signal_source not in ("on_the_fly", self.teacher_signals):
+                raise ValueError(f"teacher_signals={self.teacher_signals!r} (the deprecated name of signal_source) "
+                                 f"contradicts signal_source={self.signal_source!r}; set signal_source only.")
+            self.signal_source, self.teacher_signals = self.teacher_signals, None
         check_finite_fields(self)
         super().__post_init__()
         strategy = get_strategy(self.strategy)  # raises with the list of known strategies
@@ -231,16 +245,16 @@ class KnowledgeIntegrationConfig(TrainingArguments):
             raise ValueError(f"mc_chunk_size must be >= 1, got {self.mc_chunk_size}.")
         if self.mc_top_layers is not None and self.mc_top_layers < 1:
             raise ValueError(f"mc_top_layers must be >= 1 or None, got {self.mc_top_layers}.")
-        if self.teacher_signals not in ("on_the_fly", "cached"):
-            raise ValueError(f"teacher_signals must be 'on_the_fly' or 'cached', got {self.teacher_signals!r}.")
+        if self.signal_source not in ("on_the_fly", "cached"):
+            raise ValueError(f"signal_source must be 'on_the_fly' or 'cached', got {self.signal_source!r}.")
         if self.certainty_normalization not in ("none", "standardize"):
             raise ValueError(
                 f"certainty_normalization must be 'none' or 'standardize', got {self.certainty_normalization!r}."
             )
-        if self.certainty_normalization == "standardize" and self.teacher_signals != "cached":
+        if self.certainty_normalization == "standardize" and not self.signals_are_cached:
             raise ValueError(
                 "certainty_normalization='standardize' needs every training row's certainty before training starts: "
-                "set teacher_signals='cached'."
+                "set signal_source='cached'."
             )
         if self.certainty_normalization != "none" and strategy.certainty_source is None:
             raise ValueError(
@@ -271,24 +285,33 @@ class KnowledgeIntegrationConfig(TrainingArguments):
                 "by competence; use strategy='muki' (or 'entropy') with a router."
             )
         router_cls(**(self.router_options or {}))  # unknown options fail here, not after precomputing
-        if router_cls.needs_fit and self.teacher_signals != "cached":
+        if router_cls.needs_fit and not self.signals_are_cached:
             raise ValueError(
                 f"router={self.router!r} is fitted on the whole unlabeled pool before training: set "
-                "teacher_signals='cached'."
+                "signal_source='cached'."
             )
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def signals_are_cached(self) -> bool:
+        """Whether the teachers' signals are precomputed once and read from the signal cache."""
+        return self.signal_source == "cached"
+
+    def resolved_signal_cache_dir(self) -> str:
+        """Where cached teacher signals live: ``signal_cache_dir``, else ``<output_dir>/teacher_signals``."""
+        return self.signal_cache_dir or os.path.join(self.output_dir, "teacher_signals")
+
     def resolved_router(self) -> Optional[str]:
         """The router in use: the configured one, else the strategy's default (``None`` for strategies without one).
 
-        ``muki``'s default depends on the signal mode: with ``teacher_signals="cached"`` the
+        ``muki``'s default depends on the signal mode: with ``signal_source="cached"`` the
         ``relative_mahalanobis`` router (fitted label-free on the pool); on the fly, MUKI's published Monte-Carlo
         entropy (``mc_entropy``), since a transductive router needs every pool row's signals first.
         """
         if self.router:
             return self.router
         strategy = get_strategy(self.strategy)
-        if self.teacher_signals == "cached" and strategy.cached_default_router:
+        if self.signals_are_cached and strategy.cached_default_router:
             return strategy.cached_default_router
         return strategy.default_router
 

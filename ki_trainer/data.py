@@ -32,16 +32,21 @@ PathLike = Union[str, Path]
 @functools.lru_cache(maxsize=4)
 def _read_rows(path: str) -> tuple[dict[str, Any], ...]:
     """Parse the JSON Lines file (plain, or xz-compressed by its ``.xz`` suffix) once per process."""
+    from .errors import DataFileError, non_utf8_error
+
     opener = lzma.open if path.endswith(".xz") else open
     with opener(path, "rt", encoding="utf-8") as handle:
         rows = []
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({error}).") from None
+        try:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise DataFileError(f"{path}, line {number}: not valid JSON ({error}).") from None
+        except UnicodeDecodeError:
+            raise (non_utf8_error(path) or DataFileError(f"{path}: not UTF-8 text.")) from None
         return tuple(rows)
 
 

@@ -63,7 +63,7 @@ def check_dataset(dataset, split: str, args, teachers, label_space):
     numbers classes in another order than ``label_space`` is returned mapped to label names."""
     if dataset is None:
         return None
-    cached = args.teacher_signals == "cached"
+    cached = args.signals_are_cached
     if hasattr(dataset, "__len__") and len(dataset) == 0:
         raise ValueError(f"The {split} dataset is empty.")
     columns = getattr(dataset, "column_names", None)
@@ -76,7 +76,7 @@ def check_dataset(dataset, split: str, args, teachers, label_space):
             )
         if own_tokenizers or cached:
             why = (f"teacher(s) {own_tokenizers} tokenize it with their own tokenizer" if own_tokenizers
-                   else "teacher_signals='cached' checks each cached row against its text")
+                   else "signal_source='cached' checks each cached row against its text")
             raise ValueError(
                 f"The {split} dataset is pre-tokenized without its text column {args.text_column!r} (columns: "
                 f"{columns}), but {why}. Keep the text column when you tokenize (no remove_columns=)."
@@ -90,9 +90,9 @@ def check_dataset(dataset, split: str, args, teachers, label_space):
             and args.id_column not in columns:
         raise ValueError(
             f"The {split} dataset is an IterableDataset without an example id column {args.id_column!r} (columns: "
-            f"{columns}). teacher_signals='cached' precomputes its signals in one pass and looks rows up by id: add "
+            f"{columns}). signal_source='cached' precomputes its signals in one pass and looks rows up by id: add "
             "an id column (e.g. dataset.map(lambda r, i: {'id': str(i)}, with_indices=True)) or set id_column=, "
-            "or use teacher_signals='on_the_fly'."
+            "or use signal_source='on_the_fly'."
         )
     column = args.label_column
     if columns is not None and column not in columns and GOLD_LABEL_FALLBACK in columns:

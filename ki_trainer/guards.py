@@ -11,8 +11,11 @@ import tempfile
 from typing import Sequence
 
 import torch
+from transformers.utils import logging
 
 from .teacher import Teacher
+
+logger = logging.get_logger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -64,6 +67,23 @@ def check_writable(directory: str, what: str) -> None:
             pass
     except OSError as err:
         raise PermissionError(f"{what}={directory!r} cannot be written ({err}); choose another directory.") from None
+
+
+def check_signal_cache_dir(directory: str) -> bool:
+    """:func:`check_writable` for ``signal_cache_dir``, except that a directory that already holds cache files
+    may be read-only (a cache shared read-only between users or jobs): it is then read as it is, and rows it
+    lacks are refused when they would be computed. Returns whether the directory can be written."""
+    try:
+        check_writable(directory, "signal_cache_dir")
+        return True
+    except PermissionError:
+        if os.path.isdir(directory) and any(name.endswith(".safetensors") for name in os.listdir(directory)):
+            logger.warning(
+                f"signal_cache_dir={directory!r} cannot be written: its cached teacher signals are read as they are, "
+                "and rows missing from them cannot be added (a precompute that needs them stops before any work)."
+            )
+            return False
+        raise
 
 
 class FiniteLossGuard:

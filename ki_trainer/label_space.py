@@ -8,12 +8,22 @@ wrong by assuming contiguous blocks.
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Iterable, Optional, Sequence
 
 import torch
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
+
+
+def label_key(label: str) -> str:
+    """What a person reads in a label name: Unicode compatibility form (NFKC: composed accents, ASCII for
+    full-width letters), no invisible format characters (zero-width space, joiners, BOM, soft hyphen),
+    whitespace collapsed, case folded. Two labels with one key look the same but are different strings."""
+    text = unicodedata.normalize("NFKC", str(label))
+    text = "".join(ch for ch in text if unicodedata.category(ch) != "Cf")
+    return " ".join(text.split()).casefold()
 
 
 class LabelSpace:
@@ -75,12 +85,14 @@ class LabelSpace:
             self.labels = labels
         variants: dict[str, list[str]] = {}
         for label in self.labels:
-            variants.setdefault(" ".join(label.split()).casefold(), []).append(label)
+            variants.setdefault(label_key(label), []).append(label)
         for group in (g for g in variants.values() if len(g) > 1):
             logger.warning(
-                f"Labels {group} differ only by case or whitespace; they are DIFFERENT union classes. If they mean "
-                "the same class, rename them (Teacher(..., labels=[...])) so the teachers agree."
+                f"Labels {[ascii(label) for label in group]} differ only by case or whitespace or by their Unicode "
+                "form (NFC/NFD, full-width, invisible characters); they are DIFFERENT union classes. If they mean the "
+                "same class, rename them (Teacher(..., labels=[...])) so the teachers agree."
             )
+        self._by_key = {key: group for key, group in variants.items()}
         self.label2id: dict[str, int] = {label: i for i, label in enumerate(self.labels)}
         self.id2label: dict[int, str] = dict(enumerate(self.labels))
         self._teacher_index = [
@@ -123,8 +135,10 @@ class LabelSpace:
         for label in labels:
             if isinstance(label, str):
                 if label not in self.label2id:
+                    near = self._by_key.get(label_key(label), [])
+                    hint = f" It differs only in case, whitespace or Unicode form from {[ascii(n) for n in near]}." if near else ""
                     raise ValueError(
-                        f"Gold label {label!r} is not owned by any teacher; the union labels are {self.labels}."
+                        f"Gold label {ascii(label)} is not owned by any teacher; the union labels are {self.labels}.{hint}"
                     )
                 ids.append(self.label2id[label])
             else:

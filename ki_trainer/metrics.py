@@ -118,3 +118,28 @@ def evaluation_metrics(
     if user_metrics is not None:
         metrics.update(user_metrics())
     return metrics
+
+
+class EvaluationRows:
+    """What an evaluation gathers per batch besides the student's logits: each row's teacher certainty (or router
+    scores) and the routed ensemble's prediction, for ``teacher_selection_accuracy`` / ``routed_teacher_accuracy``."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.certainty: list[torch.Tensor] = []
+        self.routed: list[torch.Tensor] = []  # the most competent teacher's prediction (union ids) per row
+
+    def add(self, signals: Optional[TeacherSignals], label_space: LabelSpace, gather: Callable) -> None:
+        """One batch's rows (``gather``: the accelerator's ``gather_for_metrics``); nothing without certainty."""
+        if signals is None or signals.certainty is None:
+            return
+        self.certainty.append(gather(signals.certainty).cpu())
+        self.routed.append(gather(routed_teacher_predictions(signals, label_space)).cpu())
+
+    def metrics(self, logits: np.ndarray, labels: np.ndarray, label_space: LabelSpace,
+                user_metrics: Optional[Callable[[], dict]] = None) -> dict[str, float]:
+        certainty = torch.cat(self.certainty).numpy() if self.certainty else None
+        routed = torch.cat(self.routed).numpy() if self.routed else None
+        return evaluation_metrics(logits, labels, label_space, certainty, routed, user_metrics)

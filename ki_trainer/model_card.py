@@ -17,8 +17,14 @@ import yaml
 from .pretrained.resolve import hub_id_of
 from .teacher import Teacher
 
-MODEL_CARD_TAGS = ["knowledge-integration", "ki-trainer", "text-classification"]
+MODEL_CARD_TAGS = ["generated_from_trainer", "knowledge-integration", "ki-trainer", "text-classification"]
 TEMPLATE = "model_card.md.j2"
+
+# Evaluation outputs that are counts or timings, not quality metrics: never in the card's model-index.
+NOT_METRICS = ("loss", "labelled_rows", "runtime", "samples_per_second", "steps_per_second", "epoch",
+               "jit_compilation_time", "model_preparation_time")
+# Framework versions the card lists when the package is installed (peft: only for a PEFT student).
+FRAMEWORKS = ("transformers", "torch", "datasets", "tokenizers", "accelerate")
 
 # The strategy / router block reads whatever of these the config has (getattr with a default), so
 # fields added later (router hyper-parameters, ...) appear without touching this module: any config
@@ -32,9 +38,14 @@ STRATEGY_FIELDS = (
     "margin_reweighting",
     "normalize_margin_weights",
     "certainty_normalization",
-    "teacher_signals",
+    "signal_source",
     "student_init",
 )
+# What a strategy that does not weigh teachers by certainty (vanilla_kd, uhc) reads of STRATEGY_FIELDS; the
+# selection, Monte-Carlo and margin settings mean nothing to it and are not listed.
+PLAIN_KD_FIELDS = ("kd_temperature", "teacher_signals", "student_init")
+# Read only when the certainty comes from Monte-Carlo dropout (muki).
+MC_FIELDS = ("mc_samples", "mc_top_layers")
 ROUTER_PREFIXES = ("router",)
 TRAINING_FIELDS = ("num_train_epochs", "max_steps", "learning_rate", "per_device_train_batch_size", "seed")
 
@@ -61,35 +72,121 @@ def _router(args: Any) -> str:
     return resolved if getattr(args, "router", None) else f"{resolved} (the default of strategy {args.strategy!r})"
 
 
+def _certainty_source(args) -> Optional[str]:
+    """The strategy's ``certainty_source`` (``None``: it does not weigh teachers by certainty), "mc" if unknown."""
+    from .strategies import get_strategy
+
+    try:
+        return get_strategy(getattr(args, "strategy", "")).certainty_source
+    except ValueError:
+        return "mc"  # an unregistered name: list every setting rather than hide one
+
+
 def _strategy_settings(args) -> dict[str, Any]:
-    settings = {name: getattr(args, name) for name in STRATEGY_FIELDS if hasattr(args, name)}
-    for name in sorted(vars(args)):
-        if name.startswith(ROUTER_PREFIXES) and name != "router":
-            settings[name] = getattr(args, name)
+    """The settings the run's strategy actually reads (MUKI's selection/MC/margin knobs only for certainty
+    strategies, the MC ones only for Monte-Carlo certainty), plus the router fields for strategies with a router."""
+    source = _certainty_source(args)
+    names = PLAIN_KD_FIELDS if source is None else [n for n in STRATEGY_FIELDS if source == "mc" or n not in MC_FIELDS]
+    settings = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    if source is not None:
+        for name in sorted(vars(args)):
+            if name.startswith(ROUTER_PREFIXES) and name != "router":
+                settings[name] = getattr(args, name)
     return settings
+
+
+def framework_versions(peft_used: bool = False) -> dict[str, str]:
+    """ki-trainer and the installed versions of the frameworks a user needs to reproduce the run."""
+    import importlib.metadata
+
+    from ._version import __version__
+
+    versions = {"ki-trainer": __version__}
+    for name in FRAMEWORKS + (("peft",) if peft_used else ()):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def final_metrics(log_history: Sequence[Mapping[str, Any]], prefixes: Sequence[str] = ("eval", "test")) -> dict[str, float]:
+    """The last logged metrics of each evaluation prefix (``eval_*`` of the last evaluate on the validation set,
+    ``test_*`` of the last one on the test set), merged."""
+    found: dict[str, float] = {}
+    for prefix in prefixes:
+        log = next((log for log in reversed(log_history) if any(k.startswith(prefix + "_") for k in log)), {})
+        found.update({k: v for k, v in log.items() if k.startswith(prefix + "_")})
+    return found
+
+
+def is_metric(key: str) -> bool:
+    """True for a quality metric; False for losses, row counts and timings (``eval_labelled_rows``, ...)."""
+    name = _split_of(key)[1]
+    return not (name in NOT_METRICS or name.endswith(tuple("_" + n for n in NOT_METRICS)))
+
+
+def base_model_license(base_model: Optional[str], hub_id: Optional[str]) -> Optional[str]:
+    """The base model's license, as transformers' card infers it: from a local model card's header, else from the
+    Hub's ``license:`` tag (skipped offline); ``None`` when neither says."""
+    if base_model and os.path.isfile(os.path.join(base_model, "README.md")):
+        text = open(os.path.join(base_model, "README.md"), encoding="utf-8").read()
+        if text.startswith("---\n") and "\n---" in text[4:]:
+            try:
+                header = yaml.safe_load(text[4:].split("\n---", 1)[0]) or {}
+            except yaml.YAMLError:
+                header = {}
+            if isinstance(header, dict) and header.get("license"):
+                return str(header["license"])
+    if hub_id and os.environ.get("HF_HUB_OFFLINE", "0").upper() not in ("1", "ON", "YES", "TRUE"):
+        try:
+            from huggingface_hub import model_info
+
+            tags = model_info(hub_id, timeout=5).tags or []
+        except Exception:  # noqa: BLE001 - like transformers: no network, no license
+            return None
+        return next((tag[len("license:"):] for tag in tags if tag.startswith("license:")), None)
+    return None
 
 
 def _round(value):
     return float(f"{value:.4g}") if isinstance(value, float) else value
 
 
+SPLITS = {"eval": "validation", "test": "test"}
+
+
+def _split_of(key: str) -> tuple[str, str]:
+    """``"test_accuracy"`` -> (``"test"``, ``"accuracy"``); keys without a known prefix count as validation."""
+    prefix, _, name = key.partition("_")
+    return (SPLITS[prefix], name) if prefix in SPLITS and name else ("validation", key)
+
+
+def _metrics_by_split(metrics: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """``{"validation": {"accuracy": ...}, "test": {...}}`` for the card's results tables."""
+    tables: dict[str, dict[str, float]] = {}
+    for key, value in metrics.items():
+        split, name = _split_of(key)
+        tables.setdefault(split, {})[name] = _round(value)
+    return tables
+
+
 def _model_index(model_name: str, metrics: Mapping[str, float], dataset: Optional[str]) -> list[dict]:
-    results_metrics = [
-        {"type": key[len("eval_"):] if key.startswith("eval_") else key, "value": _round(value),
-         "name": key[len("eval_"):] if key.startswith("eval_") else key}
-        for key, value in metrics.items()
-        if key not in ("eval_loss", "loss")  # the KI loss against the teachers is no quality metric
-    ]
-    if not results_metrics:
-        return []
+    """transformers' ``model-index``: one result per evaluated split, quality metrics only."""
+    by_split: dict[str, list[dict]] = {}
+    for key, value in metrics.items():
+        if not is_metric(key):  # the KI loss against the teachers, row counts and timings are no quality metric
+            continue
+        split, name = _split_of(key)
+        by_split.setdefault(split, []).append({"type": name, "value": _round(value), "name": name})
     return [{
         "name": model_name,
         "results": [{
             "task": {"type": "text-classification", "name": "Text Classification"},
-            "dataset": {"name": dataset or "evaluation data", "type": dataset or "custom"},
-            "metrics": results_metrics,
-        }],
-    }]
+            "dataset": {"name": dataset or "evaluation data", "type": dataset or "custom", "split": split},
+            "metrics": results,
+        } for split, results in by_split.items()],
+    }] if by_split else []
 
 
 def render_model_card(
@@ -110,14 +207,15 @@ def render_model_card(
     license: Optional[str] = None,
     dataset: Optional[str] = None,
     example_text: str = "Text to classify",
+    routing_report: Optional[str] = None,
     router_fit: Optional[str] = None,
 ) -> str:
     """Render the card: a YAML header (base_model, tags, languages, model-index) and the sections."""
     import jinja2
 
     hub_base = hub_id_of(base_model) if base_model else None
-    metrics = {k: v for k, v in (eval_metrics or {}).items() if isinstance(v, (int, float)) and not k.endswith(
-        ("_runtime", "_samples_per_second", "_steps_per_second", "epoch"))}
+    metrics = {k: v for k, v in (eval_metrics or {}).items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and is_metric(k)}
     languages = list(dict.fromkeys(language or [lang for t in teachers for lang in _languages(t.language)]))
     all_tags = list(dict.fromkeys(list(tags or []) + MODEL_CARD_TAGS + [getattr(args, "strategy", "")]))
     header: dict[str, Any] = {"library_name": "peft" if is_adapter else "transformers"}
@@ -125,6 +223,7 @@ def render_model_card(
         header["base_model"] = hub_base
     if languages:
         header["language"] = languages
+    license = license or base_model_license(base_model, hub_base)
     if license:
         header["license"] = license
     header["tags"] = [tag for tag in all_tags if tag]
@@ -158,7 +257,9 @@ def render_model_card(
         "train_rows": train_rows,
         "max_length": max_length,
         "training_settings": {name: getattr(args, name) for name in TRAINING_FIELDS if hasattr(args, name)},
-        "eval_metrics": {k: _round(v) for k, v in metrics.items()},
+        "eval_metrics": _metrics_by_split(metrics),
+        "dataset": dataset,
+        "routing_report": routing_report,
         "versions": dict(versions or {}),
         "ki_trainer_version": (versions or {}).get("ki-trainer", "unknown"),
         "example_text": example_text.replace('"', "'"),
@@ -192,7 +293,7 @@ def integration_section(teachers: Sequence[Teacher], args) -> str:
         "margin_reweighting": args.margin_reweighting,
         "normalize_margin_weights": args.normalize_margin_weights,
         "certainty_normalization": args.certainty_normalization,
-        "teacher_signals": args.teacher_signals,
+        "signal_source": args.signal_source,
     }
     lines += ["", "Integration settings:", ""] + [f"- `{k}`: {v}" for k, v in settings.items()]
     lines += [
@@ -207,15 +308,16 @@ def integration_section(teachers: Sequence[Teacher], args) -> str:
 def card_facts(trainer, output_dir: str, **kwargs) -> dict[str, Any]:
     """The keyword arguments of :func:`render_model_card` for a trained ``KnowledgeIntegrationTrainer``
     (``kwargs``: ``create_model_card``'s ``language``, ``license``, ``tags``, ``model_name``, ``finetuned_from``,
-    ``dataset``)."""
-    import torch
-    import transformers
+    ``dataset``; ``trainer.model_card_kwargs``, e.g. ``{"dataset": name}``, fills what they omit).
 
-    from ._version import __version__
+    The card carries the last validation (``eval_*``) and test (``test_*``) metrics of ``log_history`` as
+    ``model-index``; its usage snippet names the Hub repo, else the folder the model was saved to.
+    """
     from .collator import KnowledgeIntegrationCollator
     from .dataset_checks import column_names, column_values, is_streaming
     from .peft_support import is_peft_model
 
+    kwargs = {**getattr(trainer, "model_card_kwargs", {}), **{k: v for k, v in kwargs.items() if v is not None}}
     tags = kwargs.get("tags")
     tags = [tags] if isinstance(tags, str) else list(tags or [])
     dataset = kwargs.get("dataset")
@@ -225,14 +327,12 @@ def card_facts(trainer, output_dir: str, **kwargs) -> dict[str, Any]:
     args = trainer.args
     model = trainer.accelerator.unwrap_model(trainer.model)
     is_adapter = is_peft_model(model) and not args.merge_adapter
-    versions = {"ki-trainer": __version__, "transformers": transformers.__version__, "torch": torch.__version__}
-    if is_peft_model(model):
-        import peft
-
-        versions["peft"] = peft.__version__
-    repo_id = args.hub_model_id or os.path.basename(os.path.normpath(output_dir))
-    eval_metrics = next((dict(log) for log in reversed(trainer.state.log_history)
-                         if any(k.startswith("eval_") for k in log)), {})
+    versions = framework_versions(peft_used=is_peft_model(model))
+    # the snippet must run as written: the Hub repo when pushing (push_to_hub without hub_model_id names it in
+    # init_hf_repo: trainer.hub_model_id), else the folder the model was saved to
+    repo_id = getattr(trainer, "hub_model_id", None) or args.hub_model_id or os.path.abspath(output_dir)
+    eval_metrics = final_metrics(trainer.state.log_history)
+    report_png = os.path.join(output_dir, "routing_report.png")  # ki_trainer.report.REPORT_PNG
     collator = trainer.data_collator
     max_length = getattr(collator, "max_length", None) if isinstance(collator, KnowledgeIntegrationCollator) else None
     train_dataset = trainer.train_dataset
@@ -243,13 +343,14 @@ def card_facts(trainer, output_dir: str, **kwargs) -> dict[str, Any]:
         teachers=trainer.teachers,
         args=args,
         labels=trainer.label_space.labels,
-        model_name=kwargs.get("model_name") or repo_id.split("/")[-1],
+        model_name=kwargs.get("model_name") or os.path.basename(os.path.normpath(repo_id)),
         repo_id=repo_id,
         base_model=kwargs.get("finetuned_from") or trainer.student_source,
         is_adapter=is_adapter,
         train_rows=len(train_dataset) if hasattr(train_dataset, "__len__") else None,
         max_length=max_length,
-        eval_metrics={k: v for k, v in eval_metrics.items() if k.startswith("eval_")},
+        eval_metrics=eval_metrics,
+        routing_report="routing_report.png" if os.path.isfile(report_png) else None,
         versions=versions,
         tags=tags,
         language=language,

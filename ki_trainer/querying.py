@@ -17,6 +17,8 @@ from typing import Callable, Collection, ContextManager, Mapping, Optional, Sequ
 
 import torch
 
+from .collator import EXAMPLE_IDS_KEY, TEACHER_INPUTS_KEY
+from .guards import check_teachers_distinct
 from .numerics import certainty_from_logits, certainty_from_probs, mc_statistics
 from .peft_support import unwrap
 from .strategies import TeacherSignals
@@ -216,6 +218,12 @@ def query_teachers(
                 pooled.append(teacher_features)
             else:
                 teacher_logits = deterministic_logits(teacher, inputs, chunk_size)
+            if teacher_logits.shape[-1] != len(teacher.labels):
+                raise ValueError(
+                    f"Teacher {teacher.name!r} outputs {teacher_logits.shape[-1]} logits per row but has "
+                    f"{len(teacher.labels)} label names {teacher.labels}: its head and its config.id2label (or "
+                    "labels=) disagree. Give one name per output: Teacher(..., labels=[...])."
+                )
             logits.append(teacher_logits)
             if certainty_source == "mc":
                 stats = mc_dropout_statistics(teacher, inputs, mc_samples, chunk_size, top_layers=mc_top_layers)
@@ -225,9 +233,9 @@ def query_teachers(
             elif certainty_source == "deterministic":
                 certainty.append(certainty_from_logits(teacher_logits))
     if check_finite:
-        finite = torch.stack([torch.isfinite(x).all() for x in logits + certainty]).all()
+        finite = torch.stack([torch.isfinite(x).all() for x in logits + certainty + pooled]).all()
         if not bool(finite):
-            raise TeacherNaNError(_non_finite_message(teachers, logits, certainty, row_ids))
+            raise TeacherNaNError(_non_finite_message(teachers, logits, certainty, row_ids, pooled=pooled))
     return TeacherSignals(
         logits=logits,
         certainty=torch.stack(certainty, dim=1) if certainty else None,
@@ -238,7 +246,8 @@ def query_teachers(
 
 
 def _non_finite_message(
-    teachers: Sequence[Teacher], logits: list, certainty: list, row_ids: Optional[Sequence[str]], shown: int = 10
+    teachers: Sequence[Teacher], logits: list, certainty: list, row_ids: Optional[Sequence[str]], shown: int = 10,
+    pooled: Sequence[torch.Tensor] = (),
 ) -> str:
     """Which teacher produced NaN/inf on which rows (example ids when known, else batch positions)."""
     parts = []
@@ -246,16 +255,117 @@ def _non_finite_message(
         bad = ~torch.isfinite(logits[t]).all(1)
         if certainty:
             bad |= ~torch.isfinite(certainty[t])
+        in_features = ~torch.isfinite(pooled[t]).all(1) if pooled else torch.zeros_like(bad)
+        what = " (in its pooled features, the router's input, while its logits are finite)" if bool(
+            (in_features & ~bad).any()) else ""
+        bad |= in_features
         rows = bad.nonzero().flatten().tolist()
         if not rows:
             continue
         if row_ids is not None:
             where = f"example ids {[row_ids[r] for r in rows[:shown]]}"
         else:
-            where = f"rows {rows[:shown]} of the batch (no example ids: set teacher_signals='cached' and an id column)"
+            where = f"rows {rows[:shown]} of the batch (no example ids: set signal_source='cached' and an id column)"
         more = f" and {len(rows) - shown} more" if len(rows) > shown else ""
-        parts.append(f"teacher {teacher.name!r} on {where}{more}")
+        parts.append(f"teacher {teacher.name!r} on {where}{more}{what}")
     return (
         f"NaN/inf teacher outputs: {'; '.join(parts) or 'unknown rows'}. Check the teachers' weights (e.g. fp16 "
         "overflow: try teacher_dtype='bfloat16' or 'float32') and these inputs."
     )
+
+
+def to_device(data, device: torch.device):
+    """Tensors in nested dicts / lists / tuples moved to ``device`` (anything else unchanged), as the Trainer
+    prepares a batch."""
+    if isinstance(data, Mapping):
+        return type(data)({k: to_device(v, device) for k, v in data.items()})
+    if isinstance(data, (tuple, list)):
+        return type(data)(to_device(v, device) for v in data)
+    if isinstance(data, torch.Tensor):
+        return data.to(device=device)
+    return data
+
+
+class TeacherQuerier:
+    """The teachers bound to what querying them takes: the inputs each accepts (the collator says which encoding
+    is whose), the run's Monte-Carlo settings (``args``), the autocast context and the device.
+
+    The trainer queries a training batch with :meth:`signals`; the signal cache's precompute queries raw rows
+    with :meth:`rows`. Neither calls back into the trainer.
+    """
+
+    def __init__(self, teachers: Sequence[Teacher], collator, args, autocast: Callable[[], ContextManager],
+                 device: torch.device) -> None:
+        self.teachers = teachers
+        self.collator = collator
+        self.args = args
+        self.autocast = autocast
+        self.device = device
+        self.accepted = [teacher.accepted_inputs() for teacher in teachers]
+
+    def teacher_inputs(self, student_inputs: dict, teacher_batches: dict) -> list[dict]:
+        """Each teacher's forward inputs: its own encoding when the collator made one, else the student's."""
+        key_of = getattr(self.collator, "teacher_input_key", lambda t: None)
+        per_teacher = []
+        for t, accepted in enumerate(self.accepted):
+            key = key_of(t)
+            source = student_inputs if key is None else teacher_batches[key]
+            per_teacher.append({k: v for k, v in source.items() if k in accepted})
+        return per_teacher
+
+    def signals(self, student_inputs: dict, teacher_batches: Optional[dict] = None,
+                certainty_source: Optional[str] = None, example_ids: Optional[Sequence[str]] = None,
+                features: bool = False) -> TeacherSignals:
+        """Query the ensemble (no gradients) on a collated batch. ``example_ids`` are named in a NaN/inf error;
+        ``features`` adds each teacher's pooled features."""
+        args = self.args
+        return query_teachers(
+            self.teachers,
+            self.teacher_inputs(student_inputs, teacher_batches or {}),
+            certainty_source=certainty_source,
+            mc_samples=args.mc_samples,
+            chunk_size=args.mc_chunk_size,
+            autocast=self.autocast,
+            check_finite=args.check_teacher_outputs,
+            mc_top_layers=args.mc_top_layers,
+            row_ids=example_ids,
+            features=features,
+        )
+
+    def rows(self, rows: list[dict], ids: Sequence[str], seed: Optional[int] = None, mc: bool = True,
+             features: Optional[bool] = False) -> TeacherSignals:
+        """The signals of raw dataset rows (collated here): MC ones when ``mc``, with dropout seeded by ``seed``."""
+        batch = to_device(self.collator(rows), self.device)
+        teacher_batches = batch.pop(TEACHER_INPUTS_KEY, {})
+        student_inputs = {k: v for k, v in batch.items() if k not in ("labels", EXAMPLE_IDS_KEY)}
+        if seed is not None:
+            torch.manual_seed(seed)
+        return self.signals(student_inputs, teacher_batches, "mc" if mc else None, list(ids), bool(features))
+
+
+
+def ensemble(teachers: Sequence) -> list[Teacher]:
+    """The teachers as :class:`Teacher` objects (paths / ids / models wrapped), checked distinct, with unique
+    names (a repeated or missing name gets its position)."""
+    if not teachers:
+        raise ValueError("KnowledgeIntegrationTrainer needs at least one teacher (teachers=[Teacher(...), ...]).")
+    teachers = [t if isinstance(t, Teacher) else Teacher(t) for t in teachers]
+    check_teachers_distinct(teachers)
+    seen = set()
+    for i, teacher in enumerate(teachers):
+        name = teacher.name or f"teacher_{i}"
+        if name in seen:
+            name = f"{name}_{i}"
+        seen.add(name)
+        teacher.name = name
+    return teachers
+
+
+def place_teachers(teachers: Sequence[Teacher], device: torch.device, dtype: torch.dtype) -> None:
+    """Move and cast every teacher for querying (adapter teachers of one base share its one cast copy)."""
+    prepared: dict[int, torch.nn.Module] = {}
+    for teacher in teachers:
+        original = id(teacher.model)
+        if original in prepared:
+            teacher.model = prepared[original]
+        prepared[original] = teacher.prepare(device, dtype).model

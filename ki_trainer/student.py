@@ -5,11 +5,19 @@ initialised from the teachers (``student_init``) and wrapped with PEFT.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Optional, Sequence
 
 import torch
-from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    enable_full_determinism,
+    set_seed,
+)
 from transformers.utils import logging
 
 from .console import describe_new_head, quiet_model_loading
@@ -129,3 +137,56 @@ def finish_student(model: torch.nn.Module, teachers: Sequence[Teacher], label_sp
     """``student_init`` applied, then the PEFT wrapper (when ``peft_config``): the student ready to train."""
     initialise_student(model, teachers, label_space, tokenizer, args.student_init)
     return wrap_student(model, peft_config) if peft_config is not None else model
+
+
+def seed_run(args) -> None:
+    """Seed as the Trainer does (``full_determinism`` too): for weights initialised before ``Trainer.__init__``."""
+    enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
+
+
+def prepare_student(model, teachers: Sequence[Teacher], args, tokenizer=None, load_tokenizer: bool = True,
+                    peft_config=None):
+    """The student ready to train, from an instance or a directory / Hub id (then built with a head over the
+    union labels, and its tokenizer loaded when ``load_tokenizer`` and none is given).
+
+    Returns ``(student, label_space, source, tokenizer)``; ``source`` is the directory / Hub id it came from.
+    """
+    if isinstance(model, (str, os.PathLike)):
+        source = str(model)
+        if tokenizer is None and load_tokenizer:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        label_space = label_space_for(AutoConfig.from_pretrained(source), teachers, strict=False)
+        seed_run(args)  # the new head is initialised here, before Trainer.__init__ seeds
+        model = load_student(source, label_space)
+    else:
+        config = getattr(unwrap(model), "config", None)
+        source = getattr(config, "_name_or_path", None) or None
+        label_space = label_space_for(config, teachers, strict=True)
+        adopt_union_labels(model, label_space)
+    model = finish_student(model, teachers, label_space, tokenizer, args, peft_config)
+    return model, label_space, source, tokenizer
+
+
+def check_student_given(model, model_init) -> None:
+    """Exactly one of ``model=`` and ``model_init=``."""
+    if model is None and model_init is None:
+        raise ValueError(
+            "Pass the student as `model=` (an instance, a directory or a Hub id), or a `model_init=` callable "
+            "that builds a fresh one (needed by hyperparameter_search)."
+        )
+    if model is not None and model_init is not None:
+        raise ValueError("Pass either `model=` or `model_init=`, not both.")
+
+
+def next_student(model: torch.nn.Module, teachers: Sequence[Teacher], label_space: LabelSpace, tokenizer, args,
+                 peft_config=None) -> torch.nn.Module:
+    """A further student built by ``model_init`` (a ``train()`` / trial after the first), ready to train: it must
+    name the labels in the order the first one fixed."""
+    order = student_label_order(getattr(unwrap(model), "config", None), teachers, strict=True)
+    if order is not None and order != label_space.labels:
+        raise ValueError(
+            f"model_init returned a student labelled {order}, but the first one fixed the order "
+            f"{label_space.labels}. Build every student with the same id2label."
+        )
+    adopt_union_labels(model, label_space)
+    return finish_student(model, teachers, label_space, tokenizer, args, peft_config)

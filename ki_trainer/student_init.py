@@ -30,6 +30,25 @@ def _vocabulary(tokenizer) -> dict[str, int] | None:
     return get_vocab() if callable(get_vocab) else None
 
 
+# Config fields that change what the same weights compute (attention heads, activation, norm, positions) or how
+# many weights there are; a teacher must agree with the student on every one that either config sets.
+STRUCTURE_FIELDS = (
+    "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "intermediate_size", "hidden_act", "activation", "activation_function", "layer_norm_eps", "rms_norm_eps",
+    "position_embedding_type", "max_position_embeddings", "type_vocab_size", "vocab_size", "rope_theta",
+    "n_heads", "n_layers", "dim", "hidden_dim", "sinusoidal_pos_embds", "relative_attention_num_buckets",
+    "relative_attention_max_distance", "normalize_before", "pre_norm",
+)
+
+
+def _structure_differences(student_config, teacher_config) -> list[str]:
+    """``"field: teacher value vs student value"`` for each structural config field the two disagree on."""
+    student_fields = student_config.to_dict() if student_config is not None else {}
+    teacher_fields = teacher_config.to_dict() if teacher_config is not None else {}
+    return [f"{key}={teacher_fields.get(key)!r} (student: {student_fields.get(key)!r})" for key in STRUCTURE_FIELDS
+            if (key in student_fields or key in teacher_fields) and student_fields.get(key) != teacher_fields.get(key)]
+
+
 def check_compatible(
     student: torch.nn.Module, teachers: Sequence[Teacher], label_space: LabelSpace, student_tokenizer=None
 ) -> None:
@@ -54,6 +73,20 @@ def check_compatible(
             raise ValueError(
                 f"student_init='teacher_average': teacher {teacher.name!r} has no weight(s) {missing[:3]} of the "
                 "student. Teachers and student must share one architecture."
+            )
+        extra = [name for name in theirs if name not in own]
+        if extra:
+            raise ValueError(
+                f"student_init='teacher_average': teacher {teacher.name!r} has {len(extra)} weight(s) the student "
+                f"lacks ({', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}), e.g. more layers; averaging would "
+                "drop them. Teachers and student must share one architecture."
+            )
+        differences = _structure_differences(getattr(student, "config", None), getattr(teacher.model, "config", None))
+        if differences:
+            raise ValueError(
+                f"student_init='teacher_average': teacher {teacher.name!r} is built differently from the student: "
+                f"{'; '.join(differences)}. Weights of equal shape would compute other functions; teachers and "
+                "student must share one architecture."
             )
         head = [name for name, shape in own.items() if theirs[name].shape != shape]
         bad = [name for name in head if not _is_label_rows(own[name], theirs[name].shape, len(teacher.labels))]

@@ -68,8 +68,7 @@ class Teacher:
                 with whole_model_loading():  # never sharded by ZeRO-3's init: teachers stay outside the engine
                     model = load_adapter_model(source)
             else:
-                with whole_model_loading():  # never sharded by ZeRO-3's init: teachers stay outside the engine
-                    model = AutoModelForSequenceClassification.from_pretrained(source)
+                model = load_trained_model(AutoModelForSequenceClassification, source, "classification")
         elif isinstance(model, torch.nn.Module):
             source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
         else:
@@ -119,6 +118,14 @@ class Teacher:
         config = getattr(self.model, "config", None)
         num_labels = getattr(config, "num_labels", None)
         who = self.name or "teacher"
+        problem = getattr(config, "problem_type", None)
+        if problem not in (None, "single_label_classification"):
+            raise ValueError(
+                f"Teacher {who!r} is a {problem!r} model (config.problem_type): its outputs are not one softmax "
+                "distribution over classes, which is what knowledge integration reads (a multi-label teacher's "
+                "independent sigmoids would be read as competing classes). Only single-label classifiers can "
+                "be teachers."
+            )
         if labels is None:
             id2label = getattr(config, "id2label", None) or {}
             labels = [id2label[i] for i in sorted(id2label)]
@@ -128,6 +135,11 @@ class Teacher:
                     "Labels are matched across teachers by NAME: pass Teacher(..., labels=[...]) or set "
                     "config.id2label when fine-tuning it."
                 )
+        if isinstance(labels, (str, bytes)) or isinstance(labels, dict):
+            raise TypeError(
+                f"Teacher {who!r}: labels must be a list of label names in the teacher's index order, got "
+                f"{type(labels).__name__} {labels!r} (a string would be read letter by letter)."
+            )
         labels = [str(label) for label in labels]
         if num_labels is not None and len(labels) != num_labels:
             raise ValueError(
@@ -213,6 +225,28 @@ def whole_model_loading() -> Iterator[None]:
         yield
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def load_trained_model(auto_class, source: str, head: str) -> PreTrainedModel:
+    """Load a teacher with ``auto_class`` and refuse it when any weight had to be newly initialised.
+
+    ``from_pretrained`` fills weights missing from the checkpoint (or of another shape) with random
+    values and only logs a table, which quiet loading hides: a bare encoder loaded as a sequence
+    classifier gets a random classifier, a classifier loaded as a masked LM a random MLM head. A teacher
+    with random weights teaches noise, so its load report (``output_loading_info``) must be clean.
+    """
+    with whole_model_loading():  # never sharded by ZeRO-3's init: teachers stay outside the engine
+        model, info = auto_class.from_pretrained(source, output_loading_info=True)
+    mismatched = {key[0] if isinstance(key, (tuple, list)) else key for key in info.get("mismatched_keys", ())}
+    new = sorted(set(info.get("missing_keys", ())) | mismatched)
+    if new:
+        shown = ", ".join(new[:8]) + (f" ... ({len(new)} in all)" if len(new) > 8 else "")
+        raise ValueError(
+            f"Teacher {source!r} is not a trained {head} model (no trained head?): loading it as {type(model).__name__} had to initialise "
+            f"{len(new)} weight(s) at random ({shown}), and a teacher with random weights teaches noise. Fine-tune it "
+            f"first (a {head} head), or pass the checkpoint that holds the trained model."
+        )
+    return model
 
 
 def _saved_tokenizer(source: str) -> Optional[PreTrainedTokenizerBase]:

@@ -40,8 +40,8 @@ def _data_end(path, name: str) -> int:
 
 
 def test_loading_and_looking_up_reads_only_the_requested_rows(tmp_path, monkeypatch):
-    monkeypatch.setattr(signal_cache, "VERIFY_EAGER_BYTES", 0)  # as for a file larger than the limit
-    monkeypatch.setattr(signal_cache, "BLOCK_ROWS", 512)
+    monkeypatch.setattr(signal_cache.file_format, "VERIFY_EAGER_BYTES", 0)  # as for a file larger than the limit
+    monkeypatch.setattr(signal_cache.file_format, "BLOCK_ROWS", 512)
     rows = 8000
     tensors = _big_cache(tmp_path / "fp.safetensors", rows)
     data_bytes = rows * WIDTH * 4
@@ -70,7 +70,7 @@ def test_cache_files_are_safetensors(tmp_path):
 
 
 def test_a_damaged_block_of_a_large_file_is_found_when_read(tmp_path, monkeypatch):
-    monkeypatch.setattr(signal_cache, "BLOCK_ROWS", 512)
+    monkeypatch.setattr(signal_cache.file_format, "BLOCK_ROWS", 512)
     path = tmp_path / "fp.safetensors"
     _big_cache(path, 2000)
     data = bytearray(path.read_bytes())
@@ -78,7 +78,7 @@ def test_a_damaged_block_of_a_large_file_is_found_when_read(tmp_path, monkeypatc
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptSignalCacheError, match="checksum mismatch in rows 1536..1999"):
         TeacherSignalCache.load(str(path), "fp", [WIDTH // 2, WIDTH // 2])  # small file: checked when opened
-    monkeypatch.setattr(signal_cache, "VERIFY_EAGER_BYTES", 0)
+    monkeypatch.setattr(signal_cache.file_format, "VERIFY_EAGER_BYTES", 0)
     cache = TeacherSignalCache.load(str(path), "fp", [WIDTH // 2, WIDTH // 2])
     cache.lookup(["row0", "row1535"], "mc")  # undamaged blocks read fine
     with pytest.raises(CorruptSignalCacheError, match=rf"{path}.*checksum mismatch in rows 1536..1999.*delete it"):
@@ -147,11 +147,11 @@ def test_a_cache_of_the_previous_format_is_migrated_not_recomputed(tmp_path):
 def test_the_fingerprint_of_a_teacher_set_is_the_one_format_2_used(monkeypatch):
     """Format 2 and 3 files of the same teachers share a fingerprint (the format lives in each file's header)."""
     assert signal_cache._FINGERPRINT_FORMAT == 2
-    monkeypatch.setattr(signal_cache, "CACHE_FORMAT_VERSION", 99)
+    monkeypatch.setattr(signal_cache.file_format, "CACHE_FORMAT_VERSION", 99)
     model = torch.nn.Linear(2, 2)
     teacher = type("T", (), {"tokenizer": None, "labels": ["x", "y"], "model": model})()
     first = signal_cache.teachers_fingerprint([teacher], None, [8], 4, torch.float32)
-    monkeypatch.setattr(signal_cache, "CACHE_FORMAT_VERSION", 3)
+    monkeypatch.setattr(signal_cache.file_format, "CACHE_FORMAT_VERSION", 3)
     assert signal_cache.teachers_fingerprint([teacher], None, [8], 4, torch.float32) == first
 
 
@@ -218,7 +218,7 @@ def test_many_flushes_keep_the_open_files_bounded_and_load_still_works(tmp_path)
         assert len(TeacherSignalCache.load(path, "fp", [1, 1])) == 340
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    part = signal_cache._FilePart(path, "fp")
+    part = signal_cache.file_format._FilePart(path, "fp")
     opened = _open_fds()
     part.close()
     assert _open_fds() == opened - 1  # close() releases the map's descriptor
@@ -231,7 +231,7 @@ def test_a_format_2_migration_holds_the_directory_lock(tmp_path, monkeypatch):
     _legacy_file(tmp_path / "fp.pt", "fp", ["a", "b"], {"logits": torch.rand(2, 4)})
     path = str(tmp_path / "fp.safetensors")
     migrating, saved = threading.Event(), threading.Event()
-    real = signal_cache._read_legacy
+    real = signal_cache.legacy._read_legacy
 
     def slow_read(*args):
         part = real(*args)
@@ -240,7 +240,7 @@ def test_a_format_2_migration_holds_the_directory_lock(tmp_path, monkeypatch):
             saved.wait(0.5)  # a big legacy file: the save() below lands before the migration writes (unless locked)
         return part
 
-    monkeypatch.setattr(signal_cache, "_read_legacy", slow_read)
+    monkeypatch.setattr(signal_cache.legacy, "_read_legacy", slow_read)
     loader = threading.Thread(target=TeacherSignalCache.load, args=(path, "fp", [2, 2]), name="loader")
     loader.start()
     assert migrating.wait(10)
@@ -268,7 +268,7 @@ def test_a_file_replaced_while_it_is_opened_is_read_as_one_file(tmp_path, monkey
             os.replace(path + ".new", path)  # the other process's save() lands right after this open
         return handle
 
-    monkeypatch.setattr(signal_cache, "open", racing_open, raising=False)
+    monkeypatch.setattr(signal_cache.file_format, "open", racing_open, raising=False)
     assert len(TeacherSignalCache.load(path, "fp", [1, 1])) == 10  # the file as it was opened, whole
     assert len(TeacherSignalCache.load(path, "fp", [1, 1])) == 20
     open(tmp_path / "empty.safetensors", "wb").close()
@@ -302,7 +302,7 @@ def test_a_shard_merged_away_while_loading_is_found_in_its_new_file(tmp_path, mo
     first = writer.flush()
     _add(writer, ["b"])
     writer.flush()
-    real = signal_cache._FilePart
+    real = signal_cache.file_format._FilePart
 
     def racing_part(file, fingerprint):
         if file == first and os.path.exists(first):  # the writer's merge lands between listing and opening
@@ -310,5 +310,5 @@ def test_a_shard_merged_away_while_loading_is_found_in_its_new_file(tmp_path, mo
             raise FileNotFoundError(file)
         return real(file, fingerprint)
 
-    monkeypatch.setattr(signal_cache, "_FilePart", racing_part)
+    monkeypatch.setattr(signal_cache.shards, "_FilePart", racing_part)
     assert sorted(TeacherSignalCache.load(path, "fp", [1, 1]).index) == ["a", "b"]

@@ -36,4 +36,4 @@ def test_push_to_hub_uploads_student_and_card(tmp_path):
         assert section in body, section
     assert 'pipeline("text-classification", model="me/merged-student")' in body
     assert "| t1 | local model `t1` | BertForSequenceClassification | gamma, delta | it |" in body
-    assert "arXiv:2210.05230" in body and "arXiv:2112.07327" in body and "MergeDistill" in body
+    assert "arXiv:2210.05230" in body and "arXiv:2112.07327" in body and "MergeDistill" not in body

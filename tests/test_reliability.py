@@ -264,11 +264,11 @@ def test_a_teacher_instance_loaded_from_a_directory_is_checked_against_its_saved
 
 # ---------------------------------------------------------------- 7. no lost work
 def test_an_interrupted_precompute_keeps_the_rows_it_computed(tmp_path, tok, monkeypatch):
-    monkeypatch.setattr(signal_cache, "FLUSH_ROWS", 4, raising=False)
+    monkeypatch.setattr(signal_cache.store, "FLUSH_ROWS", 4)
     rows = rows_with_ids()
     first = make_trainer(tmp_path, tok, fresh_teachers(tok), rows, teacher_signals="cached",
                          per_device_eval_batch_size=4)
-    original = first._signal_batches
+    original = first.cached_signals.batches
 
     def dies_after_three_batches(dataset, positions, **kw):
         for n, item in enumerate(original(dataset, positions, **kw)):
@@ -276,14 +276,14 @@ def test_an_interrupted_precompute_keeps_the_rows_it_computed(tmp_path, tok, mon
                 raise KeyboardInterrupt("killed")
             yield item
 
-    first._signal_batches = dies_after_three_batches
+    first.cached_signals.batches = dies_after_three_batches
     with pytest.raises(KeyboardInterrupt):
         first.precompute_teacher_signals()
     second = make_trainer(tmp_path, tok, fresh_teachers(tok), rows, teacher_signals="cached",
                           per_device_eval_batch_size=4)
     computed = []
-    original2 = second._signal_batches
-    second._signal_batches = lambda ds, todo, **kw: (computed.append(len(todo)), original2(ds, todo, **kw))[1]
+    original2 = second.cached_signals.batches
+    second.cached_signals.batches = lambda ds, todo, **kw: (computed.append(len(todo)), original2(ds, todo, **kw))[1]
     cache = second.precompute_teacher_signals()
     assert computed == [len(rows) - 12]  # the 12 rows of the 3 finished batches were kept
     assert len(cache) == len(rows)
@@ -497,17 +497,17 @@ sys.path.insert(0, sys.argv[1])
 from test_reliability import build_tokenizer, fresh_teachers, make_trainer, rows_with_ids
 from ki_trainer import signal_cache
 import pathlib
-signal_cache.FLUSH_ROWS = 4
+signal_cache.store.FLUSH_ROWS = 4
 tok = build_tokenizer()
 trainer = make_trainer(pathlib.Path(sys.argv[2]), tok, fresh_teachers(tok), rows_with_ids(), teacher_signals="cached",
                        per_device_eval_batch_size=4)
-original = trainer._signal_batches
+original = trainer.cached_signals.batches
 def killed_after_three_batches(dataset, positions, **kw):
     for n, item in enumerate(original(dataset, positions, **kw)):
         if n == 3:
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no except, no finally
         yield item
-trainer._signal_batches = killed_after_three_batches
+trainer.cached_signals.batches = killed_after_three_batches
 trainer.precompute_teacher_signals()
 """
 
@@ -516,8 +516,10 @@ def test_a_precompute_killed_with_sigkill_keeps_the_flushed_rows(tmp_path, tok):
     import subprocess
     import sys
 
+    import ki_trainer
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [
-        os.path.dirname(os.path.dirname(os.path.abspath(signal_cache.__file__))), os.environ.get("PYTHONPATH")]))}
+        os.path.dirname(os.path.dirname(os.path.abspath(ki_trainer.__file__))), os.environ.get("PYTHONPATH")]))}
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     done = subprocess.run([sys.executable, "-c", KILLED_PRECOMPUTE, tests_dir, str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=600)
@@ -525,7 +527,7 @@ def test_a_precompute_killed_with_sigkill_keeps_the_flushed_rows(tmp_path, tok):
     rows = rows_with_ids()
     again = make_trainer(tmp_path, tok, fresh_teachers(tok), rows, teacher_signals="cached", per_device_eval_batch_size=4)
     computed = []
-    original = again._signal_batches
-    again._signal_batches = lambda ds, todo, **kw: (computed.append(len(todo)), original(ds, todo, **kw))[1]
+    original = again.cached_signals.batches
+    again.cached_signals.batches = lambda ds, todo, **kw: (computed.append(len(todo)), original(ds, todo, **kw))[1]
     assert len(again.precompute_teacher_signals()) == len(rows)
     assert computed == [len(rows) - 12]  # the three flushed batches survived the kill

@@ -270,7 +270,7 @@ def test_default_cached_muki_fits_the_feature_router(tmp_path, trained_teachers,
 
 
 def test_transductive_router_needs_cached_signals():
-    with pytest.raises(ValueError, match="teacher_signals='cached'"):
+    with pytest.raises(ValueError, match="signal_source='cached'"):
         KnowledgeIntegrationConfig(output_dir="unused", router="self_training", report_to=[])
 
 
@@ -382,7 +382,7 @@ def test_a_cache_with_features_serves_a_run_that_needs_none(tmp_path, trained_te
     make_trainer(tmp_path / "a", trained_teachers, pool_rows, signal_cache_dir=shared).precompute_teacher_signals(mc=True)
     plain = make_trainer(tmp_path / "b", trained_teachers, pool_rows, router="mc_entropy", signal_cache_dir=shared)
     calls = []
-    monkeypatch.setattr(plain, "teacher_signals", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(plain.querier, "signals", lambda *a, **k: calls.append(1))
     cache = plain.precompute_teacher_signals()
     assert calls == [] and len(cache) == len(pool_rows)
 
@@ -392,11 +392,11 @@ def test_a_richer_mc_cache_is_extended_only_when_that_costs_fewer_passes(tmp_pat
     """A run that reads no MC statistics reuses a cache with them when it covers the rows (or when adding the few
     missing ones with K dropout passes costs no more than one plain pass over all rows); for mostly NEW rows it
     writes its own cache of the exact kind with one deterministic pass per row instead."""
-    import ki_trainer.trainer as trainer_module
+    import ki_trainer.querying as querying
 
     sources = []
-    real = trainer_module.query_teachers
-    monkeypatch.setattr(trainer_module, "query_teachers",
+    real = querying.query_teachers
+    monkeypatch.setattr(querying, "query_teachers",
                         lambda *a, **k: sources.append(k["certainty_source"]) or real(*a, **k))
     shared = str(tmp_path / "shared")
     rich = make_trainer(tmp_path / "a", trained_teachers, pool_rows.select(range(8)), signal_cache_dir=shared)
@@ -422,11 +422,11 @@ def test_a_router_that_reads_no_mc_statistics_runs_no_mc_passes(tmp_path, traine
     """The cached default (relative_mahalanobis) reads logits and features: one pass per teacher, no K dropout
     passes; its cache holds no MC tensors. An MC run cannot use that cache and computes its own; a later
     feature router reuses the first one (no teacher query)."""
-    import ki_trainer.trainer as trainer_module
+    import ki_trainer.querying as querying
 
     sources = []
-    real = trainer_module.query_teachers
-    monkeypatch.setattr(trainer_module, "query_teachers",
+    real = querying.query_teachers
+    monkeypatch.setattr(querying, "query_teachers",
                         lambda *a, **k: sources.append(k["certainty_source"]) or real(*a, **k))
     shared = str(tmp_path / "shared")
     default = make_trainer(tmp_path / "a", trained_teachers, pool_rows, router=None, signal_cache_dir=shared)
@@ -447,3 +447,24 @@ def test_a_router_that_reads_no_mc_statistics_runs_no_mc_passes(tmp_path, traine
     again = make_trainer(tmp_path / "c", trained_teachers, pool_rows, router="knn_smoothing", signal_cache_dir=shared)
     again.precompute_teacher_signals()
     assert sources == []  # knn_smoothing reads features: the no-MC cache already has them
+
+
+def test_a_step_only_scores_the_router_is_fitted_in_the_set_up(tmp_path, trained_teachers, pool_rows):
+    """compute_loss never fits: an unfitted transductive router fails the step with a clear error (no precompute
+    with collectives mid-step); evaluate() fits it in its set-up, on the training rows, before any step."""
+    trainer = make_trainer(tmp_path, trained_teachers, pool_rows, router="relative_mahalanobis")
+    batch = trainer._prepare_inputs(trainer.data_collator([pool_rows[i] for i in range(4)]))
+    with pytest.raises(RuntimeError, match="transductive: fit it on the unlabeled pool first"):
+        trainer.compute_loss(trainer.model, batch)
+    assert not trainer.router.fitted and trainer.signal_cache is None
+    trainer.evaluate(pool_rows)
+    assert trainer.router.fitted and len(trainer.signal_cache) == len(pool_rows)
+
+
+def test_the_deprecated_flag_name_still_selects_cached_signals():
+    """``signal_source`` names where the signals come from; ``teacher_signals``, its earlier name, still works."""
+    old = KnowledgeIntegrationConfig(output_dir="unused", report_to=[], teacher_signals="cached")
+    assert old.signal_source == "cached" and old.signals_are_cached and old.teacher_signals is None
+    assert KnowledgeIntegrationConfig(output_dir="unused", report_to=[], signal_source="cached").signals_are_cached
+    with pytest.raises(ValueError, match="contradicts signal_source='cached'"):
+        KnowledgeIntegrationConfig(output_dir="unused", report_to=[], signal_source="cached", teacher_signals="on_the_fly")

@@ -55,15 +55,15 @@ def _worker(rank: int, world: int, port: int, out: str, fail_rank: int = -1, str
     trainer = _trainer(os.path.join(out, "run"), cache_dir, data.to_iterable_dataset() if streaming else data)
     assert trainer.accelerator.num_processes == world
     computed = []  # the dataset positions this process computed
-    original = trainer._signal_rows
-    trainer._signal_rows = lambda rows, features=None, mc=True: (
+    original = trainer.cached_signals.rows
+    trainer.cached_signals.rows = lambda rows, features=None, mc=True: (
         computed.extend(int(row["id"][1:]) for row in rows), original(rows, features, mc))[1]
     if rank == fail_rank:
         def broken(ds, todo, **kw):
             raise ValueError("teacher broke on this rank")
             yield
 
-        trainer._signal_batches = broken
+        trainer.cached_signals.batches = broken
     try:
         cache = trainer.precompute_teacher_signals()
     except Exception as err:
@@ -119,8 +119,8 @@ def test_a_failing_process_stops_every_process_and_keeps_the_others_rows(tmp_pat
     assert errors[0].startswith("RuntimeError: 1 other process(es) failed while computing teacher signals")
     again = _trainer(str(tmp_path / "again"), str(tmp_path / "cache"), data)
     computed = []
-    original = again._signal_batches
-    again._signal_batches = lambda ds, todo, **kw: (computed.extend(todo), original(ds, todo, **kw))[1]
+    original = again.cached_signals.batches
+    again.cached_signals.batches = lambda ds, todo, **kw: (computed.extend(todo), original(ds, todo, **kw))[1]
     assert len(again.precompute_teacher_signals()) == len(data)
     assert computed == shard_positions(list(range(len(data))), 1, 2, 4)  # rank 0's share was kept in its shards
 
@@ -154,7 +154,7 @@ def test_the_ids_of_a_stream_are_never_another_streams(tmp_path):
     trainer = _trainer(str(tmp_path / "run"), str(tmp_path / "cache"), data)
     for start in (0, 6, 12):  # temporary streams, freed in turn: a new one may reuse a freed one's address
         stream = data.select(range(start, start + 6)).to_iterable_dataset()
-        assert trainer._dataset_ids(stream) == [f"r{i}" for i in range(start, start + 6)]
+        assert trainer.cached_signals.dataset_ids(stream) == [f"r{i}" for i in range(start, start + 6)]
         del stream
         gc.collect()
-    assert len(trainer._streamed_ids) <= 1  # entries of freed streams are dropped
+    assert len(trainer.cached_signals.streamed_ids) <= 1  # entries of freed streams are dropped

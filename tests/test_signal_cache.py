@@ -80,8 +80,8 @@ def test_cache_file_is_reused_and_extended(tmp_path, trained_teachers, data):
     assert os.path.exists(path)
     second = trainer_for(tmp_path, trained_teachers, data, "cached")
     calls = []
-    original = second._signal_batches
-    second._signal_batches = lambda ds, todo, **kw: (calls.append(len(todo)), original(ds, todo, **kw))[1]
+    original = second.cached_signals.batches
+    second.cached_signals.batches = lambda ds, todo, **kw: (calls.append(len(todo)), original(ds, todo, **kw))[1]
     cache = second.precompute_teacher_signals()
     assert calls == [len(data) - 10]  # only the new ids were computed
     assert len(cache) == len(data) and second.signal_cache.path == path
@@ -181,7 +181,7 @@ def test_cached_evaluation_queries_teachers_once_and_keeps_its_own_file(tmp_path
     assert calls == []  # ...and reused: no teacher forward at all
     assert second == pytest.approx({**first, **{k: second[k] for k in second if "runtime" in k or "per_second" in k}})
     fingerprint = trainer.signal_fingerprint()
-    digest = trainer._dataset_digest(eval_rows)  # eval caches are scoped by prefix and dataset content
+    digest = trainer.cached_signals.dataset_digest(eval_rows)  # eval caches are scoped by prefix and dataset content
     assert sorted(os.listdir(tmp_path / "cache")) == sorted([f"{fingerprint}.safetensors", f"{fingerprint}.test.{digest}.safetensors"])
     assert trainer._eval_signal_cache is None  # training never reads the evaluation cache
 
@@ -200,12 +200,12 @@ def test_each_named_eval_dataset_gets_its_own_cache(tmp_path, trained_teachers, 
     metrics = trainer.evaluate()  # Trainer calls evaluate("en") and evaluate("other"): same ids, other texts
     assert "eval_en_accuracy" in metrics and "eval_other_accuracy" in metrics
     fingerprint = trainer.signal_fingerprint()
-    en, other = (trainer._dataset_digest(trainer.eval_dataset[k]) for k in ("en", "other"))
+    en, other = (trainer.cached_signals.dataset_digest(trainer.eval_dataset[k]) for k in ("en", "other"))
     assert {f"{fingerprint}.eval_en.{en}.safetensors", f"{fingerprint}.eval_other.{other}.safetensors"} <= set(os.listdir(tmp_path / "cache"))
 
 
 def test_standardized_certainty_needs_cached_signals():
-    with pytest.raises(ValueError, match="set teacher_signals='cached'"):
+    with pytest.raises(ValueError, match="set signal_source='cached'"):
         KnowledgeIntegrationConfig(output_dir="x", certainty_normalization="standardize", report_to=[])
     with pytest.raises(ValueError, match="'none' or 'standardize'"):
         KnowledgeIntegrationConfig(output_dir="x", certainty_normalization="zscore", report_to=[])
@@ -240,4 +240,4 @@ def test_cached_evaluation_works_without_datasets(tmp_path, trained_teachers, da
     trainer = trainer_for(tmp_path, trained_teachers, data, "cached")
     rows = [eval_rows[i] for i in range(len(eval_rows))]
     assert "eval_accuracy" in trainer.evaluate(rows)
-    assert f"{trainer.signal_fingerprint()}.eval.{trainer._dataset_digest(rows)}.safetensors" in os.listdir(tmp_path / "cache")
+    assert f"{trainer.signal_fingerprint()}.eval.{trainer.cached_signals.dataset_digest(rows)}.safetensors" in os.listdir(tmp_path / "cache")

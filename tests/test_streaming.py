@@ -52,7 +52,7 @@ def test_a_streamed_precompute_equals_the_map_style_cache(tmp_path, rows):
                                 certainty_normalization="standardize")
     streamed = streamed_trainer.precompute_teacher_signals()  # one pass; the standardization reuses its ids
     ids = list(rows["id"])
-    assert len(streamed) == len(rows) and streamed_trainer._dataset_ids(streamed_trainer.train_dataset) == ids
+    assert len(streamed) == len(rows) and streamed_trainer.cached_signals.dataset_ids(streamed_trainer.train_dataset) == ids
     a, b = mapped.lookup(ids, "mc"), streamed.lookup(ids, "mc")
     torch.testing.assert_close(torch.cat(b.logits, 1), torch.cat(a.logits, 1))
     torch.testing.assert_close(b.certainty, a.certainty)  # the same batches, so the same MC draws
@@ -60,8 +60,8 @@ def test_a_streamed_precompute_equals_the_map_style_cache(tmp_path, rows):
     assert streamed_trainer.certainty_statistics is not None
     again = _trainer(tmp_path, rows.to_iterable_dataset(), "cached", "streamed")
     calls = []
-    original = again._signal_rows
-    again._signal_rows = lambda batch, features=None, mc=True: (calls.append(len(batch)), original(batch, features, mc))[1]
+    original = again.cached_signals.rows
+    again.cached_signals.rows = lambda batch, features=None, mc=True: (calls.append(len(batch)), original(batch, features, mc))[1]
     again.precompute_teacher_signals()
     assert calls == []  # every streamed row was already cached
 

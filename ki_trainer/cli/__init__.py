@@ -2,6 +2,9 @@
 
 Each subcommand is a module of this package with ``main(argv, prog)``; ``examples/*.py`` call the
 same functions. The modules import the library (``ki_trainer.merge_distill`` ...), never the other way round.
+
+Nothing here imports torch or transformers: ``ki-trainer --help``, ``--version`` and a mistyped command answer
+at once; a subcommand's module is imported when it runs.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ def commands() -> dict[str, tuple[Optional[Callable[..., Any]], str]]:
         "merge-distill": _command(
             "merge_distill", "merge masked-LM teachers (own vocabularies, own languages) into one multilingual student LM"
         ),
+        "report": _command("report", "per-label routing, margins and accuracies of an integrate run (table + PNG)"),
+        "env": _command("env", "versions, devices and accelerate config, to paste into a bug report"),
     }
     return table
 
@@ -60,7 +65,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print_overview()
         return 0 if argv else 2
-    if argv[0] == "--version":
+    if argv[0] in ("--version", "-V", "version"):
         from .._version import __version__
 
         print(f"ki-trainer {__version__}")
@@ -78,11 +83,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if runner is None:
         print(f"ki-trainer {name}: {summary}.", file=sys.stderr)
         return 2
-    from .arguments import RunFileError
+    from ..errors import UsageError  # RunFileError (a run file's mistakes) is one too
 
     try:
         runner(argv[1:], f"ki-trainer {name}")
-    except RunFileError as error:
+    except UsageError as error:  # the message says what to fix: no traceback
         print(f"ki-trainer {name}: {error}", file=sys.stderr)
         return 2
     return 0

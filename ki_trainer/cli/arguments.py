@@ -18,6 +18,8 @@ from typing import Any, Optional, Sequence
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from ..errors import UsageError
+
 RUN_FILE_SUFFIXES = (".yaml", ".yml", ".json")
 HELP_ALL = "--help-all"
 
@@ -51,38 +53,127 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
     """Keep the description's layout; show each option's default."""
 
 
-class RunFileError(ValueError):
+class RunFileError(UsageError):
     """A run file that cannot be read, or that names options the command does not have."""
 
 
+class RunFileValues(dict):
+    """The options of a run file; ``lines`` maps each top-level option to its line in the file (YAML)."""
+
+    lines: dict[str, int]
+
+
+def _yaml_loader():
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently)."""
+    import yaml  # PyYAML: installed with transformers / accelerate
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                except TypeError:  # an unhashable key: PyYAML reports it itself
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first on line {first}, again on line {line}); PyYAML would "
+                        "silently keep the last value", key_node.start_mark)
+                seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
+def _json_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in values:
+            raise ValueError(f"duplicate key {key!r} (json would silently keep the last value)")
+        values[key] = value
+    return values
+
+
 def load_run_file(path: str) -> dict[str, Any]:
-    """Read a YAML (``.yaml``/``.yml``) or JSON run file into a flat ``{option: value}`` mapping."""
+    """Read a YAML (``.yaml``/``.yml``) or JSON run file into a flat ``{option: value}`` mapping.
+
+    A key given twice (in any mapping of the file) is a :class:`RunFileError` naming the key and its lines.
+    """
     file = Path(path)
     if not file.is_file():
         raise RunFileError(f"Run file not found: {path}")
     text = file.read_text(encoding="utf-8")
+    lines: dict[str, int] = {}
     if file.suffix in (".yaml", ".yml"):
-        import yaml  # PyYAML: installed with transformers / accelerate
+        import yaml
 
         try:
-            values = yaml.safe_load(text)
+            loader = _yaml_loader()(text)
+            try:
+                node = loader.get_single_node()
+                values = loader.construct_document(node) if node is not None else None
+            finally:
+                loader.dispose()
         except yaml.YAMLError as error:
             raise RunFileError(f"{path} is not valid YAML: {error}") from error
+        if isinstance(node, yaml.MappingNode):
+            lines = {str(k.value).lstrip("-").replace("-", "_"): k.start_mark.line + 1 for k, _ in node.value}
     else:
         try:
-            values = json.loads(text)
+            values = json.loads(text, object_pairs_hook=_json_pairs)
         except ValueError as error:
             raise RunFileError(f"{path} is not valid JSON: {error}") from error
     if values is None:
-        return {}
+        return RunFileValues()
     if not isinstance(values, dict):
         raise RunFileError(f"{path} must hold a mapping of option names to values, got {type(values).__name__}.")
-    return {str(key).lstrip("-").replace("-", "_"): value for key, value in values.items()}
+    result = RunFileValues((str(key).lstrip("-").replace("-", "_"), value) for key, value in values.items())
+    result.lines = lines
+    return result
+
+
+def _type_problem(action: argparse.Action, value: Any) -> Optional[str]:
+    """Why a run-file value cannot be the value of ``action`` (None when it can).
+
+    argparse converts STRING defaults with the option's type, as it converts flags, but passes any other
+    value through untouched: ``max_steps: true`` would be the int 1, ``mc_samples: 2.5`` a float in an int
+    field, ``learning_rate: [0.001]`` a list. Only the number and boolean types are checked here; string
+    options also take mappings and lists (``router_options``, ``teachers`` entries) that their fields parse.
+    """
+    from transformers.hf_argparser import string_to_bool
+
+    kind = {int: "an integer", float: "a number", string_to_bool: "true or false"}.get(action.type)
+    if kind is None or value is None or isinstance(value, str):
+        return None  # None: the field's own check; str: argparse converts it like a flag
+    if action.nargs in ("+", "*"):
+        if not isinstance(value, list):
+            return f"must be a list, got {type(value).__name__} {value!r}"
+        problems = [_type_problem(argparse.Action([], "x", type=action.type), item) for item in value]
+        return next((f"element {item!r}: {p}" for item, p in zip(value, problems) if p), None)
+    if action.type is string_to_bool:
+        return None if isinstance(value, bool) else f"must be {kind}, got {type(value).__name__} {value!r}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (action.type is int and isinstance(value, float)):
+        return f"must be {kind}, got {type(value).__name__} {value!r}"
+    return None
 
 
 def split_run_file(argv: Sequence[str]) -> tuple[Optional[str], list[str]]:
     """``[run.yaml, --flag, ...]`` -> (``run.yaml``, flags); a run file is only ever the first argument."""
     argv = list(argv)
+    for i, arg in enumerate(argv):  # TRL's `--config run.yaml` names the run file too
+        if arg == "--config" or arg.startswith("--config="):
+            path = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
+            if not path or path.startswith("-"):
+                raise RunFileError("--config needs a run file: --config run.yaml")
+            rest = argv[:i] + argv[i + (1 if "=" in arg else 2):]
+            if rest and not rest[0].startswith("-"):
+                raise RunFileError(f"Two run files: {rest[0]!r} and --config {path!r}; give one.")
+            argv = [path, *rest]
+            break
     if argv and not argv[0].startswith("-"):
         if not argv[0].endswith(RUN_FILE_SUFFIXES):
             raise RunFileError(
@@ -186,12 +277,21 @@ class CommandParser(HfArgumentParser):
     def _apply_run_file(self, run_file: str) -> None:
         values = load_run_file(run_file)
         known = {a.dest: a for a in self._actions if a.dest not in ("help", "help_all")}
+        aliases = {option.lstrip("-"): action.dest for action in self._actions for option in action.option_strings
+                   if option.startswith("--") and option.lstrip("-") not in known
+                   and not isinstance(action, argparse._StoreFalseAction)}  # --no_x is no alias of x
+        lines = {aliases.get(key, key): line for key, line in getattr(values, "lines", {}).items()}
+        values = {aliases.get(key, key): value for key, value in values.items()}  # e.g. model_name_or_path: -> student
         unknown = [key for key in values if key not in known]
         if unknown:
             hints = {key: difflib.get_close_matches(key, list(known), n=1) for key in unknown}
             described = ", ".join(f"{k!r}" + (f" (did you mean {h[0]!r}?)" if h else "") for k, h in hints.items())
             raise RunFileError(f"{run_file}: unknown option(s) {described}. `{self.prog} --help-all` lists them all.")
-        for key in values:
+        for key, value in values.items():
+            problem = _type_problem(known[key], value)
+            if problem is not None:
+                where = f", line {lines[key]}" if key in lines else ""
+                raise RunFileError(f"{run_file}{where}: option {key!r} {problem}.")
             known[key].required = False  # the run file gave it
         self.set_defaults(**values)  # argparse converts string values with the option's type, like flags
 

@@ -135,7 +135,7 @@ def integrate_student(demo: DemoArguments, strategy: str, teachers: list, unlabe
 
     out = Path(demo.output_dir)
     settings = dict(strategy=strategy, margin_reweighting=False, mc_samples=demo.mc_samples, max_length=demo.max_length,
-                    num_train_epochs=demo.num_train_epochs, teacher_signals="cached",
+                    num_train_epochs=demo.num_train_epochs, signal_source="cached",
                     signal_cache_dir=str(out / "signal_cache"), logging_steps=25, **_common(demo))
     settings.update(options)
     name = settings.pop("run_name", strategy)

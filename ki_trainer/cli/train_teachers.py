@@ -36,7 +36,9 @@ from ..console import hide_progress_bars, phase, quiet_model_loading
 from ..data import cap_per_class, filter_by_labels, label_maps, load_debian_sections, partition_labels
 from ..launch import check_launch, output_dir_lock
 from ..pretrained import resolve_model
+from ..pretrained.resolve import hub_id_of
 from .arguments import CommandParser, is_help_all
+from .errors import CommandError, check_model_path
 
 DESCRIPTION = """\
 Fine-tune one teacher classifier per disjoint subset of the debian_sections20 classes (the experts
@@ -69,6 +71,12 @@ class TeacherTrainingArguments:
     language: str = field(default="en", metadata={"help": "Text language ('en' or a DDTP code such as 'de')."})
     data_path: Optional[str] = field(default=None, metadata={"help": "Data file; default: the copy shipped with the package."})
     overwrite_teachers: bool = field(default=False, metadata={"help": "Retrain teachers that already exist."})
+    keep_checkpoints: bool = field(
+        default=False,
+        metadata={"help": "Save the Trainer's checkpoints (optimizer state included: ~3x a teacher's size each) under "
+                  "<output_dir>/checkpoints/teacher_<i> as --save_strategy says. Default: only finished teachers "
+                  "(and their model cards) are written."},
+    )
 
 
 ScriptArguments = TeacherTrainingArguments  # the name examples/train_teachers.py used
@@ -145,9 +153,22 @@ def train_and_evaluate_teacher(
     args: TrainingArguments,
     teacher_dir: Path,
     train: bool,
+    keep_checkpoints: bool = False,
+    card: Optional[dict[str, Any]] = None,
 ) -> float:
-    """Fine-tune a teacher from `model_path` into `teacher_dir` (if `train`), then return its val accuracy."""
-    run_args = dataclasses.replace(args, output_dir=str(teacher_dir.parent / "checkpoints" / teacher_dir.name))
+    """Fine-tune a teacher from `model_path` into `teacher_dir` (if `train`), then return its val accuracy.
+
+    A trained teacher is evaluated before it is saved, so its model card (``README.md``, written by
+    transformers' ``TrainingSummary`` with ``card`` as its arguments) carries its validation accuracy.
+    Without ``keep_checkpoints`` no Trainer checkpoint is written.
+    """
+    checkpoints = teacher_dir.parent / "checkpoints" / teacher_dir.name
+    overrides: dict[str, Any] = {"output_dir": str(checkpoints)}
+    if not keep_checkpoints:
+        overrides["save_strategy"] = "no"
+        if args.load_best_model_at_end:
+            overrides["load_best_model_at_end"] = False  # it needs checkpoints; the last weights are kept
+    run_args = dataclasses.replace(args, **overrides)
     id2label, label2id = label_maps(labels)
     set_seed(args.seed)
     with quiet_model_loading():  # a teacher built from an encoder has a new head: expected, no table
@@ -166,15 +187,27 @@ def train_and_evaluate_teacher(
         processing_class=tokenizer,
         compute_metrics=compute_accuracy,
     )
-    if train:
-        trainer.train()
-        partial = teacher_dir.with_name(teacher_dir.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        with quiet_model_loading():
-            trainer.save_model(str(partial))  # model + tokenizer; renamed once complete: the cache never sees half
-        shutil.rmtree(teacher_dir, ignore_errors=True)
-        partial.rename(teacher_dir)
-    return trainer.evaluate()["eval_accuracy"]
+    if not train:
+        return trainer.evaluate()["eval_accuracy"]
+    trainer.train()
+    accuracy = trainer.evaluate()["eval_accuracy"]
+    partial = teacher_dir.with_name(teacher_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    with quiet_model_loading():
+        trainer.save_model(str(partial))  # model + tokenizer; renamed once complete: the cache never sees half
+    if trainer.is_world_process_zero():
+        from transformers.modelcard import TrainingSummary
+
+        summary = TrainingSummary.from_trainer(trainer, model_name=teacher_dir.name, tasks="text-classification",
+                                               **(card or {}))
+        (partial / "README.md").write_text(summary.to_model_card(), encoding="utf-8")
+    shutil.rmtree(teacher_dir, ignore_errors=True)
+    partial.rename(teacher_dir)
+    if not keep_checkpoints and checkpoints.is_dir() and not any(checkpoints.iterdir()):
+        checkpoints.rmdir()
+        if not any(checkpoints.parent.iterdir()):
+            checkpoints.parent.rmdir()
+    return accuracy
 
 
 def build_parser(full_help: bool = False, prog: str = "ki-trainer train-teachers") -> CommandParser:
@@ -200,8 +233,15 @@ def run(script_args: TeacherTrainingArguments, training_args: TrainingArguments)
     if training_args.dataloader_pin_memory and training_args.device.type == "cpu":
         training_args.dataloader_pin_memory = False  # nothing to pin on CPU (and torch warns about it)
     model_path = str(resolve_model(script_args.model_name_or_path))
+    check_model_path("--model_name_or_path", model_path)
     data = load_debian_sections(script_args.data_path, language=script_args.language)
-    subsets = partition_labels(data["train"]["label"], script_args.split_spec, seed=script_args.split_seed)
+    try:
+        subsets = partition_labels(data["train"]["label"], script_args.split_spec, seed=script_args.split_seed)
+    except ValueError as error:
+        sections = len(set(data["train"]["label"]))
+        grids = ", ".join(f"{n}x{sections // n}" for n in range(2, sections // 2 + 1) if sections % n == 0)
+        raise CommandError(f"--split_spec {script_args.split_spec!r}: {error} Every one of the {sections} labels needs "
+                           f"exactly one teacher: use {grids}, 'random:NxK' or a JSON list of label lists.") from None
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     output_dir = Path(training_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -211,6 +251,11 @@ def run(script_args: TeacherTrainingArguments, training_args: TrainingArguments)
         "max_length": script_args.max_length,
         "max_train_per_class": script_args.max_train_per_class,
     }
+    base_hub_id = hub_id_of(model_path) or (script_args.model_name_or_path if not Path(
+        script_args.model_name_or_path).exists() else None)
+    data_name = "debian_sections20" if script_args.data_path is None else Path(script_args.data_path).name
+    card = {"finetuned_from": base_hub_id, "dataset": data_name, "dataset_tags": data_name,
+            "tags": ["ki-trainer", "ki-trainer-teacher"]}  # dataset_tags: transformers' model-index needs them
     main_process = training_args.process_index == 0
     with output_dir_lock(str(output_dir), is_main_process=main_process):
         previous = previous_records(output_dir / "teachers.json", settings)
@@ -226,7 +271,8 @@ def run(script_args: TeacherTrainingArguments, training_args: TrainingArguments)
                     splits = teacher_splits(data, labels, script_args.max_train_per_class, training_args.seed)
                     encoded = encode(splits, tokenizer, labels, script_args.max_length)
                     accuracy = train_and_evaluate_teacher(
-                        model_path, labels, encoded, tokenizer, training_args, teacher_dir, train=not cached
+                        model_path, labels, encoded, tokenizer, training_args, teacher_dir, train=not cached,
+                        keep_checkpoints=script_args.keep_checkpoints, card=card,
                     )
                 record = {
                     "path": teacher_dir.name,

@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel
 
-from ..teacher import ModelLike, Teacher, TokenizerLike
+from ..teacher import ModelLike, Teacher, TokenizerLike, load_trained_model
 
 
 class MaskedLMTeacher(Teacher):
@@ -42,7 +42,7 @@ class MaskedLMTeacher(Teacher):
         if isinstance(model, (str, os.PathLike)):
             source = str(model)
             tokenizer = source if tokenizer is None else tokenizer
-            model = AutoModelForMaskedLM.from_pretrained(source)
+            model = load_trained_model(AutoModelForMaskedLM, source, "masked-LM")
         elif isinstance(model, torch.nn.Module):
             source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
         else:

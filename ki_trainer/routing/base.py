@@ -99,7 +99,7 @@ class Router:
         if self.needs_fit and not self.fitted and not fitting:
             raise RuntimeError(
                 f"Router {self.name!r} is transductive: fit it on the unlabeled pool first "
-                "(KnowledgeIntegrationTrainer.fit_router(), called by train() with teacher_signals='cached')."
+                "(KnowledgeIntegrationTrainer.fit_router(), called by train() with signal_source='cached')."
             )
 
     def __repr__(self) -> str:

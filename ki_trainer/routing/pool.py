@@ -69,30 +69,35 @@ def _features(signals: TeacherSignals) -> list[torch.Tensor]:
     return [f.float() for f in signals.features]
 
 
-def _zscore_fit(scores: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"mean": scores.mean(0), "std": scores.std(0, unbiased=False).clamp_min(1e-6)}
-
-
-def _zscore(scores: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tensor:
-    return (scores - stats["mean"].to(scores.device)) / stats["std"].to(scores.device)
+# The z-score is written once, in routing/standardization.py (certainty_normalization uses it too).
+from .standardization import zscore as _zscore  # noqa: E402
+from .standardization import zscore_fit as _zscore_fit  # noqa: E402
 
 
 def _probabilities(z: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.softmax(z / temperature, dim=1)
 
 
+TIE_TOLERANCE = 1e-6  # router scores are probabilities or certainties in [0, 1]
+
+
 def confident_rows(scores: torch.Tensor, share: float) -> torch.Tensor:
     """A boolean mask of the rows each teacher wins with the largest margins: the top ``share`` of the
-    rows routed to each teacher (class-balanced, so a teacher that wins few rows still gets examples)."""
+    rows routed to each teacher (class-balanced, so a teacher that wins few rows still gets examples).
+
+    A row whose two best scores tie (within ``TIE_TOLERANCE``) is won by no teacher: ``argmax`` would hand
+    it to the teacher listed first, so the result would depend on the order of the teachers."""
     route = scores.argmax(1)
+    won = torch.ones_like(route, dtype=torch.bool)
     if scores.shape[1] > 1:
         top2 = scores.topk(2, dim=1).values
         margin = top2[:, 0] - top2[:, 1]
+        won = margin > TIE_TOLERANCE
     else:
         margin = scores[:, 0]
     keep = torch.zeros_like(route, dtype=torch.bool)
     for t in range(scores.shape[1]):
-        mine = route == t
+        mine = (route == t) & won
         if mine.any():
             cut = torch.quantile(margin[mine], 1.0 - share)
             keep |= mine & (margin >= cut)
@@ -497,6 +502,9 @@ class SelfTrainingRouter(_TransductiveRouter):
         weight = bias = None
         for _ in range(int(self.options["rounds"])):
             keep = confident_rows(scores, float(self.options["share"]))
+            if not keep.any():  # every row a tie: no teacher is preferred anywhere (uniform routing)
+                weight, bias = torch.zeros(x.shape[1], num_teachers), torch.zeros(num_teachers)
+                break
             weight, bias = self._train(x[keep], scores[keep].argmax(1), num_teachers)
             with torch.no_grad():
                 scores = torch.softmax(x @ weight + bias + shift, dim=1)

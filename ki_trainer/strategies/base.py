@@ -87,7 +87,7 @@ class IntegrationStrategy:
     #: the router (competence estimator) whose scores fill ``signals.certainty`` when the config names
     #: none; ``None`` for strategies that do not select teachers by competence.
     default_router: ClassVar[Optional[str]] = None
-    #: the default router when the teacher signals are cached (``teacher_signals="cached"``), where a
+    #: the default router when the teacher signals are cached (``signal_source="cached"``), where a
     #: transductive router can be fitted on the whole unlabeled pool first; ``None``: ``default_router``.
     cached_default_router: ClassVar[Optional[str]] = None
 

@@ -1,0 +1,127 @@
+"""Fitting the scoring before any training or evaluation step: what the teachers' signals must carry, a
+transductive router fitted on the unlabeled pool (label-free, from cached signals), and its saved state.
+
+The trainer calls these in the set-up of ``train()`` / ``evaluate()`` / ``predict()``; a step only scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from transformers.utils import logging
+
+from ..strategies import TeacherSignals
+from .base import Router
+from .standardization import certainty_statistics, standardize
+
+logger = logging.get_logger(__name__)
+
+ROUTER_STATE_FILE = "router_state.pt"
+
+
+@dataclasses.dataclass(frozen=True)
+class SignalNeeds:
+    """What a run reads from the teachers: which certainty (``"mc"``, ``"deterministic"`` or ``None``) and whether
+    pooled features."""
+
+    certainty_source: Optional[str]
+    features: bool = False
+
+    @property
+    def mc(self) -> bool:
+        """Whether Monte-Carlo statistics are read (K dropout passes per teacher and row)."""
+        return self.certainty_source == "mc"
+
+
+def signal_needs(strategy, router: Optional[Router]) -> SignalNeeds:
+    """The strategy's certainty without a router; with one, MC when the router reads MC statistics (else the
+    deterministic certainty), and pooled features when it reads them."""
+    if router is None:
+        return SignalNeeds(strategy.certainty_source, False)
+    return SignalNeeds("mc" if "mc" in router.requires else "deterministic", "features" in router.requires)
+
+
+def score(router: Optional[Router], signals: TeacherSignals) -> TeacherSignals:
+    """``signals`` with ``certainty`` replaced by the router's competence scores (unchanged without a router)."""
+    if router is None:
+        return signals
+    return dataclasses.replace(signals, certainty=router.score(signals).to(signals.logits[0].device))
+
+
+def fit_on_pool(router: Router, cache, ids: Sequence[str], certainty_source: Optional[str],
+                limit: Optional[int] = None, seed: int = 0) -> int:
+    """Fit ``router`` on the cached signals of the pool rows ``ids`` (never text, ids or gold labels reach it);
+    at most ``limit`` rows, a seeded random subset. Returns the number of rows it was fitted on."""
+    ids = list(ids)
+    if limit is not None and len(ids) > limit:  # a seeded random subset (ids only: no text, no label)
+        chosen = np.random.default_rng(seed).choice(len(ids), size=limit, replace=False)
+        ids = [ids[i] for i in sorted(chosen.tolist())]
+    router.fit(cache.lookup(ids, certainty_source))
+    return len(ids)
+
+
+def save_router_state(router: Optional[Router], directory: str) -> None:
+    """Write a fitted transductive router's state to ``<directory>/router_state.pt`` (atomically)."""
+    if router is None or not router.needs_fit or not router.fitted:
+        return
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, ROUTER_STATE_FILE)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    torch.save(router.state_dict(), tmp)
+    os.replace(tmp, path)
+
+
+def load_router_state(router: Optional[Router], directory: str) -> Optional[str]:
+    """Load a transductive router's fitted state from ``directory``; returns the file read (``None``: none)."""
+    path = os.path.join(directory, ROUTER_STATE_FILE)
+    if router is None or not router.needs_fit or not os.path.isfile(path):
+        return None
+    router.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    logger.info(f"Router {router.name!r}: fitted state loaded from {path}.")
+    return path
+
+
+class Scoring:
+    """How a batch's teacher signals become the certainty the strategy reads: the router's competence scores (when
+    a router is configured), then ``certainty_normalization``. Fitted in the set-up (the router on the unlabeled
+    pool, the statistics on the training rows' scores), applied per batch."""
+
+    def __init__(self, router: Optional[Router], normalization: str = "none") -> None:
+        self.router = router
+        self.normalization = normalization
+        self.statistics: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # per-teacher mean, std
+
+    def __call__(self, signals: TeacherSignals) -> TeacherSignals:
+        return self.standardize(self.route(signals))
+
+    def route(self, signals: TeacherSignals) -> TeacherSignals:
+        return score(self.router, signals)
+
+    def standardize(self, signals: TeacherSignals) -> TeacherSignals:
+        return signals if self.normalization == "none" else standardize(signals, self.statistics)
+
+    @property
+    def router_unfitted(self) -> bool:
+        return self.router is not None and self.router.needs_fit and not self.router.fitted
+
+    def fit_router(self, cache, ids: Sequence[str], certainty_source: Optional[str], limit: Optional[int] = None,
+                   seed: int = 0) -> int:
+        """Fit the (transductive) router on the pool rows ``ids``; the statistics then follow the new scores."""
+        rows = fit_on_pool(self.router, cache, ids, certainty_source, limit, seed)
+        self.statistics = None
+        return rows
+
+    def fit_statistics(self, cache, ids: Sequence[str], certainty_source: Optional[str]) -> bool:
+        """Per-teacher mean and std of the router's (or strategy's) scores over the cached rows ``ids`` (nothing
+        to fit without normalization or certainty). Returns whether statistics were fitted."""
+        if self.normalization == "none" or certainty_source is None:
+            return False
+        self.statistics = certainty_statistics(self.route(cache.lookup(ids, certainty_source)).certainty)
+        mean, std = self.statistics
+        logger.info(f"Certainty standardization ({self.router.name if self.router else certainty_source}): mean "
+                    f"{mean.tolist()}, std {std.tolist()} over {len(ids)} training rows.")
+        return True
