@@ -91,9 +91,9 @@ CONFIGS = {
                 "fresh": dict(init="fresh", layers=4)},
         trained=[["merge_distill", "e5_all"], ["plain_mlm", "e5_all"]],
         extra_trained=[],
-        student="merge_distill:e5_all",
+        student="merge_distill:e5_all", student_rows=400, student_max_length=48,
         epochs=1, batch=16, lr=5e-5, alpha=0.5, top_k=8, eval_groups=4, seed=0, freeze_word_embeddings=True,
-        probe=dict(pool_per_class=20, train_per_class=15, test_per_class=15, max_length=64, seeds=[0, 1, 2], l2=1e-3),
+        probe=dict(pool_per_class=12, train_per_class=10, test_per_class=10, max_length=48, seeds=[0, 1, 2], l2=1e-3),
     ),
     "smoke": dict(
         languages={"en": MINILM, "it": E5},
@@ -273,7 +273,8 @@ def train_teacher_head(model, tokenizer, texts, cfg: dict, columns: torch.Tensor
         frequency = torch.ones(len(columns))
         for batch in batches:
             frequency += torch.bincount(batch[3], minlength=len(columns)).float()
-        head.bias[columns] = torch.log(frequency / frequency.sum()).to(head.bias.dtype)
+        head.bias.fill_(float(torch.log(1.0 / frequency.sum())))  # tokens never seen in the text: an unseen token's
+        head.bias[columns] = torch.log(frequency / frequency.sum()).to(head.bias.dtype)  # (add-one) frequency
     params = [*head.transform.parameters(), head.bias]
     for layer in layers[bottom:]:
         layer.requires_grad_(True)
@@ -455,9 +456,10 @@ def train_student(variant: str, start: str, cfg: dict, text, teachers, vocabular
     student = build_start(cfg, start, vocabulary, teachers, seed)
     rows = [r for lang in cfg["languages"] for r in text[lang]["train"]]
     random.Random(seed).shuffle(rows)
+    rows = rows[: cfg.get("student_rows") or len(rows)]
     args = MergeDistillConfig(
         output_dir=str(directory), report_to="none", use_cpu=not torch.cuda.is_available(), seed=seed,
-        alpha=cfg["alpha"] if distill else 0.0, top_k=cfg["top_k"], max_length=cfg["max_length"],
+        alpha=cfg["alpha"] if distill else 0.0, top_k=cfg["top_k"], max_length=cfg.get("student_max_length", cfg["max_length"]),
         teacher_output="student_vocabulary", output_vocabulary="training_text",
         freeze_word_embeddings=cfg["freeze_word_embeddings"],
         teacher_signals="cached" if distill else "on_the_fly", static_masking=False,
