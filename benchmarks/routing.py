@@ -170,6 +170,10 @@ def student_job(args, cfg, data, blocks, method: str, seed: int, out: Optional[P
             config = dict(strategy="vanilla_kd")
         else:
             config = dict(strategy="muki", router=router)  # named explicitly: the cached default is not MUKI's
+            if "[" in router:  # 'ROUTER[key=value]' (e.g. relative_mahalanobis[shares=equal]): router_options
+                name, _, options = router.partition("[")
+                config["router"] = name
+                config["router_options"] = dict(item.split("=", 1) for item in options.rstrip("]").split(","))
         config["student_init"] = init or "pretrained"
         set_seed(seed)  # the trainer builds the student's new head before Trainer seeds anything
         trainer = common.ki_trainer_for(
