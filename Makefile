@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1
 
-.PHONY: install models demo test test-launch docs bench-quality clean
+.PHONY: install models demo test test-launch docs docs-screenshots bench-quality clean
 
 $(VENV)/.installed: setup.cfg setup.py
 	$(PYTHON_BASE) -m venv $(VENV)
@@ -32,8 +32,13 @@ test: install docs
 test-launch: install
 	$(OFFLINE) $(PY) -m pytest tests -q -m launch
 
+# NO_MKDOCS_2_WARNING: Material for MkDocs prints a notice about its end of life (May 2027) on every build.
 docs: install
-	$(OFFLINE) $(PY) -m mkdocs build --strict --quiet
+	$(OFFLINE) NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
+
+# The site in a real browser: headless Chromium (Debian: apt-get install chromium) screenshots and DOM checks.
+docs-screenshots: docs
+	$(PY) scripts/docs_screenshots.py
 
 demo: models
 	$(OFFLINE) OMP_NUM_THREADS=2 $(PY) examples/demo.py

@@ -114,7 +114,7 @@ def plot_routing_report(report: dict[str, Any], path: Union[str, Path]) -> Path:
     counts = np.array([[report["routed"][label][t] for t in teachers] for label in labels], dtype=float)
     shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     has_accuracy = "accuracy" in report
-    height = max(3.0, 0.28 * len(labels) + 1.2)
+    height = max(3.8, 0.28 * len(labels) + 1.6)
     fig, axes = plt.subplots(1, 3 if has_accuracy else 2, figsize=(15 if has_accuracy else 11, height),
                              gridspec_kw={"width_ratios": [2.2, 1, 1][: 3 if has_accuracy else 2]})
     ax = axes[0]
@@ -129,8 +129,8 @@ def plot_routing_report(report: dict[str, Any], path: Union[str, Path]) -> Path:
     ax.set_yticks(rows, names, fontsize=8)
     ax.set_xlim(0, 1)
     ax.set_xlabel(f"share of rows routed to each teacher (rows grouped by {report['grouped_by']}; [owner])")
-    ax.legend(loc="lower right", fontsize=8, title="teacher")
-    ax.set_title("Which teacher the router chose, per label")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(len(teachers), 5), fontsize=8, frameon=False)
+    ax.set_title("Which teacher the router chose, per label", pad=22)
     ax = axes[1]
     margins = report["margins"]
     if margins["counts"]:
@@ -144,8 +144,10 @@ def plot_routing_report(report: dict[str, Any], path: Union[str, Path]) -> Path:
     if has_accuracy:
         ax = axes[2]
         accuracy = {k: v for k, v in report["accuracy"].items() if k != "labelled_rows"}
+        short = {"student": "student", "routed teacher ensemble": "routed\nteachers",
+                 "routing (to an owner of the gold label)": "routing\n(to an owner)"}
         bars = ax.bar(range(len(accuracy)), list(accuracy.values()), color=["C0", "C2", "C1"][: len(accuracy)])
-        ax.set_xticks(range(len(accuracy)), [k.replace(" (", "\n(") for k in accuracy], fontsize=8)
+        ax.set_xticks(range(len(accuracy)), [short.get(k, k) for k in accuracy], fontsize=8)
         ax.bar_label(bars, fmt="%.3f", fontsize=8)
         ax.set_ylim(0, 1)
         ax.set_title(f"Accuracy on {report['accuracy']['labelled_rows']} labelled rows")

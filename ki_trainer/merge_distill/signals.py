@@ -14,15 +14,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
+import uuid
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
 from ..collator import tokenizer_fingerprint
-from ..signal_cache import StaleSignalCacheError, hash_state_dict, hash_tensor, text_hash
+from ..signal_cache import CorruptSignalCacheError, StaleSignalCacheError, hash_state_dict, hash_tensor, text_hash
 
 CACHE_FORMAT_VERSION = 1
+# A precompute writes its new rows as a shard next to the cache every FLUSH_ROWS rows or FLUSH_SECONDS seconds
+# (temporary name, then rename): a kill loses at most those, and the next run computes only the rest.
+FLUSH_ROWS = 4096
+FLUSH_SECONDS = 120.0
 
 
 def masked_lm_logits(
@@ -164,7 +170,13 @@ def topk_fingerprint(teachers, id_maps: Sequence[torch.Tensor], settings: dict) 
 
 
 class TopKSignalCache:
-    """Top-k signals of every example, flat: row ``r`` owns positions ``offsets[r]:offsets[r+1]``."""
+    """Top-k signals of every example, flat: row ``r`` owns positions ``offsets[r]:offsets[r+1]``.
+
+    Bound to a ``path``, it writes the rows added since the last write as a shard in ``<path>.shards/`` every
+    ``FLUSH_ROWS`` rows or ``FLUSH_SECONDS`` seconds; :meth:`open` reads the main file and every shard, and
+    :meth:`save` merges them into the main file. Every file carries a checksum of its rows: a file changed or
+    cut off after writing is a :class:`~ki_trainer.signal_cache.CorruptSignalCacheError` naming it.
+    """
 
     def __init__(self, fingerprint: str, k: int, path: Optional[str] = None) -> None:
         self.fingerprint = fingerprint
@@ -178,6 +190,9 @@ class TopKSignalCache:
         self.ids = torch.zeros((0, k), dtype=torch.int32)
         self.probs = torch.zeros((0, k), dtype=torch.float16)
         self.offsets = torch.zeros(1, dtype=torch.long)
+        self._pending = 0  # rows added since the last shard
+        self._last_flush = time.monotonic()
+        self._shards: list[str] = []  # shard files read or written, removed once merged into the main file
 
     def __len__(self) -> int:
         return len(self.index)
@@ -209,6 +224,9 @@ class TopKSignalCache:
         self.counts.extend(int(c) for c in counts)
         self._ids.append(signal.ids.to(torch.int32).cpu())
         self._probs.append(signal.probs.to(torch.float16).cpu())
+        self._pending += len(example_ids)
+        if self.path is not None and (self._pending >= FLUSH_ROWS or time.monotonic() - self._last_flush >= FLUSH_SECONDS):
+            self.flush()
 
     def finalize(self) -> "TopKSignalCache":
         if self._ids:
@@ -244,36 +262,82 @@ class TopKSignalCache:
         return TopKSignal(ids, probs, probs.sum(dim=-1))
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path: Optional[str] = None) -> str:
-        path = path or self.path
-        if path is None:
-            raise ValueError("No path to save the signal cache to.")
+    def _payload(self, first_row: int = 0) -> dict:
+        """Rows ``first_row:`` as a file payload, with their checksum."""
         self.finalize()
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        start = int(self.offsets[first_row])
         payload = {
             "version": CACHE_FORMAT_VERSION,
             "fingerprint": self.fingerprint,
             "k": self.k,
-            "ids_list": list(self.index),
-            "text_hashes": self.text_hashes,
-            "counts": self.counts,
-            "ids": self.ids,
-            "probs": self.probs,
+            "ids_list": list(self.index)[first_row:],
+            "text_hashes": self.text_hashes[first_row:],
+            "counts": self.counts[first_row:],
+            "ids": self.ids[start:].clone(),
+            "probs": self.probs[start:].clone(),
         }
+        payload["checksum"] = _checksum(payload)
+        return payload
+
+    @staticmethod
+    def _write(payload: dict, path: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
         torch.save(payload, tmp)
-        os.replace(tmp, path)  # atomic: an interrupted save never leaves a half cache
+        os.replace(tmp, path)  # atomic: an interrupted save never leaves a half file
+
+    def flush(self) -> Optional[str]:
+        """Write the rows added since the last flush as a shard of ``path`` (``None`` when there are none)."""
+        if self.path is None or not self._pending:
+            return None
+        shard = os.path.join(f"{self.path}.shards", f"{os.getpid()}-{uuid.uuid4().hex[:12]}.pt")
+        self._write(self._payload(len(self.index) - self._pending), shard)
+        self._shards.append(shard)
+        self._pending, self._last_flush = 0, time.monotonic()
+        return shard
+
+    def save(self, path: Optional[str] = None) -> str:
+        path = path or self.path
+        if path is None:
+            raise ValueError("No path to save the signal cache to.")
+        self._write(self._payload(), path)
+        self._pending = 0
+        if path == self.path:  # the shards are in the main file now
+            for shard in self._shards:
+                try:
+                    os.remove(shard)
+                except FileNotFoundError:
+                    pass
+            self._shards = []
+            try:
+                os.rmdir(f"{path}.shards")
+            except OSError:
+                pass
         return path
 
     @classmethod
+    def open(cls, path: str, fingerprint: str, k: int) -> "TopKSignalCache":
+        """The cache at ``path``: its main file (if any) and the shards of earlier, interrupted precomputes."""
+        cache = cls.load(path, fingerprint, k) if os.path.exists(path) else cls(fingerprint, k, path)
+        directory = f"{path}.shards"
+        names = sorted(n for n in os.listdir(directory) if n.endswith(".pt")) if os.path.isdir(directory) else []
+        for name in names:
+            shard = os.path.join(directory, name)
+            payload = _read(shard, fingerprint, k)
+            offsets = [0, *torch.tensor(payload["counts"], dtype=torch.long).cumsum(0).tolist()]
+            rows = [r for r, example_id in enumerate(payload["ids_list"]) if example_id not in cache.index]
+            for r in rows:  # the first file read wins an id computed twice
+                cache.index[payload["ids_list"][r]] = len(cache.index)
+                cache.text_hashes.append(payload["text_hashes"][r])
+                cache.counts.append(payload["counts"][r])
+                cache._ids.append(payload["ids"][offsets[r] : offsets[r + 1]])
+                cache._probs.append(payload["probs"][offsets[r] : offsets[r + 1]])
+            cache._shards.append(shard)
+        return cache.finalize()
+
+    @classmethod
     def load(cls, path: str, fingerprint: str, k: int) -> "TopKSignalCache":
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        if payload.get("version") != CACHE_FORMAT_VERSION or payload.get("fingerprint") != fingerprint or payload.get("k") != k:
-            raise StaleSignalCacheError(
-                f"Top-k signal cache {path} was computed for other teachers or settings "
-                f"(fingerprint {payload.get('fingerprint')!r}, expected {fingerprint!r}). Delete it or point "
-                "signal_cache_dir elsewhere."
-            )
+        payload = _read(path, fingerprint, k)
         cache = cls(fingerprint, k, path)
         cache.index = {example_id: i for i, example_id in enumerate(payload["ids_list"])}
         cache.text_hashes = list(payload["text_hashes"])
@@ -283,3 +347,47 @@ class TopKSignalCache:
 
     def nbytes(self) -> int:
         return self.ids.numel() * self.ids.element_size() + self.probs.numel() * self.probs.element_size()
+
+
+def _checksum(payload: dict) -> str:
+    hasher = hashlib.sha256()
+    hasher.update(json.dumps([payload["ids_list"], payload["text_hashes"], payload["counts"]]).encode())
+    for key in ("ids", "probs"):
+        tensor = payload[key].contiguous()
+        hasher.update(f"{key}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
+        hasher.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return hasher.hexdigest()
+
+
+def _read(path: str, fingerprint: str, k: int) -> dict:
+    """A top-k cache file's payload, checked: readable, of these teachers and settings, consistent, unchanged."""
+    def corrupt(why: str) -> CorruptSignalCacheError:
+        return CorruptSignalCacheError(
+            f"Top-k signal cache file {path} is corrupt ({why}). It holds only cached teacher signals: delete it and "
+            "they are recomputed."
+        )
+
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # cut off, not a torch file, damaged zip ...
+        raise corrupt(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'unreadable'}") from None
+    if not isinstance(payload, dict):
+        raise corrupt(f"it holds a {type(payload).__name__}, not a cache")
+    if payload.get("version") != CACHE_FORMAT_VERSION or payload.get("fingerprint") != fingerprint or payload.get("k") != k:
+        raise StaleSignalCacheError(
+            f"Top-k signal cache {path} was computed for other teachers or settings "
+            f"(fingerprint {payload.get('fingerprint')!r}, expected {fingerprint!r}). Delete it or point "
+            "signal_cache_dir elsewhere."
+        )
+    try:
+        rows, positions = len(payload["ids_list"]), int(sum(payload["counts"]))
+        consistent = (len(payload["text_hashes"]) == rows == len(payload["counts"])
+                      and tuple(payload["ids"].shape) == (positions, k) == tuple(payload["probs"].shape))
+    except (KeyError, TypeError, AttributeError) as error:
+        raise corrupt(f"missing or malformed field: {error}") from None
+    if not consistent:
+        raise corrupt(f"{rows} rows and {positions} positions, but tensors of {tuple(payload['ids'].shape)} and "
+                      f"{tuple(payload['probs'].shape)}")
+    if "checksum" in payload and payload["checksum"] != _checksum(payload):  # files before the checksum have none
+        raise corrupt("its rows do not match their checksum: changed after writing")
+    return payload

@@ -19,6 +19,7 @@ from ..signal_cache import column_names, column_values
 from ..teacher import model_position_limit
 from .collator import EXAMPLE_IDS_KEY, TEACHER_BATCHES_KEY, MergeDistillCollator
 from .config import MergeDistillConfig
+from .guards import RunGuards
 from .model_card import MERGE_DISTILL_TAGS, merge_distill_section
 from .signals import TopKSignal, TopKSignalCache, masked_lm_logits, merge_distill_loss, topk_fingerprint, topk_to_student
 from .teacher import MaskedLMTeacher
@@ -27,7 +28,7 @@ from .vocabulary import StudentVocabulary
 logger = logging.getLogger(__name__)
 
 
-class MergeDistillTrainer(Trainer):
+class MergeDistillTrainer(RunGuards, Trainer):
     """Trainer for MergeDistill.
 
     Args:
@@ -282,10 +283,7 @@ class MergeDistillTrainer(Trainer):
         fingerprint = self.signal_fingerprint()
         directory = self.args.signal_cache_dir or os.path.join(self.args.output_dir, "teacher_signals")
         path = os.path.join(directory, f"{fingerprint}.pt")
-        cache = (
-            TopKSignalCache.load(path, fingerprint, self.args.top_k) if os.path.exists(path)
-            else TopKSignalCache(fingerprint, self.args.top_k, path)
-        )
+        cache = TopKSignalCache.open(path, fingerprint, self.args.top_k)  # main file + shards of a killed precompute
         collator = self.data_collator
         static, emit = collator.static_masking, collator.emit_ids
         collator.static_masking, collator.emit_ids = True, True
@@ -301,8 +299,8 @@ class MergeDistillTrainer(Trainer):
                 cache.add(batch[EXAMPLE_IDS_KEY], [r[self.args.text_column] for r in chunk], (labels != -100).sum(1).tolist(), signal)
         finally:
             collator.static_masking, collator.emit_ids = static, emit
-        if todo or not os.path.exists(path):
-            cache.save(path)
+        if todo or not os.path.exists(path) or os.path.isdir(path + ".shards"):
+            cache.save(path)  # merges the shards into the main file
         self.signal_cache = cache.finalize()
         logger.info("Top-k signal cache %s: %d rows (%d computed), %.1f MB", path, len(cache), len(todo), cache.nbytes() / 1e6)
         return cache

@@ -181,6 +181,12 @@ class StudentVocabulary:
                 if student_token not in index:
                     index[student_token] = len(tokens)
                     tokens.append(student_token)
+        if len(tokens) == len(SPECIAL_ROLES) and any(counts is not None for counts in token_counts):
+            raise ValueError(
+                f"min_count={min_count} keeps no token: no teacher token occurs {min_count} times in the counted text, "
+                "so the student vocabulary would hold only special tokens. Lower min_count (`vocabulary_min_count` of "
+                "ki-trainer merge-distill; 0 keeps every token) or count on more text."
+            )
         vocabulary = cls._mapped(tokens, tokenizers, names, token_counts)
         vocabulary.tokenizer = build_union_tokenizer(tokens)
         return vocabulary

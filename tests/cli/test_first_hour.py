@@ -101,16 +101,22 @@ def test_output_folder_has_the_hf_example_scripts_result_files(integrated: Path)
         assert all(all_results[key] == value for key, value in values.items()), name
 
 
-def test_card_usage_snippet_runs_as_written(integrated: Path, tmp_path: Path) -> None:
-    _, body = _card(integrated / "README.md")
+def _run_snippet(body: str, cwd: Path) -> str:
+    """Run the card's usage snippet as a user would paste it (another directory, offline); return the snippet."""
     snippet = body.split("## How to use", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
-    assert f'model="{integrated}"' in snippet  # the folder the model was saved to, not its base name
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, env=env,
+    result = subprocess.run([sys.executable, "-c", snippet], cwd=cwd, capture_output=True, text=True, env=env,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     predicted = eval(result.stdout.strip())  # noqa: S307 - the snippet prints pipeline's list of dicts
     assert predicted[0]["label"] in {label for split in TEACHER_SPLIT for label in split}
+    return snippet
+
+
+def test_card_usage_snippet_runs_as_written(integrated: Path, tmp_path: Path) -> None:
+    _, body = _card(integrated / "README.md")
+    snippet = _run_snippet(body, tmp_path)
+    assert f'model="{integrated}"' in snippet  # the folder the model was saved to, not its base name
 
 
 def test_card_snippet_names_the_hub_repo_when_pushing(tmp_path: Path, tokenizer, trained_teachers, unlabeled_train) -> None:
@@ -171,9 +177,12 @@ def test_missing_teacher_or_student_directory_is_named(disk_models: dict, tmp_pa
 
 
 def test_teachers_as_one_string_in_a_run_file(disk_models: dict, tmp_path: Path) -> None:
-    from ki_trainer.cli.integrate import teacher_specs
+    from ki_trainer.cli.integrate import build_parser, teacher_specs
 
-    assert [e["path"] for e in teacher_specs(str(disk_models["teacher_0"]))] == [str(disk_models["teacher_0"])]
+    run = tmp_path / "run.yaml"
+    run.write_text(f"teachers: {disk_models['teacher_0']}\noutput_dir: {tmp_path / 'o'}\n")
+    script, _ = build_parser().parse([str(run)])
+    assert [e["path"] for e in teacher_specs(script.teachers)] == [str(disk_models["teacher_0"])]  # not its characters
 
 
 def test_a_json_that_is_no_teachers_file(tmp_path: Path, capsys) -> None:
@@ -247,6 +256,7 @@ def test_lora_student_from_the_command_line(disk_models: dict, tmp_path: Path) -
     assert adapter["r"] == 4 and adapter["lora_alpha"] == 8 and sorted(adapter["target_modules"]) == ["key", "query"]
     meta, body = _card(out / "README.md")
     assert meta["library_name"] == "peft" and re.search(r"^- peft \d", body, re.M)  # peft used: its version listed
+    _run_snippet(body, tmp_path)  # the adapter's usage snippet runs as written too
     from ki_trainer.cli.errors import CommandError
     from ki_trainer.cli.integrate import build_parser, lora_config
 
@@ -366,3 +376,24 @@ def test_integrate_writes_a_routing_report_the_card_shows(integrated: Path, caps
     assert "routed most to" in out and f"student: {accuracy['student']:.4f}" in out
     assert (integrated / "routing_report.png").is_file()
     assert main(["report", str(integrated / "nowhere")]) == 2
+
+
+def test_routing_report_without_gold_labels_groups_by_the_students_prediction(
+        tmp_path: Path, tokenizer, trained_teachers, unlabeled_train) -> None:
+    from ki_trainer import KnowledgeIntegrationConfig, KnowledgeIntegrationTrainer, Teacher
+    from ki_trainer.report import routing_report
+
+    teachers = [Teacher(model, tokenizer=tok) for model, tok in trained_teachers]
+    args = KnowledgeIntegrationConfig(output_dir=str(tmp_path / "o"), report_to="none", use_cpu=True, max_length=16,
+                                      mc_samples=2, max_steps=1, per_device_train_batch_size=8, save_strategy="no")
+    trainer = KnowledgeIntegrationTrainer(model=tiny_bert(4, len(tokenizer), seed=3), args=args, teachers=teachers,
+                                          train_dataset=unlabeled_train, processing_class=tokenizer)
+    trainer.train()
+    report = routing_report(trainer, unlabeled_train.select(range(10)))
+    assert report["grouped_by"] == "student prediction" and "accuracy" not in report  # no labels: no accuracy
+    assert report["rows"] == 10 == sum(sum(routed.values()) for routed in report["routed"].values())
+    plain = KnowledgeIntegrationTrainer(
+        model=tiny_bert(4, len(tokenizer), seed=3), teachers=teachers, train_dataset=unlabeled_train,
+        args=KnowledgeIntegrationConfig(output_dir=str(tmp_path / "p"), strategy="vanilla_kd", report_to="none",
+                                        use_cpu=True, max_length=16), processing_class=tokenizer)
+    assert routing_report(plain, unlabeled_train) is None  # vanilla KD routes nothing: nothing to report

@@ -1,0 +1,63 @@
+"""The integrate path's run guards for :class:`~ki_trainer.merge_distill.MergeDistillTrainer`.
+
+* Every checkpoint records what run it belongs to (``ki_fingerprint.json``: the teachers' names, languages and
+  weight hashes, the student vocabulary, the distillation settings); a resume of another run's checkpoint is a
+  :class:`~ki_trainer.checkpoints.CheckpointMismatchError` listing what differs.
+* ``resume_from_checkpoint=True`` takes the newest COMPLETE checkpoint (a newer one cut off mid-save is skipped
+  with a warning); a longer run's checkpoint, which would train nothing, is refused.
+* One run at a time writes an ``output_dir`` (:func:`~ki_trainer.launch.output_dir_lock`).
+
+The same machinery as :mod:`ki_trainer.checkpoints` uses for knowledge integration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any, Optional
+
+from .. import checkpoints
+from ..launch import output_dir_lock
+
+# The settings that make two MergeDistill runs different runs (the optimiser's are the Trainer's business).
+RUN_SETTINGS = ("alpha", "kd_temperature", "top_k", "teacher_output", "mlm_probability", "static_masking",
+                "max_length", "teacher_signals", "output_vocabulary")
+
+
+class RunGuards:
+    """Mixin placed before ``transformers.Trainer``: fingerprinted checkpoints, checked resumes, an output_dir lock."""
+
+    _teacher_digests: Optional[list[str]] = None
+    _resume_guard: Optional[checkpoints.ResumeGuard] = None
+
+    def run_fingerprint(self) -> dict[str, Any]:
+        """What identifies this MergeDistill run in its checkpoints. Teacher weights are hashed once."""
+        if self._teacher_digests is None:
+            self._teacher_digests = [checkpoints.weights_digest(t.model) for t in self.teachers]
+        fields = {f.name for f in dataclasses.fields(self.args)}
+        tokens = json.dumps(list(getattr(self.vocabulary, "tokens", []) or []), ensure_ascii=False).encode()
+        return {
+            "teachers": [{"name": t.name, "languages": list(getattr(t, "languages", []) or []), "weights": digest}
+                         for t, digest in zip(self.teachers, self._teacher_digests)],
+            "language_teachers": dict(getattr(self, "language_teachers", {}) or {}),
+            "student_vocabulary": hashlib.sha256(tokens).hexdigest()[:20],
+            "settings": {name: getattr(self.args, name) for name in RUN_SETTINGS if name in fields},
+        }
+
+    def _save_checkpoint(self, model, trial) -> None:
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            checkpoints.write_fingerprint(folder, self.run_fingerprint())  # first: trainer_state.json marks "complete"
+        super()._save_checkpoint(model, trial)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        path = checkpoints.resolve_resume(resume_from_checkpoint, self.args.output_dir, self.run_fingerprint())
+        if self._resume_guard is None:
+            self._resume_guard = checkpoints.ResumeGuard()
+            self.add_callback(self._resume_guard)
+        self._resume_guard.checkpoint = path
+        # A second run writing the same output_dir while this one is alive is refused.
+        with output_dir_lock(self.args.output_dir, is_main_process=self.is_world_process_zero()):
+            return super().train(path, *args, **kwargs)

@@ -1,0 +1,154 @@
+"""Reliability round 3 (issue 24), MergeDistill: the top-k cache keeps its work and cannot lie, the vocabulary
+options say what they emptied, and training runs carry the integrate path's guards. Tiny untrained masked LMs."""
+
+import pytest
+import torch
+from conftest import build_tokenizer, make_rows
+from datasets import Dataset
+from transformers import BertConfig, BertForMaskedLM
+
+from ki_trainer.merge_distill import MaskedLMTeacher, MergeDistillConfig, MergeDistillTrainer, StudentVocabulary
+from ki_trainer.merge_distill import build_student
+from ki_trainer.signal_cache import CorruptSignalCacheError
+
+
+def tiny_mlm(vocab_size, seed):
+    torch.manual_seed(seed)
+    return BertForMaskedLM(BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=64, max_position_embeddings=64))
+
+
+@pytest.fixture
+def teachers():
+    tok = build_tokenizer()
+    return [MaskedLMTeacher(tiny_mlm(len(tok), 1), tok, languages=["en"], name="a"),
+            MaskedLMTeacher(tiny_mlm(len(tok), 2), tok, languages=["de"], name="b")]
+
+
+def rows(n=24):
+    return Dataset.from_list([{"id": f"r{i}", "text": r["text"], "language": "en" if i % 2 else "de"}
+                              for i, r in enumerate(make_rows(n // 4, seed=3))])
+
+
+def make_trainer(teachers, tmp_path, train=None, **config):
+    vocabulary = StudentVocabulary.union([t.tokenizer for t in teachers], [t.name for t in teachers])
+    student = build_student(vocabulary, teachers, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=64)
+    defaults = dict(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, per_device_train_batch_size=4,
+                    per_device_eval_batch_size=4, save_strategy="no", seed=0, teacher_signals="cached",
+                    signal_cache_dir=str(tmp_path / "cache"), max_steps=2, disable_tqdm=True)
+    defaults.update(config)
+    return MergeDistillTrainer(model=student, args=MergeDistillConfig(**defaults), teachers=teachers,
+                               vocabulary=vocabulary, train_dataset=train if train is not None else rows())
+
+
+# ---------------------------------------------------------------- the top-k cache
+def test_a_killed_top_k_precompute_keeps_its_flushed_rows(teachers, tmp_path, monkeypatch):
+    from ki_trainer.merge_distill import signals
+
+    monkeypatch.setattr(signals, "FLUSH_ROWS", 4)
+    first = make_trainer(teachers, tmp_path)
+    original, calls = first.teacher_signal, []
+
+    def dies_in_the_fourth_batch(*args, **kwargs):
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    first.teacher_signal = dies_in_the_fourth_batch
+    with pytest.raises(KeyboardInterrupt):
+        first.precompute_teacher_signals()
+    second = make_trainer(teachers, tmp_path)
+    original2, computed = second.teacher_signal, []
+    second.teacher_signal = lambda *a, **kw: (computed.append(1), original2(*a, **kw))[1]
+    cache = second.precompute_teacher_signals()
+    assert len(computed) == 6 - 3  # was 6: the whole cache was written only at the end
+    assert len(cache) == 24
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [f"{second.signal_fingerprint()}.pt"]
+
+
+def _payload_edit(path, change):
+    payload = torch.load(path, weights_only=True)
+    change(payload)
+    torch.save(payload, path)
+
+
+def test_a_changed_or_cut_off_top_k_cache_is_one_clear_error_naming_the_file(teachers, tmp_path):
+    make_trainer(teachers, tmp_path).precompute_teacher_signals()
+    path = next((tmp_path / "cache").iterdir())
+    saved = path.read_bytes()
+    _payload_edit(path, lambda p: p["probs"].mul_(0.5))  # altered probabilities, same shapes
+    with pytest.raises(CorruptSignalCacheError, match=rf"{path.name} is corrupt .*checksum"):
+        make_trainer(teachers, tmp_path).precompute_teacher_signals()
+    path.write_bytes(saved[: len(saved) // 2])  # cut off
+    with pytest.raises(CorruptSignalCacheError, match=rf"{path.name} is corrupt .*delete it"):
+        make_trainer(teachers, tmp_path).precompute_teacher_signals()
+    path.write_bytes(saved)
+    assert len(make_trainer(teachers, tmp_path).precompute_teacher_signals()) == 24
+
+
+# ---------------------------------------------------------------- the student vocabulary
+def test_a_vocabulary_min_count_that_keeps_no_token_names_the_option(teachers):
+    from ki_trainer.merge_distill.vocabulary import count_tokens
+
+    texts = [r["text"] for r in make_rows(2, seed=3)]
+    counts = [count_tokens(t.tokenizer, texts, 32) for t in teachers]
+    with pytest.raises(ValueError, match="min_count=1000 keeps no token.*vocabulary_min_count"):
+        StudentVocabulary.union([t.tokenizer for t in teachers], [t.name for t in teachers], counts, min_count=1000)
+
+
+# ---------------------------------------------------------------- training runs: fingerprint, lock, resume
+def checkpointed(teachers, tmp_path, **config):
+    return make_trainer(teachers, tmp_path, max_steps=4, save_strategy="steps", save_steps=2, teacher_signals="on_the_fly",
+                        **config)
+
+
+def weights(model):
+    return torch.cat([p.detach().flatten().float() for p in model.parameters()])
+
+
+def test_resuming_a_merge_distill_run_with_a_teacher_swapped_is_refused(teachers, tmp_path):
+    from ki_trainer.checkpoints import CheckpointMismatchError
+
+    checkpointed(teachers, tmp_path).train()
+    tok = teachers[1].tokenizer
+    swapped = [teachers[0], MaskedLMTeacher(tiny_mlm(len(tok), 7), tok, languages=["de"], name="b")]  # same name
+    with pytest.raises(CheckpointMismatchError, match="belongs to another run.*teachers"):
+        checkpointed(swapped, tmp_path).train(resume_from_checkpoint=True)  # was: continued silently
+
+
+def test_a_second_merge_distill_run_on_a_busy_output_dir_is_refused(teachers, tmp_path):
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    from ki_trainer.launch import LOCK_NAME, LaunchError
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # another live run ...
+    try:
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": other.pid}))
+        with pytest.raises(LaunchError, match="Another run is writing"):  # ... holds the directory
+            checkpointed(teachers, tmp_path).train()  # was: both "succeed" and mix checkpoints
+    finally:
+        other.kill()
+        other.wait()
+    checkpointed(teachers, tmp_path).train()  # its process is gone: the stale lock is taken over
+
+
+def test_a_merge_distill_checkpoint_cut_off_mid_save_falls_back_to_the_previous_one(teachers, tmp_path, caplog):
+    import logging
+    import os
+
+    full = checkpointed(teachers, tmp_path / "full", static_masking=True)
+    full.train()
+    checkpointed(teachers, tmp_path, static_masking=True).train()
+    os.remove(tmp_path / "out" / "checkpoint-4" / "trainer_state.json")  # killed while saving checkpoint-4
+    resumed = checkpointed(teachers, tmp_path, static_masking=True)
+    with caplog.at_level(logging.WARNING):
+        resumed.train(resume_from_checkpoint=True)  # was: torch/Trainer error on the incomplete folder
+    assert any("checkpoint-4" in r.getMessage() and "cut off" in r.getMessage() for r in caplog.records)
+    assert resumed.state.global_step == 4
+    torch.testing.assert_close(weights(resumed.model), weights(full.model))
