@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -50,6 +51,38 @@ def check_finite_fields(args) -> None:
         if math.isinf(value) and value > 0 and f.name in _INFINITY_ALLOWED:
             continue
         raise ValueError(f"{f.name} must be a finite number, got {value}.")
+
+
+_SCALAR_TYPES = {"int": (numbers.Integral,), "float": (numbers.Real,), "bool": (bool,)}
+
+
+def _scalar_annotation(annotation: Any) -> tuple[Optional[str], bool]:
+    """``("int" | "float" | "bool" | None, None allowed)`` for a dataclass field annotation (string or type)."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    text = text.replace("<class '", "").replace("'>", "").replace(" ", "")
+    optional = False
+    if text.startswith("Optional[") and text.endswith("]"):
+        text, optional = text[len("Optional["):-1], True
+    elif text.endswith("|None"):
+        text, optional = text[: -len("|None")], True
+    return (text if text in _SCALAR_TYPES else None), optional
+
+
+def check_field_types(args) -> None:
+    """Reject a number or boolean field given a value of another type: ``max_steps=True`` would run 1 step,
+    ``mc_samples=2.5`` fail deep in a forward, ``margin_reweighting="no"`` be true. Python does not check
+    dataclass annotations; ``HfArgumentParser`` converts command-line strings before they get here."""
+    for f in dataclasses.fields(args):
+        kind, _ = _scalar_annotation(f.type)
+        value = getattr(args, f.name, None)
+        # None is left to the fields' own checks: HfArgumentParser strips Optional[...] from the shared field
+        # objects, so whether a field allows None cannot be read reliably here.
+        if kind is None or value is None or value is f.default or not f.init:
+            continue
+        is_bool = isinstance(value, bool) or type(value).__name__ in ("bool", "bool_")  # numpy's too
+        if (is_bool != (kind == "bool")) or (kind != "bool" and not isinstance(value, _SCALAR_TYPES[kind])):
+            expected = {"int": "an integer", "float": "a number", "bool": "True or False"}[kind]
+            raise TypeError(f"{f.name} must be {expected}, got {type(value).__name__} {value!r}.")
 
 
 @dataclass
@@ -223,6 +256,7 @@ class KnowledgeIntegrationConfig(TrainingArguments):
                 raise ValueError(f"teacher_signals={self.teacher_signals!r} (the deprecated name of signal_source) "
                                  f"contradicts signal_source={self.signal_source!r}; set signal_source only.")
             self.signal_source, self.teacher_signals = self.teacher_signals, None
+        check_field_types(self)
         check_finite_fields(self)
         super().__post_init__()
         strategy = get_strategy(self.strategy)  # raises with the list of known strategies

@@ -90,9 +90,10 @@ class FiniteLossGuard:
     """Counts training steps with a NaN/inf loss on the device (no host sync per step); :meth:`check` raises
     :class:`NonFiniteLossError` when any happened since training began (one host sync)."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, what: str = "knowledge-integration") -> None:
         self.non_finite_steps = torch.zeros((), dtype=torch.long, device=device)
         self.checked_step = 0
+        self.what = what
 
     def record(self, loss: torch.Tensor) -> None:
         self.non_finite_steps += (~torch.isfinite(loss.detach())).long()
@@ -107,7 +108,7 @@ class FiniteLossGuard:
         if count:
             since = self.checked_step  # the flag stays set: later saves refuse too
             raise NonFiniteLossError(
-                f"The knowledge-integration loss was NaN/inf in {count} training step(s) between step {since} and "
+                f"The {self.what} loss was NaN/inf in {count} training step(s) between step {since} and "
                 f"{step} (found {when}); the student's weights are no longer trustworthy, so training stops and "
                 "nothing more is saved. Usual causes: teachers returning NaN/inf (keep check_teacher_outputs=True), "
                 "fp16 overflow (use bf16 or fp32), a too large learning_rate."

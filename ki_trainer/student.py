@@ -83,6 +83,13 @@ def adopt_union_labels(model: torch.nn.Module, label_space: LabelSpace) -> None:
             f"{label_space.num_labels}: {label_space.labels}. Build it with "
             f"num_labels={label_space.num_labels}, or pass a path/Hub id and let the trainer build it."
         )
+    problem = getattr(config, "problem_type", None)
+    if problem not in (None, "single_label_classification"):
+        raise ValueError(
+            f"The student is a {problem!r} model (config.problem_type): knowledge integration trains a single-label "
+            "(softmax) classifier, and saved with this problem_type it would be read with other semantics (e.g. "
+            "sigmoids). Set model.config.problem_type = 'single_label_classification', or pass its path."
+        )
     config.id2label = dict(label_space.id2label)
     config.label2id = dict(label_space.label2id)
 
@@ -99,6 +106,10 @@ def load_student(source: str, label_space: LabelSpace) -> torch.nn.Module:
             ignore_mismatched_sizes=True,
             output_loading_info=True,
         )
+    if getattr(model.config, "problem_type", None) not in (None, "single_label_classification"):
+        logger.warning(f"The student checkpoint {source} is a {model.config.problem_type!r} model; the student is "
+                       "trained and saved as a single-label (softmax) classifier (problem_type set accordingly).")
+        model.config.problem_type = "single_label_classification"
     line, not_head = describe_new_head(loading_info, label_space.num_labels, str(model.name_or_path))
     logger.info(line)
     if not_head:

@@ -45,7 +45,10 @@ class TrainingStats:
             sums["margin"] += result.weights.detach().sum()
         if signals.certainty is not None:
             sums["certainty"] += signals.certainty.detach().float().sum(0)
-            sums["selected"] += torch.bincount(signals.certainty.argmax(1), minlength=len(self.teacher_names)).float()
+            # Exact ties are split evenly (argmax would credit the teacher listed first).
+            certainty = signals.certainty.detach().float()
+            top = (certainty == certainty.max(1, keepdim=True).values).float()
+            sums["selected"] += (top / top.sum(1, keepdim=True).clamp_min(1.0)).sum(0)
         self.pending = True
 
     def logs(self, accelerator, args, reads_certainty: bool) -> dict[str, float]:

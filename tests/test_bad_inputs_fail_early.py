@@ -364,3 +364,58 @@ def test_teacher_labels_given_as_one_string_are_an_error(tok):
     with pytest.raises(TypeError, match="labels must be a list of label names .*got str 'abc'"):
         Teacher(model, labels="abc")  # was: three classes 'a', 'b', 'c'
     assert Teacher(model, labels=("a", "b", "c")).labels == ["a", "b", "c"]
+
+
+def test_selection_shares_split_exact_ties_instead_of_crediting_the_first_teacher(tmp_path, tok):
+    from transformers import TrainerCallback
+
+    teachers = []
+    for i, labels in enumerate(TEACHER_SPLIT):
+        model = tiny_bert(2, len(tok), labels=labels, seed=20 + i)
+        with torch.no_grad():  # uniform outputs: both teachers exactly equally (un)certain on every row
+            model.classifier.weight.zero_()
+            model.classifier.bias.zero_()
+        teachers.append(Teacher(model, name=f"t{i}"))
+    logged = []
+
+    class Recorder(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logged.append(dict(logs or {}))
+
+    trainer = make_trainer(tmp_path, tok, teachers, [{"text": r["text"]} for r in make_rows(2, seed=1)], max_steps=1,
+                           logging_steps=1, strategy="muki")
+    trainer.add_callback(Recorder())
+    trainer.train()
+    shares = next(logs for logs in logged if "selection_share_t0" in logs)
+    assert (shares["selection_share_t0"], shares["selection_share_t1"]) == (0.5, 0.5)  # was (1.0, 0.0)
+
+
+def test_a_multi_label_student_is_not_trained_and_saved_as_one(tmp_path, tok):
+    teachers = [Teacher(tiny_bert(2, len(tok), labels=labels, seed=20 + i), name=f"t{i}")
+                for i, labels in enumerate(TEACHER_SPLIT)]
+    rows = [{"text": r["text"]} for r in make_rows(2, seed=1)]
+    student = tiny_bert(4, len(tok), seed=3, problem_type="multi_label_classification")
+    with pytest.raises(ValueError, match="student is a 'multi_label_classification' model"):
+        KnowledgeIntegrationTrainer(model=student, args=config(tmp_path), teachers=teachers, train_dataset=rows,
+                                    processing_class=tok)
+    student.save_pretrained(tmp_path / "base")  # from a path: trained and saved as a softmax classifier
+    tok.save_pretrained(tmp_path / "base")
+    trainer = KnowledgeIntegrationTrainer(model=str(tmp_path / "base"), args=config(tmp_path, max_steps=1),
+                                          teachers=teachers, train_dataset=rows)
+    assert trainer.model.config.problem_type == "single_label_classification"
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("max_steps", True, "an integer"), ("mc_samples", 2.5, "an integer"), ("mc_top_layers", 1.5, "an integer"),
+    ("kd_temperature", "2", "a number"), ("margin_reweighting", "no", "True or False"),
+])
+def test_config_fields_of_the_wrong_type_are_rejected_by_name(tmp_path, field, value, expected):
+    from ki_trainer.merge_distill import MergeDistillConfig
+
+    with pytest.raises(TypeError, match=f"{field} must be {expected}, got {type(value).__name__} {value!r}"):
+        KnowledgeIntegrationConfig(output_dir=str(tmp_path), report_to=[], **{field: value})
+    if field in ("max_steps", "kd_temperature"):
+        with pytest.raises(TypeError, match=f"{field} must be {expected}"):
+            MergeDistillConfig(output_dir=str(tmp_path), report_to=[], **{field: value})
+    ok = KnowledgeIntegrationConfig(output_dir=str(tmp_path), report_to=[], max_steps=3, kd_temperature=2)
+    assert ok.max_steps == 3

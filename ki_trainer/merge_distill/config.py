@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from transformers import TrainingArguments
 
-from ..config import TEACHER_DTYPES, resolve_teacher_dtype
+from ..config import TEACHER_DTYPES, check_field_types, resolve_teacher_dtype
 
 
 @dataclass
@@ -92,6 +92,7 @@ class MergeDistillConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        check_field_types(self)  # max_steps=True, top_k=2.5 ...: a TypeError naming the field
         super().__post_init__()
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}.")

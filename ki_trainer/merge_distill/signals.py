@@ -105,6 +105,15 @@ def topk_to_student(logits: torch.Tensor, id_map: torch.Tensor, k: int, temperat
     student counterpart (``id_map == -1``) dropped, and the rest renormalised to sum to one. A position
     whose top-k maps to nothing gets all-zero probabilities (it then has no KD term) and kept mass 0.
     """
+    if logits.numel() and not bool(torch.isfinite(logits).all()):  # one host sync per teacher batch
+        from ..querying import TeacherNaNError
+
+        bad = int((~torch.isfinite(logits).all(-1)).sum())
+        raise TeacherNaNError(
+            f"NaN/inf teacher masked-LM logits at {bad} of {logits.shape[0]} predicted positions: check the teacher's "
+            "weights and dtype (fp16 overflow: try teacher_dtype='bfloat16' or 'float32'); training on them would "
+            "make the student NaN."
+        )
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     k = min(k, probs.shape[-1])
     top_probs, top_ids = probs.topk(k, dim=-1)
@@ -225,7 +234,8 @@ class TopKSignalCache:
         self._ids.append(signal.ids.to(torch.int32).cpu())
         self._probs.append(signal.probs.to(torch.float16).cpu())
         self._pending += len(example_ids)
-        if self.path is not None and (self._pending >= FLUSH_ROWS or time.monotonic() - self._last_flush >= FLUSH_SECONDS):
+        due = self._pending >= FLUSH_ROWS or time.monotonic() - self._last_flush >= FLUSH_SECONDS
+        if self.path is not None and due:
             self.flush()
 
     def finalize(self) -> "TopKSignalCache":
@@ -373,7 +383,8 @@ def _read(path: str, fingerprint: str, k: int) -> dict:
         raise corrupt(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'unreadable'}") from None
     if not isinstance(payload, dict):
         raise corrupt(f"it holds a {type(payload).__name__}, not a cache")
-    if payload.get("version") != CACHE_FORMAT_VERSION or payload.get("fingerprint") != fingerprint or payload.get("k") != k:
+    settings = (payload.get("version"), payload.get("fingerprint"), payload.get("k"))
+    if settings != (CACHE_FORMAT_VERSION, fingerprint, k):
         raise StaleSignalCacheError(
             f"Top-k signal cache {path} was computed for other teachers or settings "
             f"(fingerprint {payload.get('fingerprint')!r}, expected {fingerprint!r}). Delete it or point "

@@ -116,6 +116,9 @@ def test_resuming_a_merge_distill_run_with_a_teacher_swapped_is_refused(teachers
     swapped = [teachers[0], MaskedLMTeacher(tiny_mlm(len(tok), 7), tok, languages=["de"], name="b")]  # same name
     with pytest.raises(CheckpointMismatchError, match="belongs to another run.*teachers"):
         checkpointed(swapped, tmp_path).train(resume_from_checkpoint=True)  # was: continued silently
+    shorter = [MaskedLMTeacher(teachers[0].model, tok, languages=["en"], name="a", max_length=8), teachers[1]]
+    with pytest.raises(CheckpointMismatchError, match="belongs to another run.*'max_length': 8"):
+        checkpointed(shorter, tmp_path).train(resume_from_checkpoint=True)
 
 
 def test_a_second_merge_distill_run_on_a_busy_output_dir_is_refused(teachers, tmp_path):
@@ -152,3 +155,28 @@ def test_a_merge_distill_checkpoint_cut_off_mid_save_falls_back_to_the_previous_
     assert any("checkpoint-4" in r.getMessage() and "cut off" in r.getMessage() for r in caplog.records)
     assert resumed.state.global_step == 4
     torch.testing.assert_close(weights(resumed.model), weights(full.model))
+
+
+# ---------------------------------------------------------------- NaN never becomes a student
+def test_a_nan_teacher_or_loss_stops_merge_distill_instead_of_saving_a_nan_student(teachers, tmp_path):
+    from ki_trainer.guards import NonFiniteLossError
+    from ki_trainer.querying import TeacherNaNError
+
+    tok = teachers[0].tokenizer
+    broken = tiny_mlm(len(tok), 1)
+    with torch.no_grad():
+        broken.bert.embeddings.word_embeddings.weight[tok.convert_tokens_to_ids("apple")] = float("nan")
+    nan_teachers = [MaskedLMTeacher(broken, tok, languages=["en"], name="a"), teachers[1]]
+    for signals in ("on_the_fly", "cached"):
+        with pytest.raises(TeacherNaNError, match="NaN/inf teacher masked-LM logits"):  # was: loss logged as 0
+            make_trainer(nan_teachers, tmp_path / signals, teacher_signals=signals, max_steps=3).train()
+    trainer = make_trainer(teachers, tmp_path / "student", teacher_signals="on_the_fly", max_steps=3, logging_steps=1,
+                           save_strategy="steps", save_steps=1)
+    with torch.no_grad():  # any other cause of a NaN loss: here the student itself
+        trainer.model.get_input_embeddings().weight.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="MergeDistill loss was NaN/inf"):
+        trainer.train()
+    assert not (tmp_path / "student" / "out" / "checkpoint-1").exists()
+    with pytest.raises(NonFiniteLossError):
+        trainer.save_model(str(tmp_path / "nan-student"))
+    assert not (tmp_path / "nan-student").exists()
