@@ -11,6 +11,8 @@ pool (every training row, read WITHOUT labels) and on the test rows.
         --split 2x10 --output_dir outputs/routing/results/2x10 --level routing
     # student level: oracle, vanilla KD, MUKI as published, and students trained with the given routers
     ... --level students --student_routers self_training knn_smoothing consensus --seeds 0 1 2
+    # skewed pools: the pool subsampled so that the teachers own 50:50, 80:20, 95:5 of its rows (one run each)
+    ... --level routing --pool_shares 0.5,0.5 0.8,0.2 0.95,0.05
 
 Writes ``DIR/results.json`` (``{"rows": [{"method", "kind", "accuracy", "accuracy_std",
 "routing_accuracy", "n_seeds", ...}], "settings": {...}}``, fractions in [0, 1]), ``DIR/results.md``
@@ -19,7 +21,13 @@ interrupted run resumes. Gold labels are used only to REPORT: never in teacher s
 router fitting, student training or choosing between routers at training time. The perfect-router
 row (``kind: ceiling``) is the ensemble routed by the gold owner: an upper bound that uses labels; the
 supervised-router row (also ``kind: ceiling``) is the self-training head fitted on the gold owners of every
-pool row: how well the teachers' signals can route at all.
+pool row: how well the teachers' signals can route at all; the majority-teacher row (``kind: baseline``) routes
+every row to the teacher owning most pool rows: on a skewed pool, the bar a router must clear.
+
+``--pool_shares 0.9,0.1`` builds the pool by subsampling each teacher's training rows (by GOLD owner, used only to
+build the pool; seeded by ``--pool_seed``) so that teacher t owns share t of it; the test rows are unchanged. Each
+share spec writes ``DIR/shares-0.9-0.1/results.json`` (with ``pool_owner_counts``; every pool router's row carries
+its label-free ``estimated_shares``), and all of them ``DIR/skew.json``.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ import bench_common as common  # noqa: E402
 import routing_eval  # noqa: E402
 
 from ki_trainer.config import STUDENT_INITS  # noqa: E402
+from ki_trainer.routing import get_router  # noqa: E402
 
 CONFIGS: dict[str, dict[str, Any]] = {
     # Fits a 2-core CPU: ~1 hour for the signals plus the student level with cached signals (docs/routing.md).
@@ -75,26 +84,30 @@ def signals_for(args, cfg) -> tuple[Any, Any, Any, list[list[str]]]:
     return data, pool_signals, test_signals, blocks
 
 
-def routing_level(args, cfg, data, pool_signals, test_signals, blocks) -> list[dict[str, Any]]:
-    return routing_rows(args.routers, cfg, pool_signals, test_signals, blocks, data["train"]["label"],
-                        data["test"]["label"])
-
-
-def routing_rows(routers, cfg, pool_signals, test_signals, blocks, pool_labels, test_labels) -> list[dict[str, Any]]:
-    """Teachers, the two labelled references and every router (fitted on the pool, label-free) on the test rows."""
+def routing_rows(routers, cfg, pool_signals, test_signals, blocks, pool_labels, test_labels,
+                 compare_equal_shares: bool = False) -> list[dict[str, Any]]:
+    """Teachers, the three labelled references (perfect router, supervised router, majority teacher) and every router
+    (fitted on the pool, label-free) on the pool and the test rows; with ``compare_equal_shares`` every pool router
+    also with ``shares="equal"`` (the pool z-scores without a share estimate), as ``ROUTER[shares=equal]``."""
     rows = routing_eval.teacher_rows(test_signals, blocks, test_labels)
     rows.append(routing_eval.ceiling(pool_signals, test_signals, blocks, pool_labels, test_labels))
     rows.append(routing_eval.supervised_bound(pool_signals, test_signals, blocks, pool_labels, test_labels))
-    for name in routers:
+    rows.append(routing_eval.majority_baseline(pool_signals, test_signals, blocks, pool_labels, test_labels))
+    runs = [(name, None) for name in routers]
+    if compare_equal_shares:
+        runs += [(name, {"shares": "equal"}) for name in routers if "shares" in get_router(name).defaults]
+    for router, options in runs:
+        name = router + ("[shares=equal]" if options else "")
         record = routing_eval.evaluate_router(
-            name, None, pool_signals, test_signals, blocks, pool_labels, test_labels,
+            router, options, pool_signals, test_signals, blocks, pool_labels, test_labels,
             cfg["mc_samples"], cfg.get("mc_top_layers"),
         )
         record["method"] = f"ensemble routed by {name}" + (" (MUKI as published)" if name == PUBLISHED else "")
         record["router"] = name
         rows.append(record)
         print(f"  {name:24s} routing {record['routing_accuracy']:.3f} (pool {record['pool_routing_accuracy']:.3f}) "
-              f"ensemble {record['accuracy']:.3f}  fit {record['fit_seconds']} s", flush=True)
+              f"ensemble {record['accuracy']:.3f}  fit {record['fit_seconds']} s"
+              + (f"  shares {record['estimated_shares']}" if record.get("estimated_shares") else ""), flush=True)
     return rows
 
 
@@ -115,7 +128,7 @@ def parse_method(method: str) -> tuple[str, Optional[str], str]:
     return base, (base.split(":", 1)[1] if base.startswith("muki:") else None), init
 
 
-def student_job(args, cfg, data, blocks, method: str, seed: int) -> dict[str, Any]:
+def student_job(args, cfg, data, blocks, method: str, seed: int, out: Optional[Path] = None) -> dict[str, Any]:
     """One student (or the oracle) trained on the pool, evaluated by a plain forward pass on the test rows."""
     from transformers import set_seed
 
@@ -124,7 +137,7 @@ def student_job(args, cfg, data, blocks, method: str, seed: int) -> dict[str, An
     root = Path(args.cache_root)
     slug = common.split_slug(args.split, args.split_seed)
     teacher_dir = root / "teachers" / common.data_name(args.data) / slug
-    run_dir = Path(args.output_dir) / "runs" / f"{method}-seed{seed}"
+    run_dir = Path(out or args.output_dir) / "runs" / f"{method}-seed{seed}"
     start = time.perf_counter()
     if method == "oracle":
         from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
@@ -172,7 +185,7 @@ def student_job(args, cfg, data, blocks, method: str, seed: int) -> dict[str, An
     return {"method": method, "seed": seed, "accuracy": accuracy, "train_seconds": round(time.perf_counter() - start, 1)}
 
 
-def student_level(args, cfg, data, blocks, routing_rows) -> list[dict[str, Any]]:
+def student_level(args, cfg, data, blocks, routing_rows, out: Optional[Path] = None) -> list[dict[str, Any]]:
     shown = ["oracle", "vanilla_kd", f"muki:{PUBLISHED}"] + [f"muki:{name}" for name in args.student_routers]
     # Computed in this order (the oracle, the first router and the two baselines first, so that an interrupted CPU
     # run has the comparison that matters most); reported in `shown` order.
@@ -182,7 +195,7 @@ def student_level(args, cfg, data, blocks, routing_rows) -> list[dict[str, Any]]
         extra = [f"{method}@{init}" for method in [f"muki:{PUBLISHED}"] + routers]
         shown += extra
         order += extra
-    records_dir = Path(args.output_dir) / "records"
+    records_dir = Path(out or args.output_dir) / "records"
     records_dir.mkdir(parents=True, exist_ok=True)
     routing_of = {row.get("router"): row for row in routing_rows}
     rows = []
@@ -195,7 +208,7 @@ def student_level(args, cfg, data, blocks, routing_rows) -> list[dict[str, Any]]
                 continue
             if args.records_only or (args.only and method not in args.only):
                 continue
-            result = student_job(args, cfg, data, blocks, method, seed)
+            result = student_job(args, cfg, data, blocks, method, seed, out)
             file.write_text(json.dumps(result, indent=2) + "\n")
             print(f"[{time.strftime('%H:%M:%S')}] {method} seed {seed}: {result['accuracy']:.4f} "
                   f"({result['train_seconds']} s)", flush=True)
@@ -243,7 +256,8 @@ def chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
     shown = [r for r in rows if r["kind"] != "teacher"]
     fig, ax = plt.subplots(figsize=(9, 0.35 * len(shown) + 1.5))
-    colors = {"ceiling": "#bbbbbb", "oracle": "#444444", "router": "#8da0cb", "student": "#66c2a5"}
+    colors = {"ceiling": "#bbbbbb", "baseline": "#dddddd", "oracle": "#444444", "router": "#8da0cb",
+              "student": "#66c2a5"}
     y = np.arange(len(shown))[::-1]
     means = [100 * r["accuracy"] for r in shown]
     ax.barh(y, means, xerr=[100 * r.get("accuracy_std", 0.0) for r in shown], color=[colors[r["kind"]] for r in shown], capsize=3)
@@ -259,6 +273,51 @@ def chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def parse_shares(text: str) -> list[float]:
+    """'0.9,0.1' -> [0.9, 0.1] (validated against the teachers later)."""
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--pool_shares {text!r}: give one share per teacher, e.g. 0.9,0.1") from None
+
+
+def shares_slug(shares: list[float]) -> str:
+    return "shares-" + "-".join(f"{v:g}" for v in shares)
+
+
+def run_level(args, cfg, data, pool_signals, test_signals, blocks, out: Path, start: float,
+              shares: Optional[list[float]] = None) -> dict[str, Any]:
+    """The routing level (and the students) on the pool as given, or subsampled to ``shares`` by gold owner."""
+    out.mkdir(parents=True, exist_ok=True)
+    pool_labels = data["train"]["label"]
+    extra: dict[str, Any] = {}
+    if shares is not None:
+        index = routing_eval.subsample_to_shares(pool_labels, blocks, shares, args.pool_seed)
+        pool_signals = routing_eval.select_rows(pool_signals, index)
+        data = {**data, "train": data["train"].select(index.tolist())}
+        pool_labels = data["train"]["label"]
+        owners, _ = routing_eval.owners_and_gold(pool_labels, blocks)
+        counts = np.bincount(owners, minlength=len(blocks))
+        extra = {"pool_shares": shares, "pool_seed": args.pool_seed, "pool_owner_counts": counts.tolist()}
+        print(f"[{time.strftime('%H:%M:%S')}] pool subsampled to shares {shares} by gold owner (to BUILD the pool "
+              f"only): {counts.tolist()} rows", flush=True)
+    rows = routing_rows(args.routers, cfg, pool_signals, test_signals, blocks, pool_labels, data["test"]["label"],
+                        args.compare_equal_shares)
+    if args.level == "students":
+        rows += student_level(args, cfg, data, blocks, rows, out)
+    settings = {"data": common.data_name(args.data), "split": args.split, "split_seed": args.split_seed,
+                "config": args.config, **cfg, "pool_rows": len(data["train"]), "test_rows": len(data["test"]),
+                "teacher_blocks": blocks, "level": args.level, "seeds": args.seeds, **extra,
+                "machine": common.machine(), "wall_seconds": round(time.time() - start, 1),
+                "command": "python benchmarks/routing.py " + " ".join(args.argv)}
+    result = {"rows": rows, "settings": settings}
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(rows, settings))
+    chart(rows, out / "results.png", f"{settings['data']} {args.split}: routers (routed ensemble) and students")
+    print(markdown(rows, settings), flush=True)
+    return result
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
@@ -280,28 +339,30 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--only", nargs="*", default=None,
                         help="students: train only these methods (oracle, vanilla_kd, muki:ROUTER), e.g. to split the "
                              "work between processes sharing DIR/records; the others are reported from their records")
+    parser.add_argument("--pool_shares", nargs="*", type=parse_shares, default=None,
+                        help="subsample the pool so that teacher t owns share t of its rows, e.g. 0.9,0.1 (several: one "
+                             "run each, in DIR/shares-0.9-0.1/ ...). The GOLD owner is used only to build the pool; the "
+                             "routers never see it; the test rows are unchanged")
+    parser.add_argument("--pool_seed", type=int, default=0, help="seed of the --pool_shares subsample")
+    parser.add_argument("--compare_equal_shares", action="store_true",
+                        help="also report every pool router with shares='equal' (no share estimate) as ROUTER[shares=equal]")
     parser.add_argument("--cache_root", default="outputs/routing", help="where teachers and signal caches are kept")
     args = parser.parse_args(argv)
+    args.argv = argv if argv is not None else sys.argv[1:]
     cfg = CONFIGS[args.config]
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     data, pool_signals, test_signals, blocks = signals_for(args, cfg)
     print(f"[{time.strftime('%H:%M:%S')}] teachers and signals ready ({time.time() - start:.0f} s)", flush=True)
-    rows = routing_level(args, cfg, data, pool_signals, test_signals, blocks)
-    if args.level == "students":
-        rows += student_level(args, cfg, data, blocks, rows)
-    settings = {"data": common.data_name(args.data), "split": args.split, "split_seed": args.split_seed,
-                "config": args.config, **cfg, "pool_rows": len(data["train"]), "test_rows": len(data["test"]),
-                "teacher_blocks": blocks, "level": args.level, "seeds": args.seeds, "machine": common.machine(),
-                "wall_seconds": round(time.time() - start, 1),
-                "command": "python benchmarks/routing.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    result = {"rows": rows, "settings": settings}
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "results.md").write_text(markdown(rows, settings))
-    chart(rows, out / "results.png", f"{settings['data']} {args.split}: routers (routed ensemble) and students")
-    print(markdown(rows, settings))
-    return result
+    if not args.pool_shares:
+        return run_level(args, cfg, data, pool_signals, test_signals, blocks, out, start)
+    results = {}
+    for shares in args.pool_shares:
+        results[shares_slug(shares)] = run_level(args, cfg, data, pool_signals, test_signals, blocks,
+                                                 out / shares_slug(shares), start, shares)
+    (out / "skew.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
 
 
 if __name__ == "__main__":

@@ -63,6 +63,10 @@ def evaluate_router(
     record: dict[str, Any] = {"method": name, "kind": "router", "options": router.options,
                               "fit_seconds": round(fit_seconds, 3),
                               "forward_passes_per_example": forward_passes(router, mc_samples, top_layers)}
+    shares = getattr(router, "shares", None)  # the pool's teacher shares as the router estimated them (label-free)
+    record["estimated_shares"] = None if shares is None else [round(float(v), 4) for v in shares]
+    if getattr(router, "describe_shares", None) is not None and router.needs_fit:
+        record["shares_estimate"] = router.describe_shares()
     for split, signals, labels in (("pool", pool, pool_labels), ("test", test, test_labels)):
         owners, gold = owners_and_gold(labels, blocks)
         selected = router.score(signals).argmax(1).numpy()
@@ -110,6 +114,54 @@ def supervised_bound(pool: TeacherSignals, test: TeacherSignals, blocks, pool_la
         record[f"{prefix}routing_accuracy"] = float(np.mean(selected == owners))
         record[f"{prefix}accuracy"] = float(np.mean(routed_predictions(selected, signals, blocks) == gold))
     return record
+
+
+def majority_baseline(pool: TeacherSignals, test: TeacherSignals, blocks, pool_labels, test_labels) -> dict[str, Any]:
+    """Every row routed to the teacher that owns most POOL rows (USES LABELS to know which: a reference).
+
+    On a skewed pool this is the bar a router must clear: its routing accuracy on the pool is the largest share.
+    """
+    pool_owners, _ = owners_and_gold(pool_labels, blocks)
+    majority = int(np.bincount(pool_owners, minlength=len(blocks)).argmax())
+    record: dict[str, Any] = {"method": f"majority teacher (always teacher {majority}, the pool's largest owner; uses labels)",
+                              "kind": "baseline", "router": "majority", "accuracy_std": 0.0, "n_seeds": 1}
+    for split, signals, labels in (("pool", pool, pool_labels), ("test", test, test_labels)):
+        owners, gold = owners_and_gold(labels, blocks)
+        selected = np.full(len(owners), majority)
+        prefix = "" if split == "test" else "pool_"
+        record[f"{prefix}routing_accuracy"] = float(np.mean(selected == owners))
+        record[f"{prefix}accuracy"] = float(np.mean(routed_predictions(selected, signals, blocks) == gold))
+    return record
+
+
+def subsample_to_shares(labels: Sequence[str], blocks, shares: Sequence[float], seed: int = 0) -> np.ndarray:
+    """Sorted indices of the largest subset of rows in which teacher t owns ``shares[t]`` of the rows.
+
+    USES THE GOLD OWNERS, only to BUILD a benchmark pool with a known skew: the routers fitted on it never see them.
+    Each teacher's rows are drawn at random (``seed``) without replacement.
+    """
+    shares = np.asarray(shares, dtype=float)
+    if len(shares) != len(blocks) or (shares <= 0).any() or abs(shares.sum() - 1.0) > 1e-6:
+        raise ValueError(f"pool shares {shares.tolist()} must be {len(blocks)} positive numbers (one per teacher) "
+                         "summing to 1.")
+    owners, _ = owners_and_gold(labels, blocks)
+    available = np.bincount(owners, minlength=len(blocks))
+    total = int(np.floor(min(available / shares)))
+    counts = np.minimum(np.round(total * shares).astype(int), available)
+    rng = np.random.default_rng(seed)
+    chosen = [rng.choice(np.flatnonzero(owners == t), size=n, replace=False) for t, n in enumerate(counts)]
+    return np.sort(np.concatenate(chosen))
+
+
+def select_rows(signals: TeacherSignals, index: np.ndarray) -> TeacherSignals:
+    """The signals of rows ``index`` only."""
+    index = torch.as_tensor(index, dtype=torch.long)
+    pick = lambda x: None if x is None else x[index]  # noqa: E731
+    return TeacherSignals(
+        logits=[x[index] for x in signals.logits], certainty=pick(signals.certainty),
+        mutual_information=pick(signals.mutual_information), top_variance=pick(signals.top_variance),
+        features=None if signals.features is None else [f[index] for f in signals.features],
+    )
 
 
 def teacher_rows(test: TeacherSignals, blocks, test_labels) -> list[dict[str, Any]]:

@@ -208,6 +208,7 @@ def render_model_card(
     dataset: Optional[str] = None,
     example_text: str = "Text to classify",
     routing_report: Optional[str] = None,
+    router_fit: Optional[str] = None,
 ) -> str:
     """Render the card: a YAML header (base_model, tags, languages, model-index) and the sections."""
     import jinja2
@@ -262,6 +263,7 @@ def render_model_card(
         "versions": dict(versions or {}),
         "ki_trainer_version": (versions or {}).get("ki-trainer", "unknown"),
         "example_text": example_text.replace('"', "'"),
+        "router_fit": router_fit,
     }
     source = importlib.resources.files("ki_trainer").joinpath("templates", TEMPLATE).read_text(encoding="utf-8")
     template = jinja2.Environment(keep_trailing_newline=True, trim_blocks=False, autoescape=False).from_string(source)
@@ -354,7 +356,19 @@ def card_facts(trainer, output_dir: str, **kwargs) -> dict[str, Any]:
         language=language,
         license=kwargs.get("license"),
         dataset=dataset,
+        router_fit=router_fit_summary(trainer),
     )
+
+
+def router_fit_summary(trainer) -> Optional[str]:
+    """What the transductive router found in the pool it was fitted on, in words (``"fitted on 4,700 unlabeled rows;
+    the pool looks 88% teacher A, 12% teacher B"``), or ``None`` without a fitted pool router."""
+    router = getattr(trainer, "router", None)
+    if router is None or not router.needs_fit or not router.fitted or not hasattr(router, "describe_shares"):
+        return None
+    rows = router.state.get("fit_rows")
+    seen = f"fitted on {rows:,} unlabeled pool rows; " if rows is not None else ""
+    return seen + router.describe_shares([teacher.name for teacher in trainer.teachers])
 
 
 def write_model_card(trainer, output_dir: str, **kwargs) -> str:

@@ -294,7 +294,9 @@ class KnowledgeIntegrationTrainer(SavingMixin, Trainer):
             self.signal_cache = self.cached_signals.load(dataset)
         rows = self.scoring.fit_router(self.signal_cache, self.cached_signals.dataset_ids(dataset),
                                        self.needs.certainty_source, self.args.router_fit_rows, self.args.seed)
-        logger.info(f"Router {self.router.name!r} fitted on {rows} unlabeled rows.")
+        shares = getattr(self.router, "describe_shares", None)  # the pool's teacher shares, as the router estimated them
+        found = f"; {shares([t.name for t in self.teachers])}" if shares is not None else ""
+        logger.info(f"Router {self.router.name!r} fitted on {rows} unlabeled rows{found}.")
         if self.args.should_save:
             save_router_state(self.router, self.args.output_dir)
         return self.router

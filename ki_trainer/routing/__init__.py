@@ -22,6 +22,7 @@ from .pool import (
     StandardizedRouter,
     confident_rows,
 )
+from .shares import describe_shares, fit_owner_mixture, owner_logits
 
 __all__ = [
     "ROUTERS",
@@ -44,4 +45,7 @@ __all__ = [
     "SelfTrainingRouter",
     "StandardizedRouter",
     "confident_rows",
+    "describe_shares",
+    "fit_owner_mixture",
+    "owner_logits",
 ]

@@ -26,17 +26,38 @@ fit reads only the teachers' signals on the pool (logits, MC statistics, pooled 
 
 Every router's output is a probability over teachers (rows sum to 1), so soft selection and margin
 re-weighting read it the same way.
+
+Skewed pools: none of these assumes that the teachers own equal shares of the pool. With ``shares="estimate"``
+(the default) each router estimates the shares label-free (:mod:`ki_trainer.routing.shares`) and, when they are
+clearly unequal, adds their log as the prior; the estimate is kept in the router state (``router.shares``,
+``router.describe_shares(names)``: "the pool looks 88% teacher A, 12% teacher B"), logged and put on the model card.
+``shares="equal"`` keeps the plain pool z-scores. A pool with fewer than ``min_rows_per_teacher`` (10) rows per
+teacher is not fitted on: the router warns and routes by ``entropy``, which needs no fit.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+import warnings
+from typing import Any, Optional, Sequence
 
 import torch
+from transformers.utils import logging
 
 from ..strategies.base import TeacherSignals
 from .base import Router, build_router, get_router, register_router
+from .shares import describe_shares, fit_owner_mixture, owner_logits
+
+logger = logging.get_logger(__name__)
+
+# A transductive fit on fewer pool rows than this per teacher is refused: the router falls back to FALLBACK_ROUTER.
+MIN_ROWS_PER_TEACHER = 10
+# The fallback needs no fit and reads only the deterministic logits (present in every signal mode).
+FALLBACK_ROUTER = "entropy"
+SHARES = ("estimate", "equal")
+# An estimate whose every share lies within MIN_SKEW of 1/teachers routes as equal shares: on the balanced 2x10 pool
+# of debian_sections20 the estimate reads 60:40 (docs/routing.md), and a prior that small costs more than it gains.
+MIN_SKEW = 0.1
 
 
 # ---------------------------------------------------------------------- shared building blocks
@@ -93,11 +114,129 @@ def _pseudo_label_mask(probs: torch.Tensor, share: float) -> tuple[torch.Tensor,
     return labels, keep
 
 
-class _ZScoredRouter(Router):
-    """Base for pool routers whose raw per-teacher scores are z-scored over the pool and softmaxed."""
+# Options every pool router takes (see _TransductiveRouter).
+_POOL_DEFAULTS: dict[str, Any] = {"shares": "estimate", "min_skew": MIN_SKEW, "min_rows_per_teacher": MIN_ROWS_PER_TEACHER}
+
+
+class _TransductiveRouter(Router):
+    """Base for the pool routers: refuses a fit on too small a pool (falls back to a router that needs no fit)
+    and keeps the pool's estimated teacher shares.
+
+    Subclasses implement :meth:`_fit` and :meth:`_owner_logits` (``[rows, teachers]`` owner log-odds, the
+    quantity combined by ``consensus`` and ``knn_smoothing``); :meth:`score` is their softmax.
+    """
 
     needs_fit = True
     requires = frozenset({"logits"})
+    defaults: dict[str, Any] = dict(_POOL_DEFAULTS)
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        if self.options.get("shares", "estimate") not in SHARES:
+            raise ValueError(f"Router {self.name!r}: shares must be one of {SHARES}, got {self.options['shares']!r}.")
+        if not 0.0 <= float(self.options["min_skew"]) < 1.0:
+            raise ValueError(f"Router {self.name!r}: min_skew must be in [0, 1).")
+        if int(self.options["min_rows_per_teacher"]) < 1:
+            raise ValueError(f"Router {self.name!r}: min_rows_per_teacher must be >= 1.")
+
+    # ------------------------------------------------------------------ fit / score
+    def fit(self, signals: TeacherSignals) -> "Router":
+        self._check(signals, fitting=True)
+        self.state = {}
+        rows, teachers = signals.batch_size, len(signals.logits)
+        minimum = int(self.options["min_rows_per_teacher"]) * teachers
+        if rows < minimum:
+            message = (f"Router {self.name!r} was given {rows} pool row(s) to fit on; it needs at least {minimum} "
+                       f"({self.options['min_rows_per_teacher']} per teacher x {teachers} teachers). Routing by "
+                       f"{FALLBACK_ROUTER!r} instead, which needs no fit (give the router more unlabeled rows, "
+                       "e.g. a larger train_dataset or router_fit_rows).")
+            warnings.warn(message, stacklevel=2)
+            logger.warning(message)
+            self.state = {"fallback": FALLBACK_ROUTER, "fit_rows": rows, "min_rows": minimum}
+        else:
+            self._fit(signals)
+            self.state["fit_rows"] = rows
+        self.fitted = True
+        return self
+
+    def _fit(self, signals: TeacherSignals) -> None:
+        raise NotImplementedError
+
+    def _owner_logits(self, signals: TeacherSignals) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def fallback(self) -> Optional[str]:
+        """The router scoring in this one's place when the pool was too small to fit on, else ``None``."""
+        return self.state.get("fallback")
+
+    def owner_logits(self, signals: TeacherSignals) -> torch.Tensor:
+        """``[rows, teachers]`` owner log-odds (a teacher's estimated pool share included), higher = more competent."""
+        self._check(signals)
+        if self.fallback:
+            return build_router(self.fallback).score(signals)
+        return self._owner_logits(signals)
+
+    def score(self, signals: TeacherSignals) -> torch.Tensor:
+        if self.fallback:
+            self._check(signals)
+            return build_router(self.fallback).score(signals)
+        return _probabilities(self._owner_logits(signals), self.options.get("temperature", 1.0))
+
+    # ------------------------------------------------------------------ the pool's teacher shares
+    @property
+    def shares(self) -> Optional[torch.Tensor]:
+        """The pool's estimated teacher shares (``[teachers]``, sums to 1), or ``None`` when none was estimated
+        (``shares="equal"``, a fall-back, or scores without a clear owner structure: see ``shares_note``)."""
+        shares = self.state.get("shares")
+        return None if shares is None else torch.as_tensor(shares)
+
+    @property
+    def shares_note(self) -> Optional[str]:
+        """Why no share estimate is used, when none is."""
+        return self.state.get("shares_note")
+
+    def describe_shares(self, names: Optional[Sequence[str]] = None) -> str:
+        """One line for the log and the model card: ``"the pool looks 88% teacher A, 12% teacher B"``."""
+        if self.fallback:
+            return (f"not estimated: {self.state['fit_rows']} pool row(s) seen, {self.state['min_rows']} needed; "
+                    f"routed by {self.fallback!r}")
+        if self.shares is not None:
+            line = describe_shares(self.shares.tolist(), names)
+            if not self.uses_shares:
+                line += f" (within {self.options['min_skew']:g} of equal shares: routed as equal shares)"
+            return line
+        return f"not estimated ({self.shares_note or 'equal shares assumed'})"
+
+    @property
+    def uses_shares(self) -> bool:
+        """Whether the estimated shares are the routing prior (an estimate far enough from equal shares)."""
+        shares = self.shares
+        if shares is None:
+            return False
+        return bool((shares - 1.0 / len(shares)).abs().max() >= float(self.options.get("min_skew", MIN_SKEW)))
+
+    def _log_shares(self) -> None:
+        logger.info(f"Router {self.name!r}: {self.describe_shares()}.")
+
+
+def _set_shares(router: _TransductiveRouter, mixture: Optional[dict[str, Any]], note: str = "") -> None:
+    """Record a share estimate (or why there is none) in ``router.state``."""
+    if mixture is not None and mixture["accepted"]:
+        router.state["shares"] = mixture["shares"]
+    else:
+        router.state["shares_note"] = note or (mixture["reason"] if mixture is not None else "equal shares assumed")
+    router._log_shares()
+
+
+class _ZScoredRouter(_TransductiveRouter):
+    """Base for pool routers with one raw score per teacher, calibrated on the pool and softmaxed.
+
+    ``shares="estimate"`` (default): the pool is modelled as a mixture of owners (:mod:`ki_trainer.routing.shares`);
+    each teacher's raw score is calibrated against its own in- and out-of-domain rows and the estimated shares
+    are the prior. ``shares="equal"``: each teacher's raw score z-scored over the whole pool (assumes every
+    teacher owns the same share of the pool; the behaviour before the estimate existed).
+    """
 
     def raw_fit(self, signals: TeacherSignals) -> None:  # fit what raw_score needs
         pass
@@ -105,20 +244,24 @@ class _ZScoredRouter(Router):
     def raw_score(self, signals: TeacherSignals) -> torch.Tensor:
         raise NotImplementedError
 
-    def fit(self, signals: TeacherSignals) -> "Router":
-        self._check(signals, fitting=True)
+    def _fit(self, signals: TeacherSignals) -> None:
         self.raw_fit(signals)
         raw = self.raw_score(signals)
         self.state["zscore"] = _zscore_fit(raw)
-        self.fitted = True
-        return self
+        if self.options.get("shares", "estimate") == "estimate":
+            _set_shares(self, fit_owner_mixture(_zscore(raw, self.state["zscore"])))
+        else:
+            _set_shares(self, None, "shares='equal'")
 
     def zscores(self, signals: TeacherSignals) -> torch.Tensor:
+        """Each teacher's raw score z-scored over the pool (the equal-shares calibration)."""
         self._check(signals)
         return _zscore(self.raw_score(signals), self.state["zscore"])
 
-    def score(self, signals: TeacherSignals) -> torch.Tensor:
-        return _probabilities(self.zscores(signals), self.options.get("temperature", 1.0))
+    def _owner_logits(self, signals: TeacherSignals) -> torch.Tensor:
+        if self.uses_shares:
+            return owner_logits(self.zscores(signals), self.shares)
+        return self.zscores(signals)
 
 
 # ---------------------------------------------------------------------- routers
@@ -128,7 +271,7 @@ class StandardizedRouter(_ZScoredRouter):
 
     name = "standardized"
     requires = frozenset({"logits", "mc"})
-    defaults = {"base": "mc_entropy", "temperature": 1.0}
+    defaults = {"base": "mc_entropy", "temperature": 1.0, **_POOL_DEFAULTS}
 
     def _base(self) -> Router:
         base = build_router(self.options["base"])
@@ -144,7 +287,7 @@ class StandardizedRouter(_ZScoredRouter):
 class PrototypeRouter(_ZScoredRouter):
     name = "prototype"
     requires = frozenset({"logits", "features"})
-    defaults = {"share": 0.5, "temperature": 1.0}
+    defaults = {"share": 0.5, "temperature": 1.0, **_POOL_DEFAULTS}
 
     def raw_fit(self, signals: TeacherSignals) -> None:
         prototypes, centres = [], []
@@ -174,7 +317,7 @@ class PrototypeRouter(_ZScoredRouter):
 class RelativeMahalanobisRouter(_ZScoredRouter):
     name = "relative_mahalanobis"
     requires = frozenset({"logits", "features"})
-    defaults = {"share": 1.0, "shrinkage": 0.1, "temperature": 1.0}
+    defaults = {"share": 1.0, "shrinkage": 0.1, "temperature": 1.0, **_POOL_DEFAULTS}
 
     @staticmethod
     def _precision(centred: torch.Tensor, shrinkage: float) -> torch.Tensor:
@@ -211,18 +354,38 @@ class RelativeMahalanobisRouter(_ZScoredRouter):
         return torch.stack(scores, dim=1)
 
 
-def _member_routers(names: list[str]) -> list[Router]:
-    return [build_router(name) for name in names]
+def _member(name: str, options: dict[str, Any]) -> "_TransductiveRouter":
+    """A pool router for a combination: ``name`` itself (with the combination's share and pool-size options), or, for
+    a confidence router, ``standardized`` over it (calibrated on the pool the same way)."""
+    inherited = {k: options[k] for k in _POOL_DEFAULTS}
+    router = build_router(name)
+    if isinstance(router, _TransductiveRouter):
+        return build_router(name, inherited)
+    if router.needs_fit:
+        raise ValueError(f"Router {name!r} cannot be combined: it is neither a confidence nor a pool router.")
+    return StandardizedRouter(base=name, **inherited)
+
+
+def _implied_shares(router: "_TransductiveRouter", members: Sequence["_TransductiveRouter"]) -> None:
+    """A combination's shares: the mean of its members' estimates, when every member estimated shares (each member
+    routes with its own estimate as its prior); else the members' note."""
+    if all(m.shares is not None for m in members):
+        router.state["shares"] = torch.stack([m.shares for m in members]).mean(0)
+    else:
+        notes = [m.describe_shares() for m in members if m.shares is None]
+        router.state["shares_note"] = "; ".join(dict.fromkeys(notes)).replace("not estimated (", "").rstrip(")") \
+            or "equal shares assumed"
+    router._log_shares()
 
 
 @register_router
-class ConsensusRouter(Router):
-    """Mean of several routers' pool z-scores (confidence routers are z-scored over the pool first)."""
+class ConsensusRouter(_TransductiveRouter):
+    """Mean of several pool routers' owner log-odds (a confidence router is calibrated on the pool first, as
+    ``standardized`` over it)."""
 
     name = "consensus"
-    needs_fit = True
     requires = frozenset({"logits", "mc", "features"})
-    defaults = {"members": ["relative_mahalanobis", "prototype"], "temperature": 1.0}
+    defaults = {"members": ["relative_mahalanobis", "prototype"], "temperature": 1.0, **_POOL_DEFAULTS}
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -231,35 +394,22 @@ class ConsensusRouter(Router):
             kinds |= set(get_router(name).requires)  # unknown members fail at construction
         self.requires = frozenset(kinds)  # what THIS combination reads (the class lists the widest case)
 
-    def fit(self, signals: TeacherSignals) -> "Router":
-        self._check(signals, fitting=True)
-        members = []
-        for name in self.options["members"]:
-            router = build_router(name)
-            if isinstance(router, _ZScoredRouter):
-                router.fit(signals)
-                members.append({"name": name, "router": router.state_dict()})
-            else:
-                members.append({"name": name, "zscore": _zscore_fit(router.score(signals))})
-        self.state["members"] = members
-        self.fitted = True
-        return self
+    def _fit(self, signals: TeacherSignals) -> None:
+        members = [_member(name, self.options).fit(signals) for name in self.options["members"]]
+        self.state["members"] = [{"name": m.name, "router": m.state_dict()} for m in members]
+        _implied_shares(self, members)
 
-    def zscores(self, signals: TeacherSignals) -> torch.Tensor:
-        self._check(signals)
+    def _owner_logits(self, signals: TeacherSignals) -> torch.Tensor:
         total = None
         for member in self.state["members"]:
             router = build_router(member["name"])
             if "router" in member:
                 router.load_state_dict(member["router"])
-                z = router.zscores(signals)
-            else:
+                z = router.owner_logits(signals)
+            else:  # a state saved before confidence members were calibrated as `standardized`
                 z = _zscore(router.score(signals), member["zscore"])
             total = z if total is None else total + z
         return total / len(self.state["members"])
-
-    def score(self, signals: TeacherSignals) -> torch.Tensor:
-        return _probabilities(self.zscores(signals), self.options["temperature"])
 
 
 def _joint_features(signals: TeacherSignals) -> torch.Tensor:
@@ -268,38 +418,29 @@ def _joint_features(signals: TeacherSignals) -> torch.Tensor:
 
 
 @register_router
-class KNNSmoothingRouter(Router):
-    """A base router's pool z-scores averaged over each row's k nearest pool neighbours."""
+class KNNSmoothingRouter(_TransductiveRouter):
+    """A base router's pool owner log-odds averaged over each row's k nearest pool neighbours."""
 
     name = "knn_smoothing"
-    needs_fit = True
     requires = frozenset({"logits", "mc", "features"})
-    defaults = {"base": "relative_mahalanobis", "neighbours": 10, "self_weight": 0.5, "temperature": 1.0}
+    defaults = {"base": "relative_mahalanobis", "neighbours": 10, "self_weight": 0.5, "temperature": 1.0,
+                **_POOL_DEFAULTS}
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.requires = frozenset(set(build_router(self.options["base"]).requires) | {"logits", "features"})
 
-    def fit(self, signals: TeacherSignals) -> "Router":
-        self._check(signals, fitting=True)
-        base = build_router(self.options["base"]).fit(signals)
+    def _fit(self, signals: TeacherSignals) -> None:
+        base = _member(self.options["base"], self.options).fit(signals)
         self.state["base"] = base.state_dict()
+        self.state["base_name"] = base.name
         self.state["pool_features"] = _joint_features(signals).half()
-        self.state["pool_z"] = self._base_z(base, signals)
-        self.fitted = True
-        return self
+        self.state["pool_z"] = base.owner_logits(signals)
+        _implied_shares(self, [base])
 
-    @staticmethod
-    def _base_z(base: Router, signals: TeacherSignals) -> torch.Tensor:
-        if hasattr(base, "zscores"):
-            return base.zscores(signals)
-        scores = base.score(signals)
-        return _zscore(scores, _zscore_fit(scores))
-
-    def zscores(self, signals: TeacherSignals) -> torch.Tensor:
-        self._check(signals)
-        base = build_router(self.options["base"]).load_state_dict(self.state["base"])
-        own = base.zscores(signals) if hasattr(base, "zscores") else base.score(signals)
+    def _owner_logits(self, signals: TeacherSignals) -> torch.Tensor:
+        base = build_router(self.state.get("base_name", self.options["base"])).load_state_dict(self.state["base"])
+        own = base.owner_logits(signals) if hasattr(base, "owner_logits") else base.score(signals)
         pool = self.state["pool_features"].float().to(own.device)
         pool_z = self.state["pool_z"].to(own.device)
         query = _joint_features(signals).to(own.device)
@@ -311,17 +452,18 @@ class KNNSmoothingRouter(Router):
         weight = float(self.options["self_weight"])
         return weight * own + (1 - weight) * torch.cat(smoothed)
 
-    def score(self, signals: TeacherSignals) -> torch.Tensor:
-        return _probabilities(self.zscores(signals), self.options["temperature"])
-
 
 @register_router
-class SelfTrainingRouter(Router):
+class SelfTrainingRouter(_TransductiveRouter):
     """A logistic-regression head over the teachers' features and predictions, trained on confidently
-    routed pool rows and re-trained on its own confident routes for a few rounds."""
+    routed pool rows and re-trained on its own confident routes for a few rounds.
+
+    The head is fitted class-balanced (so a teacher that owns few rows still shapes it): its probabilities are
+    those of a pool with equal shares. With ``shares="estimate"`` the seed router's estimate of the pool's shares
+    is added as the prior (``log(share * teachers)`` on the head's logits), so the head routes a skewed pool as
+    it is; with ``shares="equal"`` it stays balanced."""
 
     name = "self_training"
-    needs_fit = True
     requires = frozenset({"logits", "mc", "features"})
     defaults = {
         "seed_router": "relative_mahalanobis",
@@ -329,6 +471,7 @@ class SelfTrainingRouter(Router):
         "rounds": 2,
         "weight_decay": 1e-3,
         "max_iter": 200,
+        **_POOL_DEFAULTS,
     }
 
     def __init__(self, **options: Any) -> None:
@@ -341,14 +484,21 @@ class SelfTrainingRouter(Router):
         parts += [torch.softmax(x.float(), -1) for x in signals.logits]
         return torch.cat(parts, dim=1)
 
-    def fit(self, signals: TeacherSignals) -> "Router":
-        self._check(signals, fitting=True)
-        seed = build_router(self.options["seed_router"]).fit(signals)
+    def _fit(self, signals: TeacherSignals) -> None:
+        seed = _member(self.options["seed_router"], self.options).fit(signals)
         scores = seed.score(signals)
         x = self._inputs(signals)
         mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
         x = (x - mean) / std
         num_teachers = scores.shape[1]
+        uniform = torch.full((num_teachers,), 1.0 / num_teachers)
+        shift = torch.zeros(num_teachers)
+        if seed.shares is not None:  # the seed estimated the pool's shares (shares="estimate" and a clear structure)
+            if seed.uses_shares:
+                shift = (seed.shares.clamp_min(1e-6) / uniform).log()
+            self.state["shares"] = seed.shares
+        else:
+            self.state["shares_note"] = seed.describe_shares().replace("not estimated (", "").rstrip(")")
         weight = bias = None
         for _ in range(int(self.options["rounds"])):
             keep = confident_rows(scores, float(self.options["share"]))
@@ -357,10 +507,9 @@ class SelfTrainingRouter(Router):
                 break
             weight, bias = self._train(x[keep], scores[keep].argmax(1), num_teachers)
             with torch.no_grad():
-                scores = torch.softmax(x @ weight + bias, dim=1)
-        self.state.update({"mean": mean, "std": std, "weight": weight, "bias": bias})
-        self.fitted = True
-        return self
+                scores = torch.softmax(x @ weight + bias + shift, dim=1)
+        self.state.update({"mean": mean, "std": std, "weight": weight, "bias": bias, "prior_shift": shift})
+        self._log_shares()
 
     def _train(self, x: torch.Tensor, y: torch.Tensor, num_teachers: int) -> tuple[torch.Tensor, torch.Tensor]:
         weight = torch.zeros(x.shape[1], num_teachers, requires_grad=True)
@@ -382,9 +531,15 @@ class SelfTrainingRouter(Router):
             optimizer.step(closure)
         return weight.detach(), bias.detach()
 
-    def score(self, signals: TeacherSignals) -> torch.Tensor:
-        self._check(signals)
+    def _owner_logits(self, signals: TeacherSignals) -> torch.Tensor:
         x = self._inputs(signals)
         state = {k: self.state[k].to(x.device) for k in ("mean", "std", "weight", "bias")}
         x = (x - state["mean"]) / state["std"]
-        return torch.softmax(x @ state["weight"] + state["bias"], dim=1)
+        shift = self.state.get("prior_shift")
+        logits = x @ state["weight"] + state["bias"]
+        return logits if shift is None else logits + shift.to(x.device)
+
+    def score(self, signals: TeacherSignals) -> torch.Tensor:
+        if self.fallback:
+            return super().score(signals)
+        return torch.softmax(self.owner_logits(signals), dim=1)

@@ -57,7 +57,7 @@ def _run(routing, data_file: Path, out: Path, cache: Path, *extra: str) -> dict:
 def _check_schema(result: dict) -> None:
     for row in result["rows"]:
         assert {"method", "kind", "accuracy"} <= set(row), row
-        assert row["kind"] in {"teacher", "router", "student", "oracle", "ceiling"}
+        assert row["kind"] in {"teacher", "router", "student", "oracle", "ceiling", "baseline"}
         assert 0.0 <= row["accuracy"] <= 1.0
         if row.get("routing_accuracy") is not None:
             assert 0.0 <= row["routing_accuracy"] <= 1.0
@@ -108,3 +108,28 @@ def test_students_on_a_random_split_and_a_report_from_the_records(routing, data_
     blocks = result["settings"]["teacher_blocks"]
     assert sorted(sum(blocks, [])) == sorted(f"topic-{s}" for s in SECTIONS) and blocks != [
         [f"topic-{s}" for s in SECTIONS[:3]], [f"topic-{s}" for s in SECTIONS[3:]]]
+
+
+def test_pool_shares_subsample_the_pool_by_owner_and_report_the_majority_baseline(routing, data_file: Path,
+                                                                                    tmp_path: Path) -> None:
+    """--pool_shares 0.75,0.25: 36 + 12 of the 72 pool rows (the gold owner builds the pool, nothing else), the test
+    rows unchanged; the majority-teacher row routes 75% of that pool; every router reports its share estimate."""
+    result = _run(routing, data_file, tmp_path / "out", tmp_path / "cache", "--split", "2x3",
+                  "--pool_shares", "0.75,0.25", "0.5,0.5", "--compare_equal_shares")
+    assert set(result) == {"shares-0.75-0.25", "shares-0.5-0.5"}
+    skewed = result["shares-0.75-0.25"]
+    assert skewed == json.loads((tmp_path / "out" / "shares-0.75-0.25" / "results.json").read_text())
+    _check_schema(skewed)
+    settings = skewed["settings"]
+    assert settings["pool_owner_counts"] == [36, 12] and settings["pool_rows"] == 48 and settings["test_rows"] == 30
+    majority = next(row for row in skewed["rows"] if row["kind"] == "baseline")
+    assert majority["pool_routing_accuracy"] == 0.75 and "teacher 0" in majority["method"]
+    assert result["shares-0.5-0.5"]["settings"]["pool_owner_counts"] == [36, 36]
+    mahalanobis = next(row for row in skewed["rows"] if row.get("router") == "relative_mahalanobis")
+    assert "estimated_shares" in mahalanobis and mahalanobis["shares_estimate"]
+    routers = [row["router"] for row in skewed["rows"] if row["kind"] == "router"]
+    assert routers == ROUTERS + ["relative_mahalanobis[shares=equal]"]  # the pool router again, without an estimate
+    equal = next(row for row in skewed["rows"] if row.get("router") == "relative_mahalanobis[shares=equal]")
+    assert equal["options"]["shares"] == "equal" and equal["estimated_shares"] is None
+    with pytest.raises(ValueError, match="must be 2 positive numbers"):
+        _run(routing, data_file, tmp_path / "out2", tmp_path / "cache", "--split", "2x3", "--pool_shares", "0.5,0.3,0.2")

@@ -186,8 +186,8 @@ def test_standardized_router_compares_each_teacher_with_itself():
     signals = TeacherSignals(logits=[torch.zeros(4, 2), torch.zeros(4, 2)], certainty=certainty,
                              mutual_information=torch.zeros(4, 2), top_variance=torch.zeros(4, 2))
     assert build_router("mc_entropy").score(signals).argmax(1).tolist() == [1, 1, 1, 1]
-    router = build_router("standardized").fit(signals)
-    assert router.score(signals).argmax(1).tolist()[0] == 0
+    router = build_router("standardized", {"min_rows_per_teacher": 2}).fit(signals)  # 4 rows: allow the fit
+    assert router.fallback is None and router.score(signals).argmax(1).tolist()[0] == 0
 
 
 def test_confident_rows_are_balanced_per_teacher():
@@ -325,27 +325,27 @@ def test_fit_is_saved_and_a_resumed_run_scores_with_the_same_fit(tmp_path, train
 
 
 def test_router_fit_rows_fits_on_a_seeded_subset_of_the_pool(tmp_path, trained_teachers, pool_rows):
-    """router_fit_rows=N: the router sees N pool rows, the same N for the same seed, and scores like a router
+    """router_fit_rows=N: the router sees N pool rows (of 32), the same N for the same seed, and scores like a router
     fitted by hand on exactly those rows' signals."""
     seen = []
 
     def fitted(name, **kw):
         trainer = make_trainer(tmp_path / name, trained_teachers, pool_rows, router="relative_mahalanobis",
-                               router_fit_rows=10, **kw)
+                               router_fit_rows=20, **kw)
         real = trainer.router.fit
         trainer.router.fit = lambda signals: seen.append(signals) or real(signals)
         trainer.fit_router()
         return trainer
 
     first, second = fitted("a"), fitted("b")
-    assert [s.batch_size for s in seen] == [10, 10]
+    assert [s.batch_size for s in seen] == [20, 20]
     torch.testing.assert_close(seen[0].logits[0], seen[1].logits[0])  # same seed, same rows
     other = fitted("c", seed=1)
     assert not torch.equal(seen[2].logits[0], seen[0].logits[0])
     ids = [str(i) for i in pool_rows["id"]]
     chosen = [i for i in ids if any(torch.equal(first.signal_cache.lookup([i], None).logits[0][0], row)
                                     for row in seen[0].logits[0])]
-    assert len(chosen) == 10
+    assert len(chosen) == 20 and first.router.fallback is None
     by_hand = build_router("relative_mahalanobis").fit(first.signal_cache.lookup(chosen, None))
     everything = first.signal_cache.lookup(ids, None)
     torch.testing.assert_close(first.router.score(everything), by_hand.score(everything))
