@@ -419,3 +419,19 @@ def test_config_fields_of_the_wrong_type_are_rejected_by_name(tmp_path, field, v
             MergeDistillConfig(output_dir=str(tmp_path), report_to=[], **{field: value})
     ok = KnowledgeIntegrationConfig(output_dir=str(tmp_path), report_to=[], max_steps=3, kd_temperature=2)
     assert ok.max_steps == 3
+
+
+def test_an_adapter_teacher_saved_without_its_classifier_is_an_error(tmp_path, tok):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    BertModel(tiny_config(tok)).save_pretrained(tmp_path / "encoder")  # the base has no classifier
+    tok.save_pretrained(tmp_path / "encoder")
+    from transformers import AutoModelForSequenceClassification
+
+    for task, name in ((None, "headless"), (TaskType.SEQ_CLS, "with_head")):
+        model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "encoder", num_labels=2)
+        adapter = get_peft_model(model, LoraConfig(task_type=task, r=2, target_modules=["query"]))
+        adapter.save_pretrained(str(tmp_path / name))
+    with pytest.raises(ValueError, match=r"classifier\.bias, classifier\.weight would be random"):
+        Teacher(str(tmp_path / "headless"), labels=["alpha", "beta"])  # was: a random classifier
+    assert Teacher(str(tmp_path / "with_head"), labels=["alpha", "beta"]).labels == ["alpha", "beta"]
