@@ -5,7 +5,7 @@ Each test pins one row of docs/reliability.md; all use the public API and tiny i
 
 import pytest
 import torch
-from conftest import TEACHER_SPLIT, build_tokenizer, make_rows, tiny_bert
+from conftest import TEACHER_SPLIT, make_rows, tiny_bert
 from datasets import Dataset
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel
 
@@ -17,11 +17,6 @@ def config(tmp_path, **kw):
                     per_device_train_batch_size=8, per_device_eval_batch_size=8, mc_samples=2, seed=0)
     defaults.update(kw)
     return KnowledgeIntegrationConfig(**defaults)
-
-
-@pytest.fixture
-def tok():
-    return build_tokenizer()
 
 
 def tiny_config(tok, **kw):
