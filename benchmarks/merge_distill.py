@@ -1,41 +1,39 @@
-"""MergeDistill benchmark: merge an English and a multilingual masked LM into one small student.
+"""MergeDistill benchmark: merge an English and a multilingual masked LM into one student.
 
-One command reproduces the table of docs/merge_distill.md:
+One command reproduces docs/results/merge_distill.json and the tables of docs/merge_distill.md:
 
-    HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 python benchmarks/merge_distill.py --config cpu
-    # a 2-3-minute end-to-end check of the pipeline, downstream stage included (numbers meaningless)
+    HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=2 python benchmarks/merge_distill.py --config cpu
+    # a few-minute end-to-end check of every stage (numbers meaningless)
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 python benchmarks/merge_distill.py --config smoke
 
 Stages (each recorded in ``<work_dir>/results.json`` as it finishes; a rerun resumes after the last
-finished stage, reusing the saved teachers, signal cache and students):
+finished step, reusing the saved teachers, signal cache, students and features):
 
-1. text: ``debian_ddtp.jsonl.xz`` rows of the chosen languages; sources that debian_sections20 puts
-   in val/test (sha1("split:" + source) % 100 >= 70) never reach training: val-hash sources give the
-   teacher-selection text, test-hash sources the evaluation text;
-2. student vocabulary (needs only the tokenizers): union of the teachers' vocabularies restricted to
-   tokens seen ``min_count`` times in the training text of the teacher's languages; coverage on
-   train and evaluation text;
-3. teachers: all-MiniLM-L6-v2 (English) and multilingual-e5-small (Italian, German) have no trained
-   MLM head; their MLM training is continued briefly with the decoder tied to the (frozen) input
-   embeddings: the encoder is frozen, the head transform and output bias learn, over the teacher's
-   tokens in the student vocabulary;
-4. teacher selection table: every teacher on every language's selection text, predicting among its
-   tokens seen in that language's training text (the run uses the given assignment; the table says
-   what automatic selection would choose);
-5. students, same size: ``merge_distill`` (alpha * KD + (1 - alpha) * MLM, teacher-initialised
-   embeddings, cached top-k signals) and ``plain_mlm`` (alpha = 0, random initialisation: no teacher
-   at all); optionally ``plain_mlm_teacher_init`` (alpha = 0 with teacher-initialised embeddings);
-6. per language on held-out text: masked-token top-1 accuracy and pseudo-perplexity of the teacher,
-   the students (same tokens: teacher(ℓ)'s tokenization, positions whose token is in the student
-   vocabulary, each masked once in ``eval_groups`` rounds);
-7. downstream, per language: each model fine-tuned as a 20-way sequence classifier on debian_sections20
-   in that language (``load_debian_sections(language=ℓ)``, the DDTP translations) and scored on its
-   test split: the teacher's ORIGINAL encoder (``resolve_model``; its MLM continuation froze the encoder,
-   so this is the teacher) and every student, each with its own tokenizer (a student: the union
-   tokenizer saved with it), on identical rows and hyper-parameters (``cfg['downstream']``): per
-   fine-tuning seed s, ``train_per_class`` rows per class drawn from train with seed s (the same rows for
-   every model), a fixed test subset (``test_per_class`` per class, seed 0); val is not used. One record
-   per (language, model, student seed, fine-tuning seed) as it finishes.
+1. text: ``debian_ddtp.jsonl.xz`` rows of the chosen languages; sources that debian_sections20 puts in
+   val/test (sha1("split:" + source) % 100 >= 70) never reach any MLM training: val-hash sources give
+   the teacher-selection text, test-hash sources the held-out evaluation text;
+2. the student's tokenizer: the teacher tokenizer that reads the training text of ALL languages best
+   (``choose_student_tokenizer``: fewest [UNK] words, keeps case, fewest pieces per word); the student
+   reads every language with it, in training and at inference; coverage of each teacher;
+3. teachers: all-MiniLM-L6-v2 (English) and multilingual-e5-small (Italian, German) have no trained MLM
+   head: the head (transform + output bias, decoder tied to the frozen input embeddings) and the top
+   ``teacher_train_layers`` encoder layers are trained on the teacher's languages' training text, logits
+   over the teacher's tokens seen in that text; masked-token top-1 on held-out text against the
+   most-frequent-token baseline;
+4. teacher selection table (every teacher on every language's selection text; the run uses the given
+   assignment);
+5. students: each start in ``starts`` (a copy of a teacher's encoder with all or every k-th layer, or a
+   fresh encoder) is saved untrained (``init_only``); the ``trained`` (variant, start) pairs are trained on
+   the same text: ``merge_distill`` (alpha * KD + (1 - alpha) * MLM, cached top-k signals aligned to the
+   student's tokens) and ``plain_mlm`` (alpha = 0: the same start, no teacher);
+6. per language on held-out text: masked-token top-1 of every teacher and student AS SHIPPED (reloaded
+   with its saved tokenizer), and the saved tokenizer's segmentation agreement with the training
+   tokenizer (words split identically, [UNK] words where the language's teacher has none);
+7. downstream, per language: a linear probe (logistic regression, L-BFGS) on frozen mean-pooled features
+   of debian_sections20 in that language: features once per (model, language) for a pool of train rows
+   and a fixed test subset; per probe seed, ``train_per_class`` rows per class drawn from the pool;
+   identical rows and settings for every model; every teacher on every language.
+8. ``docs/results/merge_distill.json`` (``--results``) and the model card of the merged student.
 """
 
 from __future__ import annotations
@@ -67,10 +65,12 @@ from ki_trainer.merge_distill import (  # noqa: E402
     MergeDistillTrainer,
     StudentVocabulary,
     build_student,
+    choose_student_tokenizer,
     count_tokens,
-    fine_tune_accuracy,
-    masked_lm_logits,
+    linear_probe_accuracy,
+    mean_pooled_features,
     score_masked_lm,
+    segmentation_agreement,
     select_teachers,
 )
 from ki_trainer.merge_distill.masking import mask_tokens  # noqa: E402
@@ -78,37 +78,47 @@ from ki_trainer.merge_distill.signals import _restricted_head  # noqa: E402
 from ki_trainer.pretrained import resolve_model  # noqa: E402
 
 DDTP = Path(os.environ.get("KI_SHARED_DATA", "/work/shared/data")) / "debian_ddtp.jsonl.xz"
+E5, MINILM = "multilingual-e5-small", "all-MiniLM-L6-v2"
 
 CONFIGS = {
     "cpu": dict(
-        languages={"en": "all-MiniLM-L6-v2", "it": "multilingual-e5-small", "de": "multilingual-e5-small"},
-        train_rows=800, select_rows=30, eval_rows=100, max_length=48,
-        teacher_rows=600, teacher_epochs=12, teacher_lr=2e-3, teacher_batch=256,
-        min_count=2, student_layers=2, student_hidden=384, student_heads=6, student_ffn=1024,
-        epochs=2, batch=32, lr=5e-4, alpha=0.5, top_k=8, eval_groups=7, seeds=[0],
-        variants=["merge_distill", "plain_mlm", "plain_mlm_teacher_init"],
-        downstream=dict(train_per_class=10, test_per_class=15, max_length=48, epochs=3, batch=16, lr=1e-4,
-                        warmup_ratio=0.1, freeze_word_embeddings=True, seeds=[0, 1, 2]),
+        languages={"en": MINILM, "it": E5, "de": E5},
+        train_rows=600, select_rows=30, eval_rows=60, max_length=64,
+        teacher_rows=600, teacher_epochs=4, teacher_lr=1e-3, teacher_batch=32, teacher_train_layers=1,
+        starts={"e5_all": dict(init="teacher", teacher=E5, layer_stride=1),
+                "e5_every2": dict(init="teacher", teacher=E5, layer_stride=2),
+                "minilm_all": dict(init="teacher", teacher=MINILM, layer_stride=1),
+                "fresh": dict(init="fresh", layers=4)},
+        trained=[["merge_distill", "e5_all"], ["plain_mlm", "e5_all"]],
+        extra_trained=[],
+        student="merge_distill:e5_all",
+        epochs=1, batch=16, lr=5e-5, alpha=0.5, top_k=8, eval_groups=4, seed=0, freeze_word_embeddings=True,
+        probe=dict(pool_per_class=20, train_per_class=15, test_per_class=15, max_length=64, seeds=[0, 1, 2], l2=1e-3),
     ),
     "smoke": dict(
-        languages={"en": "all-MiniLM-L6-v2", "it": "multilingual-e5-small"},
-        train_rows=40, select_rows=6, eval_rows=8, max_length=24,
-        teacher_rows=24, teacher_epochs=2, teacher_lr=2e-3, teacher_batch=64,
-        min_count=1, student_layers=1, student_hidden=384, student_heads=6, student_ffn=256,
-        epochs=1, batch=8, lr=5e-4, alpha=0.5, top_k=8, eval_groups=3, seeds=[0],
-        variants=["merge_distill", "plain_mlm"],
-        downstream=dict(train_per_class=2, test_per_class=2, max_length=24, epochs=1, batch=16, lr=1e-4,
-                        warmup_ratio=0.1, freeze_word_embeddings=True, seeds=[0, 1]),
+        languages={"en": MINILM, "it": E5},
+        train_rows=24, select_rows=4, eval_rows=6, max_length=24,
+        teacher_rows=24, teacher_epochs=1, teacher_lr=1e-3, teacher_batch=16, teacher_train_layers=1,
+        starts={"e5_every6": dict(init="teacher", teacher=E5, layer_stride=6),
+                "fresh": dict(init="fresh", layers=1)},
+        trained=[["merge_distill", "e5_every6"], ["plain_mlm", "e5_every6"]],
+        student="merge_distill:e5_every6",
+        epochs=1, batch=8, lr=5e-5, alpha=0.5, top_k=8, eval_groups=3, seed=0, freeze_word_embeddings=True,
+        probe=dict(pool_per_class=2, train_per_class=1, test_per_class=1, max_length=24, seeds=[0, 1], l2=1e-3),
     ),
     "gpu": dict(
-        languages={"en": "all-MiniLM-L6-v2", "it": "multilingual-e5-small", "de": "multilingual-e5-small"},
+        languages={"en": MINILM, "it": E5, "de": E5},
         train_rows=10000, select_rows=200, eval_rows=500, max_length=128,
-        teacher_rows=10000, teacher_epochs=20, teacher_lr=2e-3, teacher_batch=256,
-        min_count=2, student_layers=4, student_hidden=384, student_heads=6, student_ffn=1536,
-        epochs=5, batch=64, lr=5e-4, alpha=0.5, top_k=8, eval_groups=7, seeds=[0, 1, 2],
-        variants=["merge_distill", "plain_mlm", "plain_mlm_teacher_init"],
-        downstream=dict(train_per_class=None, test_per_class=None, max_length=128, epochs=3, batch=32, lr=1e-4,
-                        warmup_ratio=0.1, freeze_word_embeddings=False, seeds=[0, 1, 2]),
+        teacher_rows=10000, teacher_epochs=6, teacher_lr=1e-3, teacher_batch=64, teacher_train_layers=2,
+        starts={"e5_all": dict(init="teacher", teacher=E5, layer_stride=1),
+                "e5_every2": dict(init="teacher", teacher=E5, layer_stride=2),
+                "minilm_all": dict(init="teacher", teacher=MINILM, layer_stride=1),
+                "fresh": dict(init="fresh", layers=4)},
+        trained=[["merge_distill", "e5_all"], ["plain_mlm", "e5_all"]],
+        extra_trained=[["merge_distill", "e5_every2"]],
+        student="merge_distill:e5_all",
+        epochs=3, batch=32, lr=5e-5, alpha=0.5, top_k=8, eval_groups=7, seed=0, freeze_word_embeddings=True,
+        probe=dict(pool_per_class=None, train_per_class=100, test_per_class=None, max_length=128, seeds=[0, 1, 2], l2=1e-3),
     ),
 }
 
@@ -171,62 +181,7 @@ def load_text(cfg: dict) -> dict[str, dict[str, list[dict]]]:
     return out
 
 
-# ---------------------------------------------------------------------- 2. teachers
-def continue_mlm_training(model, tokenizer, texts, cfg: dict, columns: torch.Tensor, seed: int = 0) -> dict:
-    """Continued MLM training of the head, with the decoder tied to the frozen input embeddings.
-
-    The encoder stays frozen: each text is masked once (15%, 80/10/10, only tokens in ``columns``, the
-    teacher's tokens in the student vocabulary), the encoder runs once, and the head transform and output
-    bias are trained for ``teacher_epochs`` epochs on the hidden states at the masked positions, with
-    logits only over ``columns`` (the 250k-row output layer of e5 dominates the cost otherwise).
-    """
-    torch.manual_seed(seed)
-    model.eval()
-    model.requires_grad_(False)
-    head = model.cls.predictions
-    assert head.decoder.weight.data_ptr() == model.bert.embeddings.word_embeddings.weight.data_ptr(), "decoder not tied"
-    specials = set(tokenizer.all_special_ids)
-    generator = torch.Generator().manual_seed(seed)
-    in_columns = torch.zeros(max(len(tokenizer), int(columns.max()) + 1), dtype=torch.bool)
-    in_columns[columns] = True
-    in_columns[sorted(specials)] = False
-    inverse = torch.full((len(in_columns),), -1, dtype=torch.long)
-    inverse[columns] = torch.arange(len(columns))
-    replacements = torch.nonzero(in_columns).flatten()
-    start = time.time()
-    hidden, targets = [], []
-    with torch.no_grad():
-        for begin in range(0, len(texts), 32):
-            enc = tokenizer(texts[begin : begin + 32], truncation=True, max_length=cfg["max_length"], padding=True, return_tensors="pt")
-            ids, attention = enc["input_ids"], enc["attention_mask"]
-            eligible = attention.bool() & in_columns[ids.clamp(max=len(in_columns) - 1)]
-            masked, predict = mask_tokens(ids, eligible, tokenizer.mask_token_id, replacements, 0.15, generator)
-            hidden.append(model.bert(input_ids=masked, attention_mask=attention)[0][predict])
-            targets.append(inverse[ids[predict]])
-    hidden, targets = torch.cat(hidden), torch.cat(targets)
-    encode_seconds = time.time() - start
-    head.transform.requires_grad_(True)
-    head.bias.requires_grad_(True)
-    params = [*head.transform.parameters(), head.bias]
-    optimizer = torch.optim.AdamW(params, lr=cfg["teacher_lr"], weight_decay=0.0)
-    losses, steps = [], 0
-    for epoch in range(cfg["teacher_epochs"]):
-        order = torch.randperm(len(targets), generator=generator)
-        for batch in order.split(cfg["teacher_batch"]):
-            logits = _restricted_head(model.cls, hidden[batch], columns)
-            loss = torch.nn.functional.cross_entropy(logits.float(), targets[batch])
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            losses.append(float(loss.detach()))
-            steps += 1
-    model.requires_grad_(False)
-    return {"positions": len(targets), "steps": steps, "first_loss": round(losses[0], 4),
-            "last_epoch_loss": round(sum(losses[-max(1, steps // cfg["teacher_epochs"]):]) / max(1, steps // cfg["teacher_epochs"]), 4),
-            "encode_seconds": round(encode_seconds, 1), "seconds": round(time.time() - start, 1),
-            "trainable_params": sum(p.numel() for p in params)}
-
-
+# ---------------------------------------------------------------------- 2. student tokenizer
 def teacher_plan(cfg: dict) -> dict[str, list[str]]:
     """Teacher model -> its languages (from ``cfg['languages']``)."""
     plan: dict[str, list[str]] = {}
@@ -235,9 +190,166 @@ def teacher_plan(cfg: dict) -> dict[str, list[str]]:
     return plan
 
 
-def build_teachers(cfg: dict, text, vocabulary: StudentVocabulary, work: Path, record: Record) -> list[MaskedLMTeacher]:
+def teacher_tokenizers(cfg: dict) -> dict:
+    return {name: AutoTokenizer.from_pretrained(resolve_model(name)) for name in teacher_plan(cfg)}
+
+
+def build_vocabulary(cfg: dict, text, record: Record) -> tuple[StudentVocabulary, str]:
+    """The student's tokenizer (the teacher tokenizer that reads all languages best) and each teacher's
+    coverage by it (needs only the tokenizers, so it precedes teacher training)."""
+    plan = teacher_plan(cfg)
+    tokenizers = teacher_tokenizers(cfg)
+    names = list(plan)
+    train_texts = {lang: [r["text"] for r in text[lang]["train"][:200]] for lang in cfg["languages"]}
+    best, table = choose_student_tokenizer([tokenizers[n] for n in names], train_texts, names)
+    student_source = names[best]
+
+    def counts(split: str) -> list[Counter]:
+        return [count_tokens(tokenizers[name], [r["text"] for lang in plan[name] for r in text[lang][split]], cfg["max_length"])
+                for name in names]
+
+    vocabulary = StudentVocabulary.from_tokenizer(tokenizers[student_source], [tokenizers[n] for n in names], names,
+                                                  counts("train"), min_coverage=0.5)
+    if "vocabulary" not in record:
+        record.put("vocabulary", {
+            "student_tokenizer": student_source, "size": len(vocabulary), "choice_table": table,
+            "teacher_vocab_sizes": {n: len(tokenizers[n]) for n in names},
+            "coverage_train": vocabulary.coverage_table(),
+            "coverage_eval": [c.as_dict() for c in vocabulary.update_coverage(counts("eval"))],
+        })
+    return vocabulary, student_source
+
+
+# ---------------------------------------------------------------------- 3. teachers
+def teacher_columns(tokenizer, texts, max_length: int) -> torch.Tensor:
+    """The teacher's non-special token ids that occur in ``texts`` (its prediction candidates)."""
+    counts = count_tokens(tokenizer, texts, max_length)
+    specials = set(tokenizer.all_special_ids)
+    return torch.tensor(sorted(i for i in counts if i not in specials), dtype=torch.long)
+
+
+def _extended(mask: torch.Tensor) -> torch.Tensor:
+    return (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+
+
+def train_teacher_head(model, tokenizer, texts, cfg: dict, columns: torch.Tensor, seed: int = 0) -> dict:
+    """Continued MLM training of a sentence encoder without an MLM head.
+
+    Trained: the head transform, the output bias and the top ``teacher_train_layers`` encoder layers; the
+    decoder stays tied to the frozen input embeddings, the other layers are frozen. Each text is masked once
+    (15%, 80/10/10, only tokens in ``columns``); the frozen bottom runs once and its output is cached; logits
+    only over ``columns`` (the 250k-row output layer of e5 dominates the cost otherwise).
+    """
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model.eval()
+    model.requires_grad_(False)
+    base, head = model.base_model, model.cls.predictions
+    assert head.decoder.weight.data_ptr() == base.embeddings.word_embeddings.weight.data_ptr(), "decoder not tied"
+    layers = base.encoder.layer
+    top = cfg["teacher_train_layers"]
+    bottom = len(layers) - top
+    specials = set(tokenizer.all_special_ids)
+    in_columns = torch.zeros(max(len(tokenizer), int(columns.max()) + 1), dtype=torch.bool)
+    in_columns[columns] = True
+    in_columns[sorted(specials)] = False
+    inverse = torch.full((len(in_columns),), -1, dtype=torch.long)
+    inverse[columns] = torch.arange(len(columns))
+    replacements = torch.nonzero(in_columns).flatten()
+    start = time.time()
+    batches = []
+    with torch.no_grad():
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        for begin in range(0, len(order), cfg["teacher_batch"]):
+            chunk = [texts[i] for i in order[begin : begin + cfg["teacher_batch"]]]
+            enc = tokenizer(chunk, truncation=True, max_length=cfg["max_length"], padding=True, return_tensors="pt")
+            ids, attention = enc["input_ids"], enc["attention_mask"]
+            eligible = attention.bool() & in_columns[ids.clamp(max=len(in_columns) - 1)]
+            masked, predict = mask_tokens(ids, eligible, tokenizer.mask_token_id, replacements, 0.15, generator)
+            hidden = base(input_ids=masked, attention_mask=attention, output_hidden_states=True).hidden_states[bottom]
+            batches.append((hidden, attention, predict, inverse[ids[predict]]))
+    encode_seconds = time.time() - start
+    with torch.no_grad():  # output bias := log unigram frequency of the candidates (predicting the frequent token is free)
+        frequency = torch.ones(len(columns))
+        for batch in batches:
+            frequency += torch.bincount(batch[3], minlength=len(columns)).float()
+        head.bias[columns] = torch.log(frequency / frequency.sum()).to(head.bias.dtype)
+    params = [*head.transform.parameters(), head.bias]
+    for layer in layers[bottom:]:
+        layer.requires_grad_(True)
+        params += list(layer.parameters())
+    head.transform.requires_grad_(True)
+    head.bias.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=cfg["teacher_lr"], weight_decay=0.0)
+    # every 10th batch is held out: the epoch with the lowest held-out loss is kept (each text is masked once,
+    # so more epochs memorise those masks instead of learning to predict)
+    held = batches[::10]
+    batches = [b for i, b in enumerate(batches) if i % 10]
+    total = cfg["teacher_epochs"] * len(batches)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, total // 10)) * max(0.0, 1 - step / total))
+
+    def run(batch):
+        hidden, attention, predict, target = batch
+        h = hidden
+        for layer in layers[bottom:]:
+            out = layer(h, attention_mask=_extended(attention))
+            h = out[0] if isinstance(out, tuple) else out
+        logits = _restricted_head(model.cls, h[predict], columns).float()
+        return torch.nn.functional.cross_entropy(logits, target, reduction="sum"), int((logits.argmax(-1) == target).sum()), len(target)
+
+    def held_out():
+        for layer in layers[bottom:]:
+            layer.eval()
+        with torch.no_grad():
+            parts = [run(b) for b in held]
+        for layer in layers[bottom:]:
+            layer.train()
+        n = sum(p[2] for p in parts)
+        return round(float(sum(p[0] for p in parts)) / n, 4), round(sum(p[1] for p in parts) / n, 4)
+
+    epoch_losses, held_losses = [], [held_out()]
+    best = (held_losses[0][0], 0, {k: v.detach().clone() for k, v in model.state_dict().items() if "cls." in k or ".layer." in k})
+    for layer in layers[bottom:]:
+        layer.train()
+    for epoch in range(cfg["teacher_epochs"]):
+        losses = []
+        for b in torch.randperm(len(batches), generator=generator).tolist():
+            loss_sum, _, count = run(batches[b])
+            loss = loss_sum / count
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            losses.append(float(loss.detach()))
+        epoch_losses.append(round(sum(losses) / len(losses), 4))
+        held_losses.append(held_out())
+        if held_losses[-1][0] < best[0]:
+            best = (held_losses[-1][0], epoch + 1, {k: v.detach().clone() for k, v in model.state_dict().items() if "cls." in k or ".layer." in k})
+        elif epoch + 1 - best[1] >= 1:
+            break
+    model.load_state_dict(best[2], strict=False)
+    model.eval()
+    model.requires_grad_(False)
+    return {"positions": int(sum(int(b[2].sum()) for b in batches)), "steps": total, "epoch_losses": epoch_losses,
+            "held_out_loss_top1_by_epoch": held_losses, "kept_epoch": best[1],
+            "encode_seconds": round(encode_seconds, 1), "seconds": round(time.time() - start, 1),
+            "trained_layers": top, "candidates": len(columns),
+            "trainable_params": sum(p.numel() for p in params)}
+
+
+def most_frequent_baseline(tokenizer, train_texts, eval_texts, columns: torch.Tensor, max_length: int) -> dict:
+    """Top-1 of always predicting the most frequent training token, on the held-out tokens in ``columns``."""
+    train = count_tokens(tokenizer, train_texts, max_length)
+    allowed = set(columns.tolist())
+    top_id, _ = max(((i, c) for i, c in train.items() if i in allowed), key=lambda pair: pair[1])
+    held = count_tokens(tokenizer, eval_texts, max_length)
+    scored = sum(c for i, c in held.items() if i in allowed)
+    return {"token": tokenizer.convert_ids_to_tokens(int(top_id)), "accuracy": held.get(top_id, 0) / max(1, scored)}
+
+
+def build_teachers(cfg: dict, text, work: Path, record: Record) -> list[MaskedLMTeacher]:
     teachers = []
-    for t, (name, languages) in enumerate(teacher_plan(cfg).items()):
+    for name, languages in teacher_plan(cfg).items():
         directory = work / "teachers" / name
         key = f"teacher_training:{name}"
         if key not in record or not (directory / "config.json").exists():
@@ -245,261 +357,407 @@ def build_teachers(cfg: dict, text, vocabulary: StudentVocabulary, work: Path, r
             tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModelForMaskedLM.from_pretrained(source)
             texts = [r["text"] for lang in languages for r in text[lang]["train"][: cfg["teacher_rows"]]]
-            log(f"teacher {name}: continued MLM training on {len(texts)} {'+'.join(languages)} texts")
-            stats = continue_mlm_training(model, tokenizer, texts, cfg, vocabulary.mapped_teacher_ids(t))
+            columns = teacher_columns(tokenizer, texts, cfg["max_length"])
+            log(f"teacher {name}: MLM head training on {len(texts)} {'+'.join(languages)} texts, {len(columns)} candidates")
+            stats = train_teacher_head(model, tokenizer, texts, cfg, columns)
             model.save_pretrained(directory)
             tokenizer.save_pretrained(directory)
+            torch.save(columns, directory / "candidate_ids.pt")
             record.put(key, {"languages": languages, "texts": len(texts), **stats})
-            log(f"teacher {name}: {stats}")
+            log(f"teacher {name}: {record[key]}")
         teachers.append(MaskedLMTeacher(str(directory), languages=languages, name=name, max_length=cfg["max_length"]))
     return teachers
 
 
-# ---------------------------------------------------------------------- 4. vocabulary
-def teacher_tokenizers(cfg: dict) -> list:
-    return [AutoTokenizer.from_pretrained(resolve_model(name)) for name in teacher_plan(cfg)]
+def teacher_mlm_quality(cfg: dict, text, teachers, work: Path, record: Record) -> None:
+    """Every teacher on every language's held-out text: top-1 over its candidates vs the most-frequent-token baseline."""
+    for teacher in teachers:
+        columns = torch.load(work / "teachers" / teacher.name / "candidate_ids.pt")
+        train_texts = [r["text"] for lang in teacher.languages for r in text[lang]["train"][: cfg["teacher_rows"]]]
+        for lang in cfg["languages"]:
+            key = f"teacher_mlm:{teacher.name}:{lang}"
+            if key in record:
+                continue
+            texts = [r["text"] for r in text[lang]["eval"]]
+            start = time.time()
+            scores = score_teacher(teacher, texts, columns, cfg)
+            baseline = most_frequent_baseline(teacher.tokenizer, train_texts, texts, columns, cfg["max_length"])
+            record.put(key, {**scores, "most_frequent_token": baseline["token"], "most_frequent_accuracy": baseline["accuracy"],
+                             "assigned": lang in teacher.languages, "seconds": round(time.time() - start, 1)})
+            log(f"{key}: top-1 {scores['accuracy']:.3f} vs most-frequent {baseline['accuracy']:.3f}")
 
 
-def build_vocabulary(cfg: dict, text, record: Record) -> StudentVocabulary:
-    """Union of the teachers' vocabularies restricted to tokens seen ``min_count`` times in the training
-    text of each teacher's languages (needs only the tokenizers, so it precedes teacher training)."""
-    plan = teacher_plan(cfg)
-    tokenizers, names = teacher_tokenizers(cfg), list(plan)
-
-    def counts(split: str) -> list[Counter]:
-        return [count_tokens(tok, [r["text"] for lang in plan[name] for r in text[lang][split]], cfg["max_length"])
-                for tok, name in zip(tokenizers, names)]
-
-    vocabulary = StudentVocabulary.union(tokenizers, names, counts("train"), cfg["min_count"])
-    if "vocabulary" not in record:
-        record.put("vocabulary", {
-            "size": len(vocabulary),
-            "teacher_vocab_sizes": dict(zip(names, map(len, tokenizers))),
-            "coverage_train": vocabulary.coverage_table(),
-            "coverage_eval": [c.as_dict() for c in vocabulary.update_coverage(counts("eval"))],
-        })
-    return vocabulary
+def score_teacher(teacher, texts, columns: torch.Tensor, cfg: dict) -> dict:
+    """Masked-token top-1 of a teacher in its own tokenization, predicting among its ``columns``."""
+    size = max(len(teacher.tokenizer), int(columns.max()) + 1)
+    candidates = StudentVocabulary(tokens=[], teacher_names=[teacher.name], id_maps=[torch.full((size,), -1, dtype=torch.long)],
+                                   coverage=[], special_ids={})
+    candidates.id_maps[0][columns] = torch.arange(len(columns))
+    return score_masked_lm(teacher.model, teacher, texts, vocabulary=candidates, teacher_index=0, candidates="student_vocabulary",
+                           groups=cfg["eval_groups"], max_length=cfg["max_length"])
 
 
-def selection_candidates(cfg: dict, text, teachers) -> dict[str, StudentVocabulary]:
-    """Per language: every teacher's tokens seen in that language's training text (the candidates a
-    teacher predicts among during selection)."""
-    out = {}
+# ---------------------------------------------------------------------- 4. selection
+def selection(cfg: dict, text, teachers, work: Path, record: Record) -> None:
+    if "selection" in record:
+        return
+    start = time.time()
+    saved = [list(t.languages) for t in teachers]
+    candidates = {}
     for lang in cfg["languages"]:
         texts = [r["text"] for r in text[lang]["train"]]
         counts = [count_tokens(t.tokenizer, texts, cfg["max_length"]) for t in teachers]
-        out[lang] = StudentVocabulary.union([t.tokenizer for t in teachers], [t.name for t in teachers], counts, 1)
-    return out
+        candidates[lang] = StudentVocabulary.union([t.tokenizer for t in teachers], [t.name for t in teachers], counts, 1)
+    choice, rows = select_teachers(teachers, {lang: [r["text"] for r in text[lang]["select"]] for lang in cfg["languages"]},
+                                   groups=cfg["eval_groups"], max_length=cfg["max_length"], candidates=candidates)
+    for teacher, languages in zip(teachers, saved):
+        teacher.languages = languages  # the run uses the given assignment; the table is reported
+    record.put("selection", {"chosen": choice, "table": rows, "seconds": round(time.time() - start, 1)})
+    log(f"selection: {choice}")
 
 
 # ---------------------------------------------------------------------- 5. students
-def train_student(variant: str, seed: int, cfg: dict, text, teachers, vocabulary, work: Path, record: Record) -> Path:
-    directory = work / "students" / f"{variant}-seed{seed}"
-    key = f"student:{variant}:{seed}"
+def student_dir(work: Path, name: str) -> Path:
+    return work / "students" / name
+
+
+def build_start(cfg: dict, start: str, vocabulary, teachers, seed: int):
+    spec = cfg["starts"][start]
+    if spec["init"] == "teacher":
+        return build_student(vocabulary, teachers, init="teacher", init_teacher=spec["teacher"], layer_stride=spec["layer_stride"], seed=seed)
+    return build_student(vocabulary, teachers, init="fresh", hidden_size=384, num_hidden_layers=spec["layers"], num_attention_heads=6,
+                         intermediate_size=1536, max_position_embeddings=512, seed=seed)
+
+
+def save_init_only(cfg: dict, start: str, vocabulary, teachers, work: Path, record: Record) -> Path:
+    directory = student_dir(work, f"init_only:{start}")
+    key = f"student:init_only:{start}"
     if key in record and (directory / "config.json").exists():
         return directory
-    distill = variant == "merge_distill"
-    init = variant in ("merge_distill", "plain_mlm_teacher_init")
-    student = build_student(
-        vocabulary, teachers, hidden_size=cfg["student_hidden"], num_hidden_layers=cfg["student_layers"],
-        num_attention_heads=cfg["student_heads"], intermediate_size=cfg["student_ffn"],
-        max_position_embeddings=max(64, cfg["max_length"]), init_embeddings=init, seed=seed,
-    )
+    model = build_start(cfg, start, vocabulary, teachers, cfg["seed"])
+    model.save_pretrained(directory)
+    vocabulary.tokenizer.save_pretrained(directory)
+    record.put(key, {"params": sum(p.numel() for p in model.parameters()), "init": getattr(model.config, "ki_student_init", None)})
+    log(f"{key}: {record[key]}")
+    return directory
+
+
+def train_student(variant: str, start: str, cfg: dict, text, teachers, vocabulary, work: Path, record: Record) -> Path:
+    name = f"{variant}:{start}"
+    directory = student_dir(work, name)
+    key = f"student:{name}"
+    if key in record and (directory / "config.json").exists():
+        return directory
     from datasets import Dataset
 
+    distill = variant == "merge_distill"
+    seed = cfg["seed"]
+    student = build_start(cfg, start, vocabulary, teachers, seed)
     rows = [r for lang in cfg["languages"] for r in text[lang]["train"]]
     random.Random(seed).shuffle(rows)
     args = MergeDistillConfig(
         output_dir=str(directory), report_to="none", use_cpu=not torch.cuda.is_available(), seed=seed,
         alpha=cfg["alpha"] if distill else 0.0, top_k=cfg["top_k"], max_length=cfg["max_length"],
-        teacher_output="student_vocabulary",
+        teacher_output="student_vocabulary", output_vocabulary="training_text",
+        freeze_word_embeddings=cfg["freeze_word_embeddings"],
         teacher_signals="cached" if distill else "on_the_fly", static_masking=False,
         signal_cache_dir=str(work / "teacher_signals"), num_train_epochs=cfg["epochs"],
         per_device_train_batch_size=cfg["batch"], per_device_eval_batch_size=cfg["batch"], learning_rate=cfg["lr"],
-        warmup_steps=20, weight_decay=0.01, logging_steps=20, save_strategy="no", disable_tqdm=True,
+        warmup_steps=max(1, len(rows) // cfg["batch"] // 10), weight_decay=0.01, logging_steps=10, save_strategy="no", disable_tqdm=True,
         dataloader_num_workers=0,
     )
     trainer = MergeDistillTrainer(model=student, args=args, teachers=teachers, vocabulary=vocabulary,
                                   train_dataset=Dataset.from_list(rows))
     cache_seconds = None
     if distill:
-        start = time.time()
+        begin = time.time()
         trainer.precompute_teacher_signals()
-        cache_seconds = round(time.time() - start, 1)
-        log(f"{variant} seed {seed}: top-k cache ready in {cache_seconds}s ({trainer.signal_cache.nbytes() / 1e6:.1f} MB)")
-    start = time.time()
+        cache_seconds = round(time.time() - begin, 1)
+        log(f"{name}: top-k cache ready in {cache_seconds}s ({trainer.signal_cache.nbytes() / 1e6:.1f} MB)")
+    begin = time.time()
     trainer.train()
-    seconds = round(time.time() - start, 1)
+    seconds = round(time.time() - begin, 1)
     trainer.save_model()
     trainer.create_model_card()
     history = [h for h in trainer.state.log_history if "loss" in h]
     record.put(key, {"train_seconds": seconds, "cache_seconds": cache_seconds, "steps": trainer.state.global_step,
                      "rows": len(rows), "params": sum(p.numel() for p in student.parameters()),
-                     "last_log": history[-1] if history else None})
-    log(f"{variant} seed {seed}: trained in {seconds}s, {trainer.state.global_step} steps, last log {history[-1] if history else None}")
+                     "trainable_params": sum(p.numel() for p in student.parameters() if p.requires_grad),
+                     "output_columns": len(trainer.output_columns), "history": history,
+                     "init": getattr(student.config, "ki_student_init", None)})
+    log(f"{name}: trained in {seconds}s, {trainer.state.global_step} steps, last log {history[-1] if history else None}")
     return directory
 
 
-# ---------------------------------------------------------------------- 6. evaluation
-def evaluate_all(cfg: dict, text, teachers, vocabulary, work: Path, record: Record) -> None:
-    index = {t.name: i for i, t in enumerate(teachers)}
-    for lang, model_name in cfg["languages"].items():
-        t = index[model_name]
-        texts = [r["text"] for r in text[lang]["eval"]]
-        kwargs = dict(groups=cfg["eval_groups"], max_length=cfg["max_length"], vocabulary=vocabulary, teacher_index=t)
-        key = f"eval:{lang}:teacher"
-        if key not in record:
-            start = time.time()
-            scores = score_masked_lm(teachers[t].model, teachers[t], texts, candidates="student_vocabulary", **kwargs)
-            record.put(key, {**scores, "seconds": round(time.time() - start, 1)})
-            log(f"{key}: {record[key]}")
-        for variant in cfg["variants"]:
-            for seed in cfg["seeds"]:
-                key = f"eval:{lang}:{variant}:{seed}"
-                if key in record:
-                    continue
-                student = AutoModelForMaskedLM.from_pretrained(work / "students" / f"{variant}-seed{seed}")
-                start = time.time()
-                scores = score_masked_lm(student, teachers[t], texts, student=True, **kwargs)
-                record.put(key, {**scores, "seconds": round(time.time() - start, 1)})
-                log(f"{key}: {record[key]}")
-
-
-# ---------------------------------------------------------------------- 7. downstream
-def downstream_all(cfg: dict, work: Path, record: Record) -> None:
-    """Fine-tune every model on debian_sections20 in each language (identical rows and settings for all)."""
-    d = cfg["downstream"]
-    transformers_logging.set_verbosity_error()  # every load reports the fresh classifier head: expected
-    settings = dict(epochs=d["epochs"], batch_size=d["batch"], learning_rate=d["lr"], warmup_ratio=d["warmup_ratio"],
-                    max_length=d["max_length"], freeze_word_embeddings=d["freeze_word_embeddings"])
-    for lang, teacher in cfg["languages"].items():
-        data = load_debian_sections(language=lang)
-        labels = sorted(set(data["train"]["label"]))
-        test = cap_per_class(data["test"], d["test_per_class"], seed=0)
-        # (label, path, student seed): the teacher's original encoder, then every student with its union tokenizer
-        models = [(f"teacher ({teacher})", resolve_model(teacher), "-")]
-        models += [(f"student: {v}", str(work / "students" / f"{v}-seed{s}"), str(s)) for v in cfg["variants"] for s in cfg["seeds"]]
-        for seed in d["seeds"]:
-            train = cap_per_class(data["train"], d["train_per_class"], seed=seed)
-            for label, path, student_seed in models:
-                key = f"downstream:{lang}:{label}:{student_seed}:{seed}"
-                if key in record:
-                    continue
-                result = fine_tune_accuracy(path, train["text"], train["label"], test["text"], test["label"], labels=labels,
-                                            seed=seed, **settings)
-                record.put(key, result)
-                log(f"{key}: accuracy {result['accuracy']:.3f} ({result['seconds']}s, unknown {result['unknown_share']:.3f})")
-
-
-def downstream_summary(cfg: dict, record: Record) -> dict[str, dict[str, dict]]:
-    """language -> model -> test accuracy mean, sample std (None for one run), runs, and the first run's
-    rows and tokenizer statistics, over the configured fine-tuning (and student) seeds."""
-    seeds, out = cfg["downstream"]["seeds"], {}
-    for lang, teacher in cfg["languages"].items():
-        rows = {f"teacher ({teacher})": ["-"], **{f"student: {v}": [str(s) for s in cfg["seeds"]] for v in cfg["variants"]}}
-        for label, student_seeds in rows.items():
-            runs = [record[k] for k in (f"downstream:{lang}:{label}:{s}:{f}" for s in student_seeds for f in seeds) if k in record]
-            if not runs:
-                continue
-            values = [r["accuracy"] for r in runs]
-            mean = sum(values) / len(values)
-            std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
-            first = runs[0]
-            out.setdefault(lang, {})[label] = {
-                "accuracy_mean": mean, "accuracy_std": std, "runs": len(runs),
-                **{k: first[k] for k in ("train_rows", "test_rows", "unknown_share", "mean_tokens_per_text", "truncated_share")},
-            }
+def student_models(cfg: dict, extra: bool = False, primary_only: bool = False) -> list[tuple[str, str]]:
+    """(model name, kind) of every student row: trained students (``extra``: also ``extra_trained``, trained
+    after the main results are written), then every start untrained."""
+    trained = cfg["trained"] + (cfg.get("extra_trained", []) if extra else [])
+    out = [(f"{variant}:{start}", "student" if variant == "merge_distill" else "baseline") for variant, start in trained]
+    primary = cfg["student"].split(":", 1)[1]
+    out += [(f"init_only:{start}", "init_only") for start in cfg["starts"] if start == primary or not primary_only]
     return out
 
 
-def downstream_table(cfg: dict, record: Record) -> str:
-    """Test accuracy per (language, model): mean ± sample std over fine-tuning (and student) seeds."""
-    lines = ["| language | model | test accuracy | runs | train rows / run | test rows | [UNK] share | tokens per text | texts cut |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for lang, models in downstream_summary(cfg, record).items():
-        for label, r in models.items():
-            std = "-" if r["accuracy_std"] is None else f"{r['accuracy_std']:.3f}"
-            lines.append(f"| {lang} | {label} | {r['accuracy_mean']:.3f} ± {std} | {r['runs']} | {r['train_rows']} | "
-                         f"{r['test_rows']} | {r['unknown_share']:.3f} | {r['mean_tokens_per_text']:.0f} | {r['truncated_share']:.2f} |")
+# ---------------------------------------------------------------------- 6. masked LM and segmentation
+def evaluate_students(cfg: dict, text, teachers, vocabulary, work: Path, record: Record, extra: bool = False,
+                      primary_only: bool = False) -> None:
+    """Students AS SHIPPED: reloaded from their directory, reading held-out text with their saved tokenizer."""
+    by_name = {t.name: t for t in teachers}
+    for name, _ in student_models(cfg, extra, primary_only):
+        directory = student_dir(work, name)
+        shipped = None
+        for lang, teacher_name in cfg["languages"].items():
+            key = f"eval:{lang}:{name}"
+            if key in record:
+                continue
+            if shipped is None:
+                shipped = MaskedLMTeacher(str(directory), name=name)
+            texts = [r["text"] for r in text[lang]["eval"]]
+            begin = time.time()
+            scores = score_masked_lm(shipped.model, shipped, texts, groups=cfg["eval_groups"], max_length=cfg["max_length"])
+            agreement = segmentation_agreement(shipped.tokenizer, vocabulary.tokenizer, texts, by_name[teacher_name].tokenizer)
+            record.put(key, {**scores, "segmentation": agreement, "seconds": round(time.time() - begin, 1)})
+            log(f"{key}: top-1 {scores['accuracy']:.3f}, same segmentation {agreement['same_segmentation']:.4f}, "
+                f"[UNK] words {agreement['unknown_words']}")
+
+
+# ---------------------------------------------------------------------- 7. downstream: linear probe
+def probe_rows(cfg: dict, lang: str):
+    """(pool rows, test rows, label list) of debian_sections20 in ``lang``: the same for every model."""
+    p = cfg["probe"]
+    data = load_debian_sections(language=lang)
+    labels = sorted(set(data["train"]["label"]))
+    pool = cap_per_class(data["train"], p["pool_per_class"], seed=0)
+    test = cap_per_class(data["test"], p["test_per_class"], seed=0)
+    return pool, test, labels
+
+
+def probe_models(cfg: dict, work: Path, extra: bool = False, primary_only: bool = False) -> list[tuple[str, str, str]]:
+    """(model name, kind, directory): every teacher's ORIGINAL encoder, then every student."""
+    out = [(f"teacher:{name}", "teacher", str(resolve_model(name))) for name in teacher_plan(cfg)]
+    out += [(name, kind, str(student_dir(work, name))) for name, kind in student_models(cfg, extra, primary_only)]
+    return out
+
+
+def downstream_all(cfg: dict, work: Path, record: Record, extra: bool = False, primary_only: bool = False) -> None:
+    p = cfg["probe"]
+    transformers_logging.set_verbosity_error()
+    features_dir = work / "features"
+    features_dir.mkdir(parents=True, exist_ok=True)
+    for lang in cfg["languages"]:
+        pool, test, labels = probe_rows(cfg, lang)
+        label_id = {label: i for i, label in enumerate(labels)}
+        pool_y = [label_id[x] for x in pool["label"]]
+        test_y = [label_id[x] for x in test["label"]]
+        for name, kind, directory in probe_models(cfg, work, extra, primary_only):
+            if all(f"probe:{lang}:{name}:{s}" in record for s in p["seeds"]):
+                continue
+            path = features_dir / f"{lang}--{name.replace(':', '--')}.pt"
+            if path.exists():
+                feats = torch.load(path)
+            else:
+                begin = time.time()
+                feats = {"pool": mean_pooled_features(directory, pool["text"], max_length=p["max_length"]),
+                         "test": mean_pooled_features(directory, test["text"], max_length=p["max_length"]),
+                         "seconds": round(time.time() - begin, 1)}
+                torch.save(feats, path)
+            for seed in p["seeds"]:
+                key = f"probe:{lang}:{name}:{seed}"
+                if key in record:
+                    continue
+                rng = random.Random(f"probe-{seed}")
+                by_label: dict[int, list[int]] = {}
+                for i, y in enumerate(pool_y):
+                    by_label.setdefault(y, []).append(i)
+                rows = sorted(i for members in by_label.values() for i in rng.sample(members, min(p["train_per_class"], len(members))))
+                result = linear_probe_accuracy(feats["pool"][rows], [pool_y[i] for i in rows], feats["test"], test_y,
+                                               num_labels=len(labels), l2=p["l2"])
+                record.put(key, {**result, "feature_seconds": feats["seconds"]})
+                log(f"{key}: {result['accuracy']:.3f}")
+
+
+# ---------------------------------------------------------------------- 8. results
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def results_rows(cfg: dict, work: Path, record: Record) -> list[dict]:
+    rows = []
+    for lang, assigned_teacher in cfg["languages"].items():
+        for name, kind, _ in probe_models(cfg, work, extra=True):
+            runs = [record[f"probe:{lang}:{name}:{s}"]["accuracy"] for s in cfg["probe"]["seeds"] if f"probe:{lang}:{name}:{s}" in record]
+            if not runs:
+                continue
+            mean, std = _mean_std(runs)
+            if kind == "teacher":
+                teacher = name.split(":", 1)[1]
+                mlm = record.data.get(f"teacher_mlm:{teacher}:{lang}", {}).get("accuracy")
+            else:
+                mlm = record.data.get(f"eval:{lang}:{name}", {}).get("accuracy")
+            row = {"language": lang, "model": name, "kind": kind, "downstream_accuracy": round(mean, 4),
+                   "downstream_std": round(std, 4), "n_seeds": len(runs),
+                   "masked_token_accuracy": None if mlm is None else round(mlm, 4)}
+            if kind == "teacher":
+                row["assigned"] = name == f"teacher:{assigned_teacher}"
+            rows.append(row)
+    return rows
+
+
+def goal(cfg: dict, rows: list[dict]) -> dict:
+    """The issue's goal: per language the merged student within 5 points of its teacher; its mean at least
+    1 point above the best single teacher used for every language."""
+    student = cfg["student"]
+    acc = {(r["language"], r["model"]): r["downstream_accuracy"] for r in rows}
+    langs = list(cfg["languages"])
+    if any((lang, student) not in acc for lang in langs):
+        return {}
+    gaps = {lang: round(acc[(lang, student)] - acc[(lang, f"teacher:{cfg['languages'][lang]}")], 4) for lang in langs}
+    means = {name: sum(acc[(lang, f"teacher:{name}")] for lang in langs) / len(langs) for name in teacher_plan(cfg)}
+    best = max(means, key=means.get)
+    student_mean = sum(acc[(lang, student)] for lang in langs) / len(langs)
+    return {"student": student, "gap_to_own_teacher": gaps, "within_5_points": all(g >= -0.05 for g in gaps.values()),
+            "student_mean": round(student_mean, 4), "teacher_means": {k: round(v, 4) for k, v in means.items()},
+            "best_single_teacher": best, "margin_over_best_teacher": round(student_mean - means[best], 4),
+            "mean_1_point_above_best": student_mean - means[best] >= 0.01}
+
+
+def tables(cfg: dict, work: Path, record: Record) -> str:
+    rows = results_rows(cfg, work, record)
+    lines = ["| language | model | kind | probe accuracy (mean ± std over seeds) | seeds | masked-token top-1 |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        kind = r["kind"] + (" (assigned)" if r.get("assigned") else "")
+        mlm = "-" if r["masked_token_accuracy"] is None else f"{r['masked_token_accuracy']:.3f}"
+        lines.append(f"| {r['language']} | {r['model']} | {kind} | {r['downstream_accuracy']:.3f} ± {r['downstream_std']:.3f} | "
+                     f"{r['n_seeds']} | {mlm} |")
+    lines += ["", "| teacher | language | masked-token top-1 | most-frequent-token baseline | scored tokens |", "|---|---|---|---|---|"]
+    for key, value in record.data.items():
+        if key.startswith("teacher_mlm:"):
+            _, teacher, lang = key.split(":")
+            lines.append(f"| {teacher} | {lang}{' (assigned)' if value['assigned'] else ''} | {value['accuracy']:.3f} | "
+                         f"{value['most_frequent_accuracy']:.3f} (`{value['most_frequent_token']}`) | {value['tokens']} |")
+    lines += ["", "| student | language | words | segmented as in training | [UNK] words (teacher had none) |", "|---|---|---|---|---|"]
+    for key, value in record.data.items():
+        if key.startswith("eval:") and "segmentation" in value:
+            _, lang, name = key.split(":", 2)
+            s = value["segmentation"]
+            lines.append(f"| {name} | {lang} | {s['words']} | {s['same_segmentation']:.4f} | {s['unknown_words']} |")
     return "\n".join(lines)
 
 
-def table(cfg: dict, record: Record) -> str:
-    def cell(key_prefix: str, metric: str, digits: int) -> str:
-        values = [record[f"{key_prefix}:{s}"][metric] for s in cfg["seeds"] if f"{key_prefix}:{s}" in record]
-        if not values:
-            return "-"
-        mean = sum(values) / len(values)
-        if len(values) == 1:
-            return f"{mean:.{digits}f}"
-        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-        return f"{mean:.{digits}f} ± {std:.{digits}f}"
+def write_results(cfg: dict, work: Path, record: Record, path: Path) -> dict:
+    rows = results_rows(cfg, work, record)
+    settings = {k: v for k, v in cfg.items()}
+    settings.update({"environment": record.data.get("environment"), "wall_seconds": record.data.get("wall_seconds_total"),
+                     "first_started_at": record.data.get("first_started_at"), "finished_at": record.data.get("finished_at"),
+                     "student_tokenizer": record.data.get("vocabulary", {}).get("student_tokenizer"),
+                     "downstream_protocol": "linear probe (multinomial logistic regression, L-BFGS, L2) on frozen mean-pooled "
+                     "last-layer features of debian_sections20 in each language; per seed train_per_class rows per class "
+                     "drawn from a fixed pool; fixed test subset",
+                     "masked_token_accuracy": "held-out DDTP text of the language (test-hash sources); teachers in their own "
+                     "tokenization over their training-text tokens; students as shipped (reloaded with the saved tokenizer, "
+                     "full output layer)"})
+    payload = {"rows": rows, "goal": goal(cfg, rows), "settings": settings}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
+    return payload
 
-    lines = ["| language | model | masked-token top-1 acc. | pseudo-perplexity | scored tokens |", "|---|---|---|---|---|"]
-    for lang, teacher in cfg["languages"].items():
-        row = record.data.get(f"eval:{lang}:teacher")
-        if row:
-            lines.append(f"| {lang} | teacher ({teacher}) | {row['accuracy']:.3f} | {row['pseudo_perplexity']:.1f} | {row['tokens']} |")
-        for variant in cfg["variants"]:
-            first = record.data.get(f"eval:{lang}:{variant}:{cfg['seeds'][0]}")
-            if first:
-                lines.append(f"| {lang} | student: {variant} | {cell(f'eval:{lang}:{variant}', 'accuracy', 3)} | "
-                             f"{cell(f'eval:{lang}:{variant}', 'pseudo_perplexity', 1)} | {first['tokens']} |")
-    return "\n".join(lines)
+
+def card_results(cfg: dict, work: Path, record: Record, payload: dict) -> None:
+    """The merged student's model card gets the measured tables (downstream, masked LM, segmentation)."""
+    from ki_trainer.merge_distill.model_card import add_results_to_card
+
+    directory = student_dir(work, cfg["student"])
+    if not (directory / "README.md").exists():
+        return
+    g = payload.get("goal") or {}
+    summary = ""
+    if g:
+        summary = (f"Linear probe on frozen mean-pooled features, debian_sections20 (20 classes), "
+                   f"{cfg['probe']['train_per_class']} training rows per class, {len(cfg['probe']['seeds'])} seeds. "
+                   f"This model's mean over {', '.join(cfg['languages'])}: {g['student_mean']:.3f}; best single teacher "
+                   f"({g['best_single_teacher']}): {g['teacher_means'][g['best_single_teacher']]:.3f}; gap to each "
+                   f"language's own teacher: " + ", ".join(f"{k} {v:+.3f}" for k, v in g["gap_to_own_teacher"].items()) + ".\n\n")
+    add_results_to_card(str(directory), summary + tables(cfg, work, record)
+                        + "\n\nProduced by `benchmarks/merge_distill.py --config " + record["config"]["name"]
+                        + "` of ki-trainer (see docs/merge_distill.md there).")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="cpu", choices=sorted(CONFIGS))
     parser.add_argument("--work_dir", default=None, help="default: outputs/merge_distill/<config>")
+    parser.add_argument("--results", default=None, help="where to write the results JSON (default: <work_dir>/merge_distill.json)")
+    parser.add_argument("--no_extra", action="store_true", help="skip the extra_trained students")
     parser.add_argument("--stop_after", default=None, choices=["vocabulary", "teachers", "selection", "students", "evaluation"])
     cli = parser.parse_args()
     cfg = CONFIGS[cli.config]
     work = Path(cli.work_dir or f"outputs/merge_distill/{cli.config}")
     work.mkdir(parents=True, exist_ok=True)
     record = Record(work / "results.json")
+    if "config" in record and record["config"] != {"name": cli.config, **json.loads(json.dumps(cfg))}:
+        log(f"note: {work} was started with another configuration; finished stages are reused as recorded")
+        record.put("config_history", record.data.get("config_history", []) + [record["config"]])
     record.put("config", {"name": cli.config, **cfg})
     record.put("environment", {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-                               "cuda": torch.cuda.is_available(), "cpus": os.cpu_count()})
+                               "processor": platform.processor(), "cuda": torch.cuda.is_available(), "cpus": os.cpu_count()})
     wall = time.time()
+    if "first_started_at" not in record:
+        record.put("first_started_at", time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
     torch.manual_seed(0)
     text = load_text(cfg)
     record.put("rows", {lang: {k: len(v) for k, v in parts.items()} for lang, parts in text.items()})
-    vocabulary = build_vocabulary(cfg, text, record)
-    log(f"vocabulary: {len(vocabulary)} tokens")
+    vocabulary, student_source = build_vocabulary(cfg, text, record)
+    log(f"student tokenizer: {student_source} ({len(vocabulary)} tokens)")
     if cli.stop_after == "vocabulary":
         return
-    teachers = build_teachers(cfg, text, vocabulary, work, record)
+    teachers = build_teachers(cfg, text, work, record)
+    teacher_mlm_quality(cfg, text, teachers, work, record)
     if cli.stop_after == "teachers":
         return
-    if "selection" not in record:
-        start = time.time()
-        saved = [list(t.languages) for t in teachers]
-        choice, rows = select_teachers(teachers, {lang: [r["text"] for r in text[lang]["select"]] for lang in cfg["languages"]},
-                                       groups=cfg["eval_groups"], max_length=cfg["max_length"],
-                                       candidates=selection_candidates(cfg, text, teachers))
-        for teacher, languages in zip(teachers, saved):
-            teacher.languages = languages  # the run uses the given assignment; the table is reported
-        record.put("selection", {"chosen": choice, "table": rows, "seconds": round(time.time() - start, 1)})
-        log(f"selection: {choice}")
+    selection(cfg, text, teachers, work, record)
     if cli.stop_after == "selection":
         return
-    for seed in cfg["seeds"]:
-        for variant in cfg["variants"]:
-            train_student(variant, seed, cfg, text, teachers, vocabulary, work, record)
+    for start in cfg["starts"]:
+        save_init_only(cfg, start, vocabulary, teachers, work, record)
+    for variant, start in cfg["trained"]:
+        train_student(variant, start, cfg, text, teachers, vocabulary, work, record)
     if cli.stop_after == "students":
         return
-    evaluate_all(cfg, text, teachers, vocabulary, work, record)
-    if cli.stop_after != "evaluation":
-        del teachers  # the downstream stage loads each model itself
-        start = time.time()
-        downstream_all(cfg, work, record)
-        record.put("downstream_seconds_last_invocation", round(time.time() - start, 1))
-        record.put("downstream_summary", downstream_summary(cfg, record))
+    evaluate_students(cfg, text, teachers, vocabulary, work, record, primary_only=True)
+    if cli.stop_after == "evaluation":
+        return
+    del teachers
+    downstream_all(cfg, work, record, primary_only=True)  # the rows the goal needs first, in every language
+    write_results(cfg, work, record, Path(cli.results) if cli.results else work / "merge_distill.json")
+    downstream_all(cfg, work, record)
     record.put("wall_seconds_last_invocation", round(time.time() - wall, 1))
-    tables = table(cfg, record) + "\n\nDownstream (debian_sections20, fine-tuned per language):\n\n" + downstream_table(cfg, record)
-    (work / "table.md").write_text(tables + "\n")
-    print(tables)
+    marked = time.time()
+    record.put("wall_seconds_total", round(record.data.get("wall_seconds_total", 0) + marked - wall, 1))
+    record.put("finished_at", time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+    payload = write_results(cfg, work, record, Path(cli.results) if cli.results else work / "merge_distill.json")
+    text_tables = tables(cfg, work, record)
+    (work / "table.md").write_text(text_tables + "\n")
+    card_results(cfg, work, record, payload)
+    print(text_tables)
+    print(json.dumps(payload["goal"], indent=1))
+    if cfg.get("extra_trained") and not cli.no_extra:
+        teachers = build_teachers(cfg, text, work, record)
+        for variant, start in cfg["extra_trained"]:
+            train_student(variant, start, cfg, text, teachers, vocabulary, work, record)
+        evaluate_students(cfg, text, teachers, vocabulary, work, record, extra=True)
+        del teachers
+        downstream_all(cfg, work, record, extra=True)
+        record.put("wall_seconds_total", round(record.data.get("wall_seconds_total", 0) + time.time() - marked, 1))
+        record.put("finished_at", time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+        payload = write_results(cfg, work, record, Path(cli.results) if cli.results else work / "merge_distill.json")
+        text_tables = tables(cfg, work, record)
+        (work / "table.md").write_text(text_tables + "\n")
+        card_results(cfg, work, record, payload)
+        print(text_tables)
 
 
 if __name__ == "__main__":

@@ -87,9 +87,25 @@ class MergeDistillArguments:
         metadata={"help": "Keep the first N texts of each language (per split, in file order)."},
     )
     student_tokenizer: Optional[str] = field(
+        default="auto",
+        metadata={"help": "The student's own tokenizer: it reads every language in training and is saved with the "
+                  "student. 'auto' (default): the teacher tokenizer that reads the training text of all languages "
+                  "best (fewest [UNK] words, keeps case, fewest pieces per word); 'union': a WordPiece tokenizer over "
+                  "the union of the teachers' vocabularies; or a tokenizer directory / Hub id."},
+    )
+    student_init: str = field(
+        default="teacher",
+        metadata={"help": "'teacher' (default): start from a copy of a teacher's masked LM (--init_teacher, "
+                  "--layer_stride); 'fresh': a new encoder of the --student_* size.", "choices": ["teacher", "fresh"]},
+    )
+    init_teacher: Optional[str] = field(
         default=None,
-        metadata={"help": "A student tokenizer (directory / Hub id) onto which the teachers are mapped; default: the "
-                  "union of the teachers' vocabularies."},
+        metadata={"help": "With --student_init teacher: the teacher (name) to start from; default: the teacher whose "
+                  "tokenizer is the student's, else the first."},
+    )
+    layer_stride: int = field(
+        default=1,
+        metadata={"help": "With --student_init teacher: keep every k-th layer, counted from the top (1: all layers)."},
     )
     vocabulary_min_count: int = field(
         default=1,
@@ -132,6 +148,10 @@ class MergeDistillArguments:
             raise ValueError(f"ddtp_sources must be one of {list(DDTP_SOURCES)}, got {self.ddtp_sources!r}.")
         if self.max_rows_per_language is not None and self.max_rows_per_language < 1:
             raise ValueError(f"max_rows_per_language must be >= 1, got {self.max_rows_per_language}.")
+        if self.student_init not in ("teacher", "fresh"):
+            raise ValueError(f"student_init must be 'teacher' or 'fresh', got {self.student_init!r}.")
+        if self.layer_stride < 1:
+            raise ValueError(f"layer_stride must be >= 1, got {self.layer_stride}.")
         if self.vocabulary_min_count < 0:
             raise ValueError(f"vocabulary_min_count must be >= 0, got {self.vocabulary_min_count}.")
         if not 0.0 <= self.min_coverage <= 1.0:
@@ -359,19 +379,40 @@ def build_vocabulary(teachers: Sequence, train, script_args: MergeDistillArgumen
         own = [t for t, lang in zip(texts, languages) if not teacher.languages or lang in teacher.languages]
         counts.append(count_tokens(teacher.tokenizer, own, args.max_length))
     tokenizers, names = [t.tokenizer for t in teachers], [t.name for t in teachers]
-    if script_args.student_tokenizer:
-        student_tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(script_args.student_tokenizer)))
-        return StudentVocabulary.from_tokenizer(student_tokenizer, tokenizers, names, counts,
-                                                min_coverage=script_args.min_coverage)
-    if script_args.vocabulary_min_count == 0:
-        return StudentVocabulary.union(tokenizers, names)
-    return StudentVocabulary.union(tokenizers, names, counts, min_count=script_args.vocabulary_min_count)
+    choice = script_args.student_tokenizer or "union"
+    if choice == "auto":
+        from ..merge_distill.vocabulary import choose_student_tokenizer
+
+        by_language: dict[str, list[str]] = {}
+        for text, language in zip(texts, languages):
+            bucket = by_language.setdefault(language, [])
+            if len(bucket) < 200:
+                bucket.append(text)
+        best, table = choose_student_tokenizer(tokenizers, by_language, names)
+        worst = max(row["unknown_word_share"] for row in table if row["chosen"])
+        if worst <= 0.005:  # a teacher tokenizer reads every language: the student uses it as is
+            return StudentVocabulary.from_tokenizer(tokenizers[best], tokenizers, names, counts, min_coverage=0.0)
+        # no teacher tokenizer reads every language without [UNK] words: the union of their vocabularies does
+    if choice in ("auto", "union"):
+        if script_args.vocabulary_min_count == 0:
+            return StudentVocabulary.union(tokenizers, names)
+        return StudentVocabulary.union(tokenizers, names, counts, min_count=script_args.vocabulary_min_count)
+    student_tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(choice)))
+    return StudentVocabulary.from_tokenizer(student_tokenizer, tokenizers, names, counts,
+                                            min_coverage=script_args.min_coverage)
 
 
 def build_student_for(vocabulary, teachers: Sequence, script_args: MergeDistillArguments):
     """The student ``BertForMaskedLM`` of the size ``script_args`` asks for (width: the teachers' by default)."""
     from ..merge_distill.student import build_student
 
+    if script_args.student_init == "teacher":
+        init_teacher = script_args.init_teacher
+        if init_teacher is None:
+            owner = [t.name for t in teachers if t.tokenizer is vocabulary.tokenizer]
+            init_teacher = owner[0] if owner else teachers[0].name
+        return build_student(vocabulary, teachers, init="teacher", init_teacher=init_teacher,
+                             layer_stride=script_args.layer_stride)
     widths = {t.name: int(t.model.get_input_embeddings().weight.shape[1]) for t in teachers}
     hidden = script_args.student_hidden_size
     if hidden is None:

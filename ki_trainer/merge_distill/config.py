@@ -43,6 +43,24 @@ class MergeDistillConfig(TrainingArguments):
             "choices": ["full", "student_vocabulary"],
         },
     )
+    output_vocabulary: str = field(
+        default="full",
+        metadata={
+            "help": "'full': the student's masked-LM output spans its whole vocabulary. 'training_text': the student "
+            "predicts only among the student tokens that occur in the training text (logits over those columns only: "
+            "much cheaper for a 250k-token tokenizer); after training the output bias of every other token is set to "
+            "-100, so the saved model predicts among exactly the tokens it was trained on. Segmentation is never changed.",
+            "choices": ["full", "training_text"],
+        },
+    )
+    freeze_word_embeddings: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the student's word embeddings (and the decoder tied to them) as initialised: for a student "
+            "started from a teacher with a large vocabulary this keeps every token's row, also those of tokens the "
+            "training text never shows, in the teacher's space, and saves their gradients and optimizer state."
+        },
+    )
     mlm_probability: float = field(
         default=0.15,
         metadata={"help": "Share of eligible tokens predicted per text (of them 80% [MASK], 10% random, 10% kept)."},
@@ -56,7 +74,8 @@ class MergeDistillConfig(TrainingArguments):
     )
     max_length: Optional[int] = field(
         default=None,
-        metadata={"help": "Truncation length in teacher tokens (default: each teacher's and the student's limit)."},
+        metadata={"help": "Truncation length in tokens, of the student's tokenization and of each teacher's (default: "
+                          "each model's position limit)."},
     )
     text_column: str = field(default="text", metadata={"help": "Dataset column holding the raw text."})
     language_column: str = field(
@@ -108,6 +127,8 @@ class MergeDistillConfig(TrainingArguments):
             raise ValueError(f"teacher_signals must be 'on_the_fly' or 'cached', got {self.teacher_signals!r}.")
         if self.teacher_output not in ("full", "student_vocabulary"):
             raise ValueError(f"teacher_output must be 'full' or 'student_vocabulary', got {self.teacher_output!r}.")
+        if self.output_vocabulary not in ("full", "training_text"):
+            raise ValueError(f"output_vocabulary must be 'full' or 'training_text', got {self.output_vocabulary!r}.")
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {list(TEACHER_DTYPES)}, got {self.teacher_dtype!r}.")
         if self.teacher_signals == "cached":

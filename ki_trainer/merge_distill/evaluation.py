@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..teacher import model_position_limit
 from .signals import masked_lm_logits
 from .teacher import MaskedLMTeacher
 from .vocabulary import StudentVocabulary
@@ -61,6 +62,12 @@ def score_masked_lm(
         inverse = torch.full((len(id_map),), -1, dtype=torch.long)
         inverse[columns] = torch.arange(len(columns))
     tokenizer = teacher.tokenizer
+    # never past a position limit (the scored model's, the teacher's, its tokenizer's): like the trainer
+    limits = [max_length, teacher.max_length, teacher.position_limit(), model_position_limit(model.config),
+              getattr(tokenizer, "model_max_length", None)]
+    max_length = int(min(x for x in limits if x is not None and x < 1_000_000))
+    if max_length < 3:
+        raise ValueError(f"max_length resolves to {max_length}: too short for two special tokens and a text token.")
     model.eval()
     device = next(model.parameters()).device
     specials = set(tokenizer.all_special_ids)
@@ -108,7 +115,7 @@ def score_masked_lm(
         count += len(target)
     return {
         "accuracy": correct / count if count else float("nan"),
-        "pseudo_perplexity": math.exp(nll / count) if count else float("nan"),
+        "pseudo_perplexity": (math.exp(nll / count) if nll / count < 700 else float("inf")) if count else float("nan"),
         "tokens": count,
         "unknown_tokens": unknown,
         # [UNK] tokens (text the tokenizer cannot represent) counted as misses: what teacher selection uses
@@ -305,3 +312,93 @@ def fine_tune_accuracy(
         "train_seconds": round(train_seconds, 1),
         "seconds": round(time.time() - start, 1),
     }
+
+
+@torch.no_grad()
+def mean_pooled_features(
+    model_name_or_path,
+    texts: Sequence[str],
+    *,
+    tokenizer=None,
+    max_length: int = 128,
+    batch_size: int = 32,
+    device: Optional[str] = None,
+) -> torch.Tensor:
+    """Frozen features for a linear probe: the encoder's last hidden states, mean-pooled over the real tokens.
+
+    ``model_name_or_path`` is a checkpoint directory (a teacher's encoder or a saved student, loaded with
+    ``AutoModel``: the encoder without its head) or a loaded model; each model reads the texts with ITS OWN
+    tokenizer (``tokenizer``, default the one saved with it). ``max_length`` is clamped to the model's
+    position limit. Returns ``(len(texts), hidden)`` fp32 on the CPU.
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    if not texts:
+        raise ValueError("No texts to embed.")
+    if isinstance(model_name_or_path, torch.nn.Module):
+        model = model_name_or_path
+        if tokenizer is None:
+            raise ValueError("Pass the tokenizer with a loaded model.")
+    else:
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(model_name_or_path))
+        model = AutoModel.from_pretrained(str(model_name_or_path))
+    base = getattr(model, "base_model", model)
+    limit = model_position_limit(base.config)
+    max_length = min(max_length, limit) if limit else max_length
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    base.to(device).eval()
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    out = torch.zeros((len(encoded), base.config.hidden_size))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        padded = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt")
+        mask = padded["attention_mask"].to(device)
+        hidden = base(input_ids=padded["input_ids"].to(device), attention_mask=mask)[0].float()
+        pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+        out[torch.tensor(rows)] = pooled.cpu()
+    if not torch.isfinite(out).all():
+        raise ValueError(f"Non-finite features from {model_name_or_path}.")
+    return out
+
+
+def linear_probe_accuracy(
+    train_x: torch.Tensor,
+    train_y: Sequence[int],
+    test_x: torch.Tensor,
+    test_y: Sequence[int],
+    *,
+    num_labels: Optional[int] = None,
+    l2: float = 1e-3,
+    max_iter: int = 300,
+) -> dict:
+    """Multinomial logistic regression on frozen features; accuracy on ``test_*``.
+
+    Features are standardised with the TRAIN rows' mean and std; the weights minimise the mean
+    cross-entropy plus ``l2 * |W|^2`` (bias unpenalised) by full-batch L-BFGS in fp64 from zero, so the
+    result is deterministic given the rows. Nothing is chosen on the test rows.
+    """
+    train_x, test_x = train_x.double(), test_x.double()
+    y = torch.as_tensor(list(train_y), dtype=torch.long)
+    gold = torch.as_tensor(list(test_y), dtype=torch.long)
+    if len(train_x) != len(y) or len(test_x) != len(gold) or len(y) == 0 or len(gold) == 0:
+        raise ValueError(f"Features and labels differ in length or are empty ({len(train_x)}/{len(y)}, {len(test_x)}/{len(gold)}).")
+    n_labels = num_labels or int(max(int(y.max()), int(gold.max())) + 1)
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    a, b = (train_x - mean) / std, (test_x - mean) / std
+    weight = torch.zeros((a.shape[1], n_labels), dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(n_labels, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(a @ weight + bias, y) + l2 * (weight**2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        predicted = (b @ weight + bias).argmax(-1)
+        train_accuracy = float(((a @ weight + bias).argmax(-1) == y).double().mean())
+    return {"accuracy": float((predicted == gold).double().mean()), "train_accuracy": train_accuracy,
+            "train_rows": len(y), "test_rows": len(gold), "labels": n_labels}

@@ -98,14 +98,9 @@ class TopKSignal:
         )
 
 
-def topk_to_student(logits: torch.Tensor, id_map: torch.Tensor, k: int, temperature: float = 1.0) -> TopKSignal:
-    """The teacher's top-k tokens at temperature ``temperature``, mapped to student ids and renormalised.
-
-    Probabilities are taken over the FULL teacher vocabulary (fp32), the top k kept, tokens without a
-    student counterpart (``id_map == -1``) dropped, and the rest renormalised to sum to one. A position
-    whose top-k maps to nothing gets all-zero probabilities (it then has no KD term) and kept mass 0.
-    """
-    if logits.numel() and not bool(torch.isfinite(logits).all()):  # one host sync per teacher batch
+def check_finite_teacher_logits(logits: torch.Tensor) -> None:
+    """Raise ``TeacherNaNError`` when a teacher's masked-LM logits hold NaN/inf (one host sync per teacher batch)."""
+    if logits.numel() and not bool(torch.isfinite(logits).all()):
         from ..querying import TeacherNaNError
 
         bad = int((~torch.isfinite(logits).all(-1)).sum())
@@ -114,6 +109,16 @@ def topk_to_student(logits: torch.Tensor, id_map: torch.Tensor, k: int, temperat
             "weights and dtype (fp16 overflow: try teacher_dtype='bfloat16' or 'float32'); training on them would "
             "make the student NaN."
         )
+
+
+def topk_to_student(logits: torch.Tensor, id_map: torch.Tensor, k: int, temperature: float = 1.0) -> TopKSignal:
+    """The teacher's top-k tokens at temperature ``temperature``, mapped to student ids and renormalised.
+
+    Probabilities are taken over the FULL teacher vocabulary (fp32), the top k kept, tokens without a
+    student counterpart (``id_map == -1``) dropped, and the rest renormalised to sum to one. A position
+    whose top-k maps to nothing gets all-zero probabilities (it then has no KD term) and kept mass 0.
+    """
+    check_finite_teacher_logits(logits)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     k = min(k, probs.shape[-1])
     top_probs, top_ids = probs.topk(k, dim=-1)

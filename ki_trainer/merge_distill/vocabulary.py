@@ -292,6 +292,18 @@ class StudentVocabulary:
     def coverage_table(self) -> list[dict]:
         return [c.as_dict() for c in self.coverage]
 
+    def alignments_for(self, tokenizers: Sequence[PreTrainedTokenizerBase]) -> list:
+        """One :class:`~ki_trainer.merge_distill.alignment.TeacherAlignment` per teacher tokenizer (cached)."""
+        from .alignment import TeacherAlignment
+
+        if self.tokenizer is None:
+            raise ValueError("The student vocabulary has no tokenizer to align the teachers to.")
+        cached = getattr(self, "_alignments", None)
+        if cached is None or len(cached) != len(tokenizers) or any(a.teacher_tokenizer is not t for a, t in zip(cached, tokenizers)):
+            cached = [TeacherAlignment(t, self.tokenizer) for t in tokenizers]
+            self._alignments = cached
+        return cached
+
 
 def _id_ordered(tokenizer: PreTrainedTokenizerBase) -> list[tuple[int, str]]:
     return sorted(((i, t) for t, i in tokenizer.get_vocab().items()), key=lambda pair: pair[0])
@@ -335,3 +347,45 @@ def build_union_tokenizer(tokens: Sequence[str], model_max_length: int = 512) ->
         mask_token="[MASK]",
         model_max_length=model_max_length,
     )
+
+
+def choose_student_tokenizer(
+    tokenizers: Sequence[PreTrainedTokenizerBase],
+    texts: dict[str, Sequence[str]],
+    names: Optional[Sequence[str]] = None,
+) -> tuple[int, list[dict]]:
+    """The teacher tokenizer that reads the text of ALL languages best: to be the student's own tokenizer.
+
+    Per tokenizer and language, on ``texts`` (language -> texts): the share of whitespace words that
+    contain ``[UNK]`` and the mean pieces per word. The choice minimises the worst language's ``[UNK]``
+    share (rounded to 0.1%), then prefers a tokenizer that keeps case (an uncased one cannot give
+    cased text back), then the fewest pieces per word over all languages. Returns ``(index, table)``.
+    """
+    from .alignment import lowercases
+
+    if not tokenizers:
+        raise ValueError("No tokenizers to choose the student's from.")
+    names = list(names or [f"teacher_{i}" for i in range(len(tokenizers))])
+    table, keys = [], []
+    for i, (tokenizer, name) in enumerate(zip(tokenizers, names)):
+        tokenizer_convention(tokenizer)  # a convention this module can align, else a clear error
+        worst_unknown, pieces, words_total = 0.0, 0, 0
+        for language, rows in texts.items():
+            words = unknown = count = 0
+            for text in rows:
+                for word in text.split():
+                    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+                    words += 1
+                    count += len(ids)
+                    unknown += tokenizer.unk_token_id in ids
+            share = unknown / words if words else 0.0
+            worst_unknown = max(worst_unknown, share)
+            pieces += count
+            words_total += words
+            table.append({"tokenizer": name, "language": language, "words": words, "unknown_word_share": round(share, 5),
+                          "pieces_per_word": round(count / words, 4) if words else None})
+        keys.append((round(worst_unknown, 3), lowercases(tokenizer), pieces / max(1, words_total)))
+    best = min(range(len(tokenizers)), key=lambda i: keys[i])
+    for row in table:
+        row["chosen"] = row["tokenizer"] == names[best]
+    return best, table

@@ -31,7 +31,7 @@ from ki_trainer.merge_distill import (
     select_teachers,
     topk_to_student,
 )
-from ki_trainer.merge_distill.collator import TEACHER_BATCHES_KEY
+from ki_trainer.merge_distill.collator import KD_POSITIONS_KEY, TEACHER_BATCHES_KEY
 from ki_trainer.merge_distill.signals import TopKSignal
 from ki_trainer.signal_cache import StaleSignalCacheError
 
@@ -330,28 +330,45 @@ def make_trainer(teachers, tmp_path, **config):
     return MergeDistillTrainer(model=student, args=args, teachers=teachers, vocabulary=vocabulary, train_dataset=mixed_dataset())
 
 
-def test_student_inputs_align_with_teacher_tokens(teachers, tmp_path):
+def test_student_reads_its_own_segmentation_and_teachers_align(teachers, tmp_path):
+    """Every text is tokenized by the STUDENT's tokenizer (as at inference); the teacher gets its own
+    tokenization with every overlapping token masked, and predicts exactly the aligned positions."""
     trainer = make_trainer(teachers, tmp_path)
     rows = [mixed_dataset()[i] for i in range(10)]
     batch = trainer.data_collator(rows)
-    vocabulary = trainer.vocabulary
+    student_tok = trainer.vocabulary.tokenizer
+    kd = batch[KD_POSITIONS_KEY]
+    for i, row in enumerate(rows):
+        original = torch.tensor(student_tok(row["text"])["input_ids"])
+        size = len(original)
+        predict = batch["labels"][i, :size] != -100
+        assert predict.any() and torch.equal(batch["labels"][i, :size][predict], original[predict])
+        assert torch.equal(batch["input_ids"][i, :size][~predict], original[~predict])
+        assert not (kd[i] & (batch["labels"][i] == -100)).any()  # KD only where the student predicts
     for t, sub in batch[TEACHER_BATCHES_KEY].items():
+        tok = teachers[t].tokenizer
         for j, row in enumerate(sub["rows"].tolist()):
             size = int(sub["attention_mask"][j].sum())
-            expected = vocabulary.map_ids(t, sub["input_ids"][j, :size])
-            assert torch.equal(batch["input_ids"][row, :size], expected)
-            assert torch.equal(batch["labels"][row, :size] != -100, sub["predict"][j, :size])
-            original = torch.tensor(teachers[t].tokenizer(row_text := rows[row]["text"])["input_ids"])
-            gold = batch["labels"][row, :size][sub["predict"][j, :size]]
-            assert torch.equal(gold, vocabulary.map_ids(t, original)[sub["predict"][j, :size]]), row_text
-    # the student's embeddings come from the owners: "the" is owned by both teachers (averaged)
-    the = vocabulary.tokens.index("the")
-    expected = (teachers[0].model.get_input_embeddings().weight[teachers[0].tokenizer.convert_tokens_to_ids("the")]
-                + teachers[1].model.get_input_embeddings().weight[teachers[1].tokenizer.convert_tokens_to_ids("\u2581the")]) / 2
-    assert torch.allclose(trainer.model.get_input_embeddings().weight[the], expected)
-    gatto = vocabulary.tokens.index("gatto")
-    assert torch.allclose(trainer.model.get_input_embeddings().weight[gatto],
-                          teachers[1].model.get_input_embeddings().weight[teachers[1].tokenizer.convert_tokens_to_ids("\u2581gatto")])
+            teacher_ids = torch.tensor(tok(rows[row]["text"])["input_ids"])
+            masked = sub["input_ids"][j, :size] == tok.mask_token_id
+            assert torch.equal(sub["input_ids"][j, :size][~masked], teacher_ids[~masked])
+            assert masked[sub["predict"][j, :size]].all()  # the teacher never sees what it predicts
+            # the toy words are whole tokens in both tokenizers: every predicted student position aligns
+            assert int(sub["predict"][j].sum()) == int(kd[row].sum()) == int((batch["labels"][row] != -100).sum())
+            # aligned positions hold the same word
+            student_words = student_tok.convert_ids_to_tokens(batch["labels"][row][kd[row]].tolist())
+            teacher_words = tok.convert_ids_to_tokens(teacher_ids[sub["predict"][j, :size]].tolist())
+            assert [w.lstrip("\u2581") for w in teacher_words] == student_words
+    # the student's embeddings: the reference teacher's row where it owns the token, else the other
+    # teacher's row mapped by a least-squares linear map (here: too few shared tokens, so left as initialised)
+    vocabulary = trainer.vocabulary
+    init = trainer.model.config.ki_student_init
+    reference = [t.name for t in teachers].index(init["reference"])
+    ref_tok = teachers[reference].tokenizer
+    word = next(w for w in ("the", "il") if vocabulary.tokens.index(w) in vocabulary.owners and any(o == reference for o, _ in vocabulary.owners[vocabulary.tokens.index(w)]))
+    owner_token = word if ref_tok.convert_tokens_to_ids(word) != ref_tok.unk_token_id else "\u2581" + word
+    assert torch.allclose(trainer.model.get_input_embeddings().weight[vocabulary.tokens.index(word)],
+                          teachers[reference].model.get_input_embeddings().weight[ref_tok.convert_tokens_to_ids(owner_token)])
 
 
 def test_cached_signals_equal_on_the_fly(teachers, tmp_path):
@@ -361,7 +378,7 @@ def test_cached_signals_equal_on_the_fly(teachers, tmp_path):
     collator = trainer.data_collator
     rows = [mixed_dataset()[i] for i in range(16)]
     batch = collator(rows)  # static masking: the same positions as when cached
-    live = trainer.teacher_signal(batch[TEACHER_BATCHES_KEY], batch["labels"])
+    live = trainer.teacher_signal(batch[TEACHER_BATCHES_KEY], batch["labels"], batch[KD_POSITIONS_KEY])
     cached = cache.lookup(batch["md_example_ids"], (batch["labels"] != -100).sum(1).tolist())
     assert len(live.ids) == len(cached.ids) > 16
     assert torch.equal(live.ids[live.probs > 0], cached.ids[live.probs > 0])
@@ -402,8 +419,24 @@ def test_train_save_reload_fill_mask_and_card(teachers, tmp_path):
     out = fill(f"the big cat {tokenizer.mask_token} and the cat")
     assert len(out) == 5 and all(o["token_str"] for o in out)
     card = open(tmp_path / "README.md", encoding="utf-8").read()
-    assert "## MergeDistill" in card and "en_teacher" in card and "it_teacher" in card
-    assert f"student vocabulary size: `{len(trainer.vocabulary)}`" in card
+    assert "MergeDistill" in card and "en_teacher" in card and "it_teacher" in card and "None dataset" not in card
+    assert f"{len(trainer.vocabulary)} tokens" in card and "segmented as in training" in card
+    assert "pipeline_tag: fill-mask" in card and "khanuja-etal-2021-mergedistill" in card
+    # the card's fill-mask snippet runs as written (the model id is the output directory)
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(snippet, "README.md", "exec"), {})
+    assert len(printed.getvalue().strip().splitlines()) == 3
+    from ki_trainer.merge_distill.model_card import add_results_to_card
+
+    add_results_to_card(str(tmp_path), "| a | b |\n|---|---|\n| 1 | 2 |")
+    card = add_results_to_card(str(tmp_path), "| a | b |\n|---|---|\n| 3 | 4 |")  # replaces, never duplicates
+    assert card.count("## Results") == 1 and "| 3 | 4 |" in card and "| 1 | 2 |" not in card
+    assert card.index("## Results") < card.index("## Citations")
 
 
 def test_scores_and_teacher_selection(teachers):
@@ -465,9 +498,17 @@ def test_restricted_output_layer_equals_full_columns(teachers, tmp_path):
     full_trainer = make_trainer(teachers, tmp_path / "a")
     restricted_trainer = make_trainer(teachers, tmp_path / "b", teacher_output="student_vocabulary")
     batch = full_trainer.data_collator([mixed_dataset()[i] for i in range(8)])
-    a = full_trainer.teacher_signal(batch[TEACHER_BATCHES_KEY], batch["labels"])
-    b = restricted_trainer.teacher_signal(batch[TEACHER_BATCHES_KEY], batch["labels"])
-    assert torch.allclose(a.probs, b.probs, atol=1e-5) and torch.equal(a.ids[a.probs > 0], b.ids[a.probs > 0])
+    a = full_trainer.teacher_signal(batch[TEACHER_BATCHES_KEY], batch["labels"], batch[KD_POSITIONS_KEY])
+    b = restricted_trainer.teacher_signal(batch[TEACHER_BATCHES_KEY], batch["labels"], batch[KD_POSITIONS_KEY])
+    # the restricted top-k (over teacher tokens that have a student form) holds every token the full top-k
+    # kept, with the same RELATIVE probabilities: the same distribution conditioned on representable tokens
+    assert len(a.ids) == len(b.ids) > 0
+    for row in range(len(a.ids)):
+        full = {int(i): float(p) for i, p in zip(a.ids[row], a.probs[row]) if p > 0}
+        restricted = {int(i): float(p) for i, p in zip(b.ids[row], b.probs[row]) if p > 0}
+        assert full and set(full) <= set(restricted)
+        ratios = [restricted[i] / full[i] for i in full]
+        assert max(ratios) - min(ratios) < 1e-3 * max(ratios)
     scores = [score_masked_lm(teachers[0].model, teachers[0], en_sentences(4, 3), full_trainer.vocabulary, 0, candidates=c)
               for c in ("all", "student_vocabulary")]
     # the English teacher's vocabulary maps entirely, so both candidate sets are the same tokens

@@ -1,5 +1,5 @@
 """Downstream accuracy (``fine_tune_accuracy``): masked-LM checkpoints saved with their own tokenizers
-(WordPiece English, SentencePiece-style Italian, as in tests/test_merge_distill.py) fine-tuned as
+(WordPiece English, SentencePiece-style Italian, as in tests/merge_distill/test_merge_distill.py) fine-tuned as
 sequence classifiers on a toy task whose label is the sentence's noun."""
 
 from __future__ import annotations
@@ -83,46 +83,50 @@ def test_errors_name_the_problem(checkpoints):
 
 
 def _load_benchmark():
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "merge_distill.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "merge_distill.py"
     spec = importlib.util.spec_from_file_location("merge_distill_benchmark", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_benchmark_stage_records_each_run_resumes_and_tabulates(checkpoints, tmp_path, monkeypatch):
-    """benchmarks/merge_distill.py stage 7 on real debian_sections20 rows with the tiny checkpoints standing
-    in for the teachers' encoders and the saved students."""
+def test_benchmark_probe_stage_records_each_run_resumes_and_tabulates(checkpoints, tmp_path, monkeypatch):
+    """benchmarks/merge_distill.py stage 7 (linear probe on frozen features) on real debian_sections20 rows,
+    with the tiny checkpoints standing in for the teachers' encoders and the saved students."""
     md = _load_benchmark()
     teacher_dirs = {"teacher-en": checkpoints["en"], "teacher-it": checkpoints["it"]}
     monkeypatch.setattr(md, "resolve_model", lambda name: teacher_dirs[name])
-    for variant, source in (("merge_distill", "it"), ("plain_mlm", "en")):  # students with differing tokenizers
-        shutil.copytree(checkpoints[source], tmp_path / "students" / f"{variant}-seed0")
-    cfg = dict(languages={"en": "teacher-en", "it": "teacher-it"}, variants=["merge_distill", "plain_mlm"], seeds=[0],
-               downstream=dict(train_per_class=1, test_per_class=1, max_length=16, epochs=1, batch=8, lr=1e-3,
-                               warmup_ratio=0.1, freeze_word_embeddings=True, seeds=[0, 1]))
+    for name, source in (("merge_distill--s", "it"), ("plain_mlm--s", "en"), ("init_only--s", "it")):  # differing tokenizers
+        shutil.copytree(checkpoints[source], tmp_path / "students" / name.replace("--", ":"))
+    cfg = dict(languages={"en": "teacher-en", "it": "teacher-it"}, starts={"s": {}}, trained=[["merge_distill", "s"], ["plain_mlm", "s"]],
+               student="merge_distill:s",
+               probe=dict(pool_per_class=2, train_per_class=1, test_per_class=1, max_length=16, seeds=[0, 1], l2=1e-3))
     record = md.Record(tmp_path / "results.json")
     md.downstream_all(cfg, tmp_path, record)
-    runs = {k: v for k, v in record.data.items() if k.startswith("downstream:")}
-    assert len(runs) == 2 * 3 * 2  # languages x (teacher + 2 students) x fine-tuning seeds
-    sizes = {"en": len(wordpiece_tokenizer()), "it": len(unigram_tokenizer(IT_PIECES))}
-    for lang in ("en", "it"):
-        for seed in (0, 1):
-            teacher = runs[f"downstream:{lang}:teacher (teacher-{lang}):-:{seed}"]
-            distilled = runs[f"downstream:{lang}:student: merge_distill:0:{seed}"]
-            plain = runs[f"downstream:{lang}:student: plain_mlm:0:{seed}"]
-            assert (teacher["vocab_size"], distilled["vocab_size"], plain["vocab_size"]) == (sizes[lang], sizes["it"], sizes["en"])
-            for run in (teacher, distilled, plain):
-                assert 0.0 <= run["accuracy"] <= 1.0 and run["train_rows"] == 20 and run["labels"] == 20
+    runs = {k: v for k, v in record.data.items() if k.startswith("probe:")}
+    assert len(runs) == 2 * 5 * 2  # languages x (2 teachers + 3 students) x probe seeds
+    for run in runs.values():
+        assert 0.0 <= run["accuracy"] <= 1.0 and run["train_rows"] == 20 and run["labels"] == 20
+    # seeds draw different training rows; the test rows are the same for every model
+    assert len({run["test_rows"] for run in runs.values()}) <= 2
     assert json.loads((tmp_path / "results.json").read_text()) == record.data  # saved as it goes
 
     def must_not_run(*args, **kwargs):
-        raise AssertionError("a recorded run was fine-tuned again")
+        raise AssertionError("a recorded run was probed again")
 
-    monkeypatch.setattr(md, "fine_tune_accuracy", must_not_run)
+    monkeypatch.setattr(md, "linear_probe_accuracy", must_not_run)
+    monkeypatch.setattr(md, "mean_pooled_features", must_not_run)
     md.downstream_all(cfg, tmp_path, md.Record(tmp_path / "results.json"))  # resumes: nothing left to do
-    table = md.downstream_table(cfg, record).splitlines()
-    assert len(table) == 2 + 2 * 3
-    row = next(line for line in table if line.startswith("| en | student: plain_mlm |"))
-    values = [runs[f"downstream:en:student: plain_mlm:0:{s}"]["accuracy"] for s in (0, 1)]
-    assert f"| {sum(values) / 2:.3f} ± {abs(values[0] - values[1]) / math.sqrt(2):.3f} | 2 | 20 |" in row
+    rows = md.results_rows(cfg, tmp_path, record)
+    assert len(rows) == 2 * 5
+    teacher_rows = [r for r in rows if r["kind"] == "teacher"]
+    assert sorted((r["language"], r["model"], r["assigned"]) for r in teacher_rows) == [
+        ("en", "teacher:teacher-en", True), ("en", "teacher:teacher-it", False),
+        ("it", "teacher:teacher-en", False), ("it", "teacher:teacher-it", True)]
+    row = next(r for r in rows if r["language"] == "en" and r["model"] == "plain_mlm:s")
+    values = [runs[f"probe:en:plain_mlm:s:{s}"]["accuracy"] for s in (0, 1)]
+    assert row["kind"] == "baseline" and row["n_seeds"] == 2
+    assert math.isclose(row["downstream_accuracy"], round(sum(values) / 2, 4))
+    assert math.isclose(row["downstream_std"], round(abs(values[0] - values[1]) / math.sqrt(2), 4))
+    goal = md.goal(cfg, rows)
+    assert set(goal["gap_to_own_teacher"]) == {"en", "it"} and goal["best_single_teacher"] in teacher_dirs

@@ -18,7 +18,7 @@ from test_cli import save_tiny_models
 
 from ki_trainer.cli import main
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
