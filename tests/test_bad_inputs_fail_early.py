@@ -435,3 +435,18 @@ def test_an_adapter_teacher_saved_without_its_classifier_is_an_error(tmp_path, t
     with pytest.raises(ValueError, match=r"classifier\.bias, classifier\.weight would be random"):
         Teacher(str(tmp_path / "headless"), labels=["alpha", "beta"])  # was: a random classifier
     assert Teacher(str(tmp_path / "with_head"), labels=["alpha", "beta"]).labels == ["alpha", "beta"]
+
+
+def test_teacher_selection_accuracy_does_not_depend_on_the_teachers_order_on_ties():
+    import numpy as np
+
+    from ki_trainer.label_space import LabelSpace
+    from ki_trainer.metrics import selection_accuracy
+
+    space = LabelSpace([["a", "b"], ["c", "d"]], ["t0", "t1"])
+    swapped = LabelSpace([["c", "d"], ["a", "b"]], ["t1", "t0"])
+    certainty = np.array([[0.5, 0.5], [0.9, 0.1]])
+    gold = ["c", "a"]
+    forward = selection_accuracy(certainty, np.array(space.encode(gold)), space)
+    backward = selection_accuracy(certainty[:, ::-1], np.array(swapped.encode(gold)), swapped)
+    assert forward == backward == 0.75  # the tie counts half; was 0.5 one way and 1.0 the other

@@ -8,6 +8,7 @@ teachers' top-k signals computed on the fly or read from a :class:`TopKSignalCac
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -332,6 +333,10 @@ class MergeDistillTrainer(RunGuards, Trainer):
                 labels = batch["labels"]
                 signal = self.teacher_signal(batch[TEACHER_BATCHES_KEY], labels, batch[KD_POSITIONS_KEY])
                 cache.add(batch[EXAMPLE_IDS_KEY], [r[self.args.text_column] for r in chunk], (labels != -100).sum(1).tolist(), signal)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                cache.flush()  # keep what was computed; the original error is what the user must see
+            raise
         finally:
             collator.static_masking, collator.emit_ids = static, emit
         if todo or not os.path.exists(path) or os.path.isdir(path + ".shards"):
