@@ -145,8 +145,8 @@ class _TransductiveRouter(Router):
         return self._owner_logits(signals)
 
     def score(self, signals: TeacherSignals) -> torch.Tensor:
+        self._check(signals)  # unfitted, or signals without what the fit read: one clear message
         if self.fallback:
-            self._check(signals)
             return build_router(self.fallback).score(signals)
         return _probabilities(self._owner_logits(signals), self.options.get("temperature", 1.0))
 
