@@ -6,6 +6,7 @@ default: Monte-Carlo-dropout certainty, soft/hard selection, margin re-weighting
 """
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
@@ -78,6 +79,8 @@ _LAZY = {
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f".{name}", __name__)  # ki_trainer.routing etc. after a bare import
         raise AttributeError(f"module 'ki_trainer' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value  # later look-ups skip __getattr__

@@ -41,10 +41,16 @@ def macro_f1(predictions: np.ndarray, labels: np.ndarray) -> float:
 
 
 def selection_accuracy(certainty: np.ndarray, labels: np.ndarray, label_space: LabelSpace) -> float:
-    """Share of examples whose most certain teacher owns the gold class (any owner counts)."""
+    """Share of examples whose most certain teacher owns the gold class (any owner counts). A row where several
+    teachers are exactly equally certain counts the share of them that own it (``argmax`` would pick the teacher
+    listed first, and the metric would depend on the teachers' order)."""
+    if not len(labels):
+        return float("nan")
     ownership = label_space.ownership().numpy()
-    chosen = np.asarray(certainty).argmax(1)
-    return float(ownership[chosen, np.asarray(labels)].mean()) if len(labels) else float("nan")
+    certainty = np.asarray(certainty)
+    top = certainty == certainty.max(1, keepdims=True)
+    owns = ownership[:, np.asarray(labels)].T  # [rows, teachers]
+    return float(((top & owns).sum(1) / np.maximum(top.sum(1), 1)).mean())
 
 
 def integration_metrics(

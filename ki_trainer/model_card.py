@@ -43,7 +43,7 @@ STRATEGY_FIELDS = (
 )
 # What a strategy that does not weigh teachers by certainty (vanilla_kd, uhc) reads of STRATEGY_FIELDS; the
 # selection, Monte-Carlo and margin settings mean nothing to it and are not listed.
-PLAIN_KD_FIELDS = ("kd_temperature", "teacher_signals", "student_init")
+PLAIN_KD_FIELDS = ("kd_temperature", "signal_source", "student_init")
 # Read only when the certainty comes from Monte-Carlo dropout (muki).
 MC_FIELDS = ("mc_samples", "mc_top_layers")
 ROUTER_PREFIXES = ("router",)

@@ -119,12 +119,22 @@ def label_kwargs(adapter_dir: str) -> dict:
 
 
 def load_adapter_model(adapter_dir: str, **kwargs) -> torch.nn.Module:
-    """Load a saved adapter (with its labels) as a ``PeftModelForSequenceClassification``."""
-    from peft import AutoPeftModelForSequenceClassification
+    """Load a saved adapter (with its labels) as a ``PeftModelForSequenceClassification``.
+
+    As ``AutoPeftModelForSequenceClassification.from_pretrained`` does (the base, then the adapter), but the base's
+    load report is read: a weight the base checkpoint lacks (a bare encoder's classifier) or whose shape was
+    replaced (``ignore_mismatched_sizes``) must be among the adapter's saved ``modules_to_save``, else the
+    teacher's head would be random and a ``ValueError`` says so.
+    """
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForSequenceClassification
 
     labels = label_kwargs(adapter_dir)
+    config = PeftConfig.from_pretrained(adapter_dir)
     try:
-        return AutoPeftModelForSequenceClassification.from_pretrained(adapter_dir, **{**labels, **kwargs})
+        base, info = AutoModelForSequenceClassification.from_pretrained(
+            config.base_model_name_or_path, output_loading_info=True, **{**labels, **kwargs})
+        model = PeftModel.from_pretrained(base, adapter_dir)
     except RuntimeError as error:
         if labels or "mismatch" not in str(error).lower():
             raise
@@ -133,6 +143,17 @@ def load_adapter_model(adapter_dir: str, **kwargs) -> torch.nn.Module:
             "head. Load it yourself with AutoPeftModelForSequenceClassification.from_pretrained(dir, num_labels=..., "
             "id2label=..., label2id=..., ignore_mismatched_sizes=True) and pass Teacher(model, labels=[...])."
         ) from error
+    mismatched = {key[0] if isinstance(key, (tuple, list)) else key for key in info.get("mismatched_keys", ())}
+    saved = set(getattr(config, "modules_to_save", None) or [])
+    random = sorted(key for key in set(info.get("missing_keys", ())) | mismatched
+                    if not any(part in saved for part in key.split(".")[:-1]))
+    if random:
+        raise ValueError(
+            f"The adapter in {adapter_dir!r} does not hold weights that its base {config.base_model_name_or_path!r} "
+            f"lacks: {', '.join(random[:6])}{' ...' if len(random) > 6 else ''} would be random (the adapter was "
+            "saved without its classifier: modules_to_save / task_type=SEQ_CLS). A teacher needs its trained head."
+        )
+    return model
 
 
 def merged_copy(model: torch.nn.Module) -> torch.nn.Module:

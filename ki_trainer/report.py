@@ -40,6 +40,7 @@ def routing_report(trainer, dataset) -> Optional[dict[str, Any]]:
 
     if trainer.router is None and getattr(trainer.strategy, "certainty_source", None) is None:
         return None
+    trainer._fit_scoring()  # the router and certainty statistics are fitted in set-up, never while scoring rows
     space = trainer.label_space
     model = trainer.model
     was_training = model.training
@@ -54,7 +55,7 @@ def routing_report(trainer, dataset) -> Optional[dict[str, Any]]:
                 labels = inputs.pop("labels", None)
                 outputs = model(**inputs)
                 logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-                signals = trainer.teacher_signals(inputs, teacher_batches, example_ids=ids)
+                signals = trainer.query_signals(inputs, teacher_batches, example_ids=ids)
                 signals = trainer.normalize_certainty(trainer.route(signals))
                 if signals.certainty is None:
                     return None

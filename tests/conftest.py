@@ -188,3 +188,17 @@ def unlabeled_train():
 @pytest.fixture
 def labeled_eval():
     return Dataset.from_list(make_rows(20, seed=8))
+
+
+@pytest.fixture
+def tok():
+    """The student's tokenizer (a fresh one per test: tests may add tokens or change its settings)."""
+    return build_tokenizer()
+
+
+@pytest.fixture
+def teachers(tok):
+    """Two untrained tiny teachers over the two halves of the labels (``TEACHER_SPLIT``)."""
+    from ki_trainer import Teacher
+
+    return [Teacher(tiny_bert(2, len(tok), labels=labels, seed=20 + i), name=f"t{i}") for i, labels in enumerate(TEACHER_SPLIT)]

@@ -19,11 +19,6 @@ def config(tmp_path, **kw):
     return KnowledgeIntegrationConfig(**defaults)
 
 
-@pytest.fixture
-def tok():
-    return build_tokenizer()
-
-
 def finetune_of(base, labels, seed: int, scale: float = 0.02):
     """A stand-in for a fine-tune of ``base``: its weights moved a little, its own head over ``labels``."""
     torch.manual_seed(seed)

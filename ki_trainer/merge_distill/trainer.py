@@ -8,6 +8,7 @@ teachers' top-k signals computed on the fly or read from a :class:`TopKSignalCac
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -18,11 +19,11 @@ from transformers import PreTrainedModel, Trainer
 
 from ..collator import tokenizer_fingerprint
 from ..signal_cache import column_names, column_values
-from ..teacher import model_position_limit
 from .collator import EXAMPLE_IDS_KEY, KD_POSITIONS_KEY, TEACHER_BATCHES_KEY, MergeDistillCollator
 from .config import MergeDistillConfig
 from .guards import RunGuards
 from .model_card import student_card
+from .preparation import check_dataset, language_map, student_max_length, teacher_max_length, training_text_columns
 from .signals import (
     TopKSignal,
     TopKSignalCache,
@@ -149,90 +150,14 @@ class MergeDistillTrainer(RunGuards, Trainer):
             for teacher in self.teachers:
                 teacher.prepare(self.accelerator.device, dtype)
 
-    # ------------------------------------------------------------------ set-up helpers
-    @staticmethod
-    def _language_map(teachers: Sequence[MaskedLMTeacher], given: Optional[dict[str, str]]) -> dict[str, str]:
-        names = [t.name for t in teachers]
-        if given is not None:
-            unknown = {lang: name for lang, name in given.items() if name not in names}
-            if unknown:
-                raise ValueError(f"language_teachers names unknown teachers {unknown}; teachers are {names}.")
-            return dict(given)
-        mapping: dict[str, str] = {}
-        for teacher in teachers:
-            for language in teacher.languages:
-                if language in mapping:
-                    raise ValueError(
-                        f"Language {language!r} is assigned to two teachers ({mapping[language]!r} and {teacher.name!r}); "
-                        "give each language one teacher (or choose with select_teachers)."
-                    )
-                mapping[language] = teacher.name
-        if not mapping and len(teachers) > 1:
-            raise ValueError(
-                "No teacher has languages: give MaskedLMTeacher(..., languages=[...]), language_teachers=, or choose "
-                "them with ki_trainer.merge_distill.select_teachers."
-            )
-        return mapping
+    # ------------------------------------------------------------------ set-up helpers (ki_trainer.merge_distill.preparation)
+    _language_map = staticmethod(language_map)
+    _max_length = staticmethod(teacher_max_length)
+    _student_max_length = staticmethod(student_max_length)
+    _training_text_columns = staticmethod(training_text_columns)
 
     def _check_dataset(self, dataset, split: str, args: MergeDistillConfig) -> None:
-        if dataset is None:
-            return
-        columns = column_names(dataset)
-        if args.text_column not in columns:
-            raise ValueError(f"The {split} dataset has no text column {args.text_column!r} (columns: {columns}).")
-        several = len(self.teachers) > 1 or bool(self.language_teachers)
-        if several:
-            if args.language_column not in columns:
-                raise ValueError(
-                    f"The {split} dataset has no language column {args.language_column!r} (columns: {columns}); with "
-                    f"several teachers each text needs a language, one of {sorted(self.language_teachers)}."
-                )
-            languages = column_values(dataset, args.language_column)
-            for position, language in enumerate(languages):
-                if language is None or language not in self.language_teachers:
-                    what = "has no language" if language is None else f"has language {language!r}, which has no teacher"
-                    raise ValueError(
-                        f"Row {position} of the {split} dataset {what}; teachers cover {sorted(self.language_teachers)}."
-                    )
-        if args.teacher_signals == "cached" and split == "train":
-            if args.id_column not in columns:
-                raise ValueError(
-                    f"Cached teacher signals need an example id column {args.id_column!r}; the {split} dataset has "
-                    f"{columns}. Add one (dataset.map(lambda r, i: {{'id': str(i)}}, with_indices=True)) or set id_column=."
-                )
-            ids = [str(x) for x in column_values(dataset, args.id_column)]
-            if len(set(ids)) != len(ids):
-                raise ValueError(f"Column {args.id_column!r} of the {split} dataset has duplicate ids.")
-
-    @staticmethod
-    def _max_length(teacher: MaskedLMTeacher, student, args: MergeDistillConfig) -> int:
-        limits = [
-            args.max_length,
-            teacher.max_length,
-            teacher.position_limit(),
-            model_position_limit(student.config),
-            getattr(teacher.tokenizer, "model_max_length", None),
-        ]
-        return int(min(x for x in limits if x is not None and x < 1_000_000))
-
-    @staticmethod
-    def _student_max_length(student, args: MergeDistillConfig) -> int:
-        limits = [args.max_length, model_position_limit(student.config)]
-        return int(min(x for x in limits if x is not None and x < 1_000_000))
-
-    @staticmethod
-    def _training_text_columns(vocabulary: StudentVocabulary, texts, max_length: int) -> torch.Tensor:
-        """Sorted student ids that occur in ``texts`` (student tokenization, specials excluded)."""
-        tokenizer = vocabulary.tokenizer
-        seen: set[int] = set()
-        texts = list(texts)
-        for start in range(0, len(texts), 256):
-            for ids in tokenizer(texts[start : start + 256], truncation=True, max_length=max_length)["input_ids"]:
-                seen.update(ids)
-        seen -= set(tokenizer.all_special_ids)
-        seen.add(tokenizer.unk_token_id)  # never a target, but keeps the inverse map total for [UNK] inputs
-        seen.discard(None)
-        return torch.tensor(sorted(seen), dtype=torch.long)
+        check_dataset(dataset, split, args, self.teachers, self.language_teachers)
 
     def _teacher_columns(self, t: int) -> Optional[torch.Tensor]:
         """The teacher ids whose logits are computed (``teacher_output='student_vocabulary'``), else None."""
@@ -408,6 +333,10 @@ class MergeDistillTrainer(RunGuards, Trainer):
                 labels = batch["labels"]
                 signal = self.teacher_signal(batch[TEACHER_BATCHES_KEY], labels, batch[KD_POSITIONS_KEY])
                 cache.add(batch[EXAMPLE_IDS_KEY], [r[self.args.text_column] for r in chunk], (labels != -100).sum(1).tolist(), signal)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                cache.flush()  # keep what was computed; the original error is what the user must see
+            raise
         finally:
             collator.static_masking, collator.emit_ids = static, emit
         if todo or not os.path.exists(path) or os.path.isdir(path + ".shards"):

@@ -2,7 +2,7 @@
 
 Teacher weights are hashed ONE way (:func:`hash_state_dict`: each tensor's name, shape, dtype and bytes, in name
 order); the signal cache, MergeDistill's top-k cache and checkpoints use it. The values are pinned by
-``tests/test_fingerprints_pinned.py``: caches written by earlier versions keep their names.
+``tests/signal_cache/test_fingerprints_pinned.py``: caches written by earlier versions keep their names.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Launched with 2 processes by tests/test_distributed.py; each rank writes its final weights' checksum."""
+"""Launched with 2 processes by tests/trainer/test_distributed.py; each rank writes its final weights' checksum."""
 
 import json
 import os

@@ -1,7 +1,7 @@
 """A typical Hugging Face text-classification script (HfArgumentParser + Trainer), kept as the user wrote it.
 
 tests/scripts/hf_text_classification_ki.py is the same script converted to knowledge integration; the
-diff between the two files is what a user changes (tests/test_converted_script.py checks it stays small).
+diff between the two files is what a user changes (tests/trainer/test_converted_script.py checks it stays small).
 """
 
 import sys

@@ -1,6 +1,6 @@
 """hf_text_classification.py converted to knowledge integration: the student learns from teachers.
 
-The diff between the two files is what a user changes (tests/test_converted_script.py checks it stays small).
+The diff between the two files is what a user changes (tests/trainer/test_converted_script.py checks it stays small).
 """
 
 import sys

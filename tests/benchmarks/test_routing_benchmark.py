@@ -15,7 +15,7 @@ import pytest
 from conftest import build_tiny_base_model
 from ki_trainer.data import load_debian_sections
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 SECTIONS = ["database", "editors", "games", "mail", "math", "sound"]
 ROUTERS = ["max_prob", "mc_entropy", "relative_mahalanobis"]
 

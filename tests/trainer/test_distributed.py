@@ -15,7 +15,7 @@ ACCELERATE = shutil.which("accelerate", path=os.path.dirname(sys.executable))
 @pytest.mark.skipif(ACCELERATE is None, reason="the accelerate CLI is not installed beside this python")
 @pytest.mark.parametrize("mode", ["on_the_fly", "cached"])
 def test_two_processes_train_in_sync(tmp_path, mode):
-    script = os.path.join(os.path.dirname(__file__), "dist", "train_tiny.py")
+    script = os.path.join(os.path.dirname(__file__), "..", "dist", "train_tiny.py")
     cmd = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", script, str(tmp_path), mode]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")

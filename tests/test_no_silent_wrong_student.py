@@ -38,11 +38,6 @@ def config(tmp_path, **kw):
     return KnowledgeIntegrationConfig(**defaults)
 
 
-@pytest.fixture
-def tok():
-    return build_tokenizer()
-
-
 def fresh_teachers(tok, seeds=(20, 21)):
     return [
         Teacher(tiny_bert(2, len(tok), labels=labels, seed=seed), name=f"t{i}")
@@ -494,7 +489,7 @@ def test_bf16_does_not_cast_the_users_teacher_modules(tmp_path, tok):
 KILLED_PRECOMPUTE = r"""
 import os, signal, sys
 sys.path.insert(0, sys.argv[1])
-from test_reliability import build_tokenizer, fresh_teachers, make_trainer, rows_with_ids
+from test_no_silent_wrong_student import build_tokenizer, fresh_teachers, make_trainer, rows_with_ids
 from ki_trainer import signal_cache
 import pathlib
 signal_cache.store.FLUSH_ROWS = 4

@@ -1,5 +1,5 @@
 """Downstream accuracy (``fine_tune_accuracy``): masked-LM checkpoints saved with their own tokenizers
-(WordPiece English, SentencePiece-style Italian, as in tests/test_merge_distill.py) fine-tuned as
+(WordPiece English, SentencePiece-style Italian, as in tests/merge_distill/test_merge_distill.py) fine-tuned as
 sequence classifiers on a toy task whose label is the sentence's noun."""
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def test_errors_name_the_problem(checkpoints):
 
 
 def _load_benchmark():
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "merge_distill.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "merge_distill.py"
     spec = importlib.util.spec_from_file_location("merge_distill_benchmark", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

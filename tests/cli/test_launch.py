@@ -148,7 +148,7 @@ def test_student_from_a_directory_logs_no_load_report_table(tmp_path: Path) -> N
 
 # ---------------------------------------------------------------------------------------------- real launches
 ACCELERATE = shutil.which("accelerate", path=os.path.dirname(sys.executable))
-CONFIGS = Path(__file__).resolve().parent.parent / "ki_trainer" / "launch_configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "ki_trainer" / "launch_configs"
 
 
 def _launch(tmp_path: Path, config: Path, *flags: str) -> subprocess.CompletedProcess:

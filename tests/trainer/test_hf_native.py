@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 import yaml
-from conftest import TEACHER_SPLIT, build_tokenizer, make_rows, tiny_bert
+from conftest import TEACHER_SPLIT, make_rows, tiny_bert
 from datasets import ClassLabel, Dataset
 from transformers import DataCollatorWithPadding
 
@@ -21,16 +21,6 @@ def config(tmp_path, **kw):
                     save_strategy="no", per_device_train_batch_size=8, mc_samples=2, seed=0)
     defaults.update(kw)
     return KnowledgeIntegrationConfig(**defaults)
-
-
-@pytest.fixture
-def tok():
-    return build_tokenizer()
-
-
-@pytest.fixture
-def teachers(tok):
-    return [Teacher(tiny_bert(2, len(tok), labels=labels, seed=20 + i), name=f"t{i}") for i, labels in enumerate(TEACHER_SPLIT)]
 
 
 def trainer_for(tmp_path, tok, teachers, train, student=None, **kw):

@@ -16,7 +16,7 @@ import pytest
 
 from ki_trainer.data import cap_per_class, load_debian_sections, partition_labels
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py"
 
 
 def _load_benchmark():

@@ -13,7 +13,7 @@ def test_push_to_hub_uploads_student_and_card(tmp_path):
     with StubHub() as hub:
         env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_TOKEN="hf_test_token",
                    HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_XET="1")
-        script = os.path.join(os.path.dirname(__file__), "hub", "push_student.py")
+        script = os.path.join(os.path.dirname(__file__), "..", "hub", "push_student.py")
         result = subprocess.run([sys.executable, script, str(tmp_path / "out")], env=env, capture_output=True,
                                 text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:] + "\n" + "\n".join(hub.requests)

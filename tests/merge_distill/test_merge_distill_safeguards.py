@@ -43,21 +43,24 @@ def make_trainer(teachers, tmp_path, train=None, **config):
 
 
 # ---------------------------------------------------------------- the top-k cache
-def test_a_killed_top_k_precompute_keeps_its_flushed_rows(teachers, tmp_path, monkeypatch):
+@pytest.mark.parametrize("flush_rows,stop", [(4, KeyboardInterrupt), (None, RuntimeError)],
+                         ids=["flushed-every-batch", "flushed-on-the-error"])
+def test_a_killed_top_k_precompute_keeps_its_flushed_rows(teachers, tmp_path, monkeypatch, flush_rows, stop):
     from ki_trainer.merge_distill import signals
 
-    monkeypatch.setattr(signals, "FLUSH_ROWS", 4)
+    if flush_rows is not None:
+        monkeypatch.setattr(signals, "FLUSH_ROWS", flush_rows)
     first = make_trainer(teachers, tmp_path)
     original, calls = first.teacher_signal, []
 
     def dies_in_the_fourth_batch(*args, **kwargs):
         if len(calls) == 3:
-            raise KeyboardInterrupt("killed")
+            raise stop("killed")
         calls.append(1)
         return original(*args, **kwargs)
 
     first.teacher_signal = dies_in_the_fourth_batch
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(stop):
         first.precompute_teacher_signals()
     second = make_trainer(teachers, tmp_path)
     original2, computed = second.teacher_signal, []

@@ -174,6 +174,13 @@ def test_transductive_router_must_be_fitted_first():
         build_router("self_training").score(test)
 
 
+@pytest.mark.parametrize("name", ["consensus", "knn_smoothing", "relative_mahalanobis", "prototype"])
+def test_every_unfitted_transductive_router_says_to_fit_it_first(name):
+    test, _ = synthetic_pool(seed=1)
+    with pytest.raises(RuntimeError, match="fit it on the unlabeled pool first"):
+        build_router(name).score(test)
+
+
 def test_router_needing_features_says_so():
     signals = confident_signals()
     with pytest.raises(ValueError, match="pooled teacher features"):

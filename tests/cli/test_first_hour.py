@@ -18,7 +18,7 @@ from test_cli import save_tiny_models
 
 from ki_trainer.cli import main
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +147,7 @@ def test_card_lists_only_the_settings_the_strategy_reads() -> None:
     for muki_only in ("mc_samples", "selection", "margin_reweighting", "teacher_score_temperature", "router_fit_rows"):
         assert muki_only not in plain, muki_only
     assert "`kd_temperature`" in plain and "- router: `none" in plain
+    assert "`signal_source`" in plain and "teacher_signals" not in plain  # the setting, not its deprecated alias
     muki = _render("muki").split("### Strategy and router")[1].split("## Training")[0]
     assert "`mc_samples`" in muki and "`selection`" in muki and "`margin_reweighting`" in muki
     entropy = _render("entropy").split("### Strategy and router")[1].split("## Training")[0]
@@ -212,6 +213,15 @@ def test_public_names_import_lazily_and_all_resolve() -> None:
         assert getattr(ki_trainer, name) is not None, name
     with pytest.raises(AttributeError, match="no attribute 'Trainerr'"):
         ki_trainer.Trainerr  # noqa: B018
+
+
+def test_subpackages_and_earlier_module_paths_still_import() -> None:
+    code = ("import ki_trainer; print(ki_trainer.routing.__name__);"
+            "from ki_trainer.merge_distill.cli import build_parser, MergeDistillArguments;"
+            "from ki_trainer.cli.merge_distill import build_parser as b; assert b is build_parser; print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["ki_trainer.routing", "ok"]
 
 
 def test_env_reports_versions_devices_and_accelerate_config(capsys, tmp_path: Path, monkeypatch) -> None:
@@ -397,3 +407,19 @@ def test_routing_report_without_gold_labels_groups_by_the_students_prediction(
         args=KnowledgeIntegrationConfig(output_dir=str(tmp_path / "p"), strategy="vanilla_kd", report_to="none",
                                         use_cpu=True, max_length=16), processing_class=tokenizer)
     assert routing_report(plain, unlabeled_train) is None  # vanilla KD routes nothing: nothing to report
+
+
+@pytest.mark.parametrize("router", [None, "consensus"])
+def test_routing_report_of_a_trainer_that_has_not_trained_fits_its_router_first(
+        tmp_path: Path, tokenizer, trained_teachers, unlabeled_train, router) -> None:
+    from ki_trainer import KnowledgeIntegrationConfig, KnowledgeIntegrationTrainer, Teacher
+    from ki_trainer.report import routing_report
+
+    teachers = [Teacher(model, tokenizer=tok) for model, tok in trained_teachers]
+    pool = unlabeled_train.map(lambda row, i: {"id": str(i)}, with_indices=True)
+    args = KnowledgeIntegrationConfig(output_dir=str(tmp_path / "o"), report_to="none", use_cpu=True, max_length=16,
+                                      signal_source="cached", router=router, save_strategy="no")
+    trainer = KnowledgeIntegrationTrainer(model=tiny_bert(4, len(tokenizer), seed=3), args=args, teachers=teachers,
+                                          train_dataset=pool, processing_class=tokenizer)
+    report = routing_report(trainer, pool.select(range(10)))  # no train(), no evaluate() before
+    assert report["rows"] == 10 and trainer.router.fitted

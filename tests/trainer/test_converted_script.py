@@ -11,7 +11,7 @@ from transformers import AutoModelForSequenceClassification, pipeline
 
 from scripts import hf_text_classification, hf_text_classification_ki
 
-SCRIPTS = os.path.join(os.path.dirname(__file__), "scripts")
+SCRIPTS = os.path.join(os.path.dirname(__file__), "..", "scripts")
 
 
 def _changed_code_lines() -> list[str]:

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import TEACHER_SPLIT, build_tokenizer, make_rows, tiny_bert
+from conftest import TEACHER_SPLIT, make_rows, tiny_bert
 from datasets import ClassLabel, Dataset
 from transformers import AutoModelForSequenceClassification, HfArgumentParser, TrainingArguments, pipeline
 
@@ -27,16 +27,6 @@ def config(tmp_path, **kw):
     )
     defaults.update(kw)
     return KnowledgeIntegrationConfig(**defaults)
-
-
-@pytest.fixture
-def tok():
-    return build_tokenizer()
-
-
-@pytest.fixture
-def teachers(tok):
-    return [Teacher(tiny_bert(2, len(tok), labels=labels, seed=20 + i), name=f"t{i}") for i, labels in enumerate(TEACHER_SPLIT)]
 
 
 def make_trainer(tmp_path, tok, teachers, train, student=None, **kw):

@@ -17,7 +17,7 @@ from ki_trainer.cli import commands, main
 from ki_trainer.cli.arguments import RunFileError
 from ki_trainer.cli.integrate import build_parser, build_teachers, teacher_specs
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _env() -> dict:

@@ -5,7 +5,7 @@ Each test pins one row of docs/reliability.md; all use the public API and tiny i
 
 import pytest
 import torch
-from conftest import TEACHER_SPLIT, build_tokenizer, make_rows, tiny_bert
+from conftest import TEACHER_SPLIT, make_rows, tiny_bert
 from datasets import Dataset
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel
 
@@ -17,11 +17,6 @@ def config(tmp_path, **kw):
                     per_device_train_batch_size=8, per_device_eval_batch_size=8, mc_samples=2, seed=0)
     defaults.update(kw)
     return KnowledgeIntegrationConfig(**defaults)
-
-
-@pytest.fixture
-def tok():
-    return build_tokenizer()
 
 
 def tiny_config(tok, **kw):
@@ -424,3 +419,34 @@ def test_config_fields_of_the_wrong_type_are_rejected_by_name(tmp_path, field, v
             MergeDistillConfig(output_dir=str(tmp_path), report_to=[], **{field: value})
     ok = KnowledgeIntegrationConfig(output_dir=str(tmp_path), report_to=[], max_steps=3, kd_temperature=2)
     assert ok.max_steps == 3
+
+
+def test_an_adapter_teacher_saved_without_its_classifier_is_an_error(tmp_path, tok):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    BertModel(tiny_config(tok)).save_pretrained(tmp_path / "encoder")  # the base has no classifier
+    tok.save_pretrained(tmp_path / "encoder")
+    from transformers import AutoModelForSequenceClassification
+
+    for task, name in ((None, "headless"), (TaskType.SEQ_CLS, "with_head")):
+        model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "encoder", num_labels=2)
+        adapter = get_peft_model(model, LoraConfig(task_type=task, r=2, target_modules=["query"]))
+        adapter.save_pretrained(str(tmp_path / name))
+    with pytest.raises(ValueError, match=r"classifier\.bias, classifier\.weight would be random"):
+        Teacher(str(tmp_path / "headless"), labels=["alpha", "beta"])  # was: a random classifier
+    assert Teacher(str(tmp_path / "with_head"), labels=["alpha", "beta"]).labels == ["alpha", "beta"]
+
+
+def test_teacher_selection_accuracy_does_not_depend_on_the_teachers_order_on_ties():
+    import numpy as np
+
+    from ki_trainer.label_space import LabelSpace
+    from ki_trainer.metrics import selection_accuracy
+
+    space = LabelSpace([["a", "b"], ["c", "d"]], ["t0", "t1"])
+    swapped = LabelSpace([["c", "d"], ["a", "b"]], ["t1", "t0"])
+    certainty = np.array([[0.5, 0.5], [0.9, 0.1]])
+    gold = ["c", "a"]
+    forward = selection_accuracy(certainty, np.array(space.encode(gold)), space)
+    backward = selection_accuracy(certainty[:, ::-1], np.array(swapped.encode(gold)), swapped)
+    assert forward == backward == 0.75  # the tie counts half; was 0.5 one way and 1.0 the other

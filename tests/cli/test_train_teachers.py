@@ -16,7 +16,7 @@ from transformers import pipeline  # noqa: E402
 from ki_trainer.data import load_debian_sections  # noqa: E402
 from conftest import build_tiny_base_model  # noqa: E402
 
-SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "train_teachers.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "train_teachers.py"
 
 
 def _load_script() -> ModuleType:

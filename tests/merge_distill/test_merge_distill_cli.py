@@ -19,7 +19,7 @@ from ki_trainer.cli.merge_distill import load_texts, teacher_entries
 
 @pytest.fixture(scope="module")
 def teacher_dirs(tmp_path_factory) -> dict[str, Path]:
-    """The tiny teachers of tests/test_merge_distill.py (untrained: the command's plumbing is under test), saved."""
+    """The tiny teachers of tests/merge_distill/test_merge_distill.py (untrained: the command's plumbing is under test), saved."""
     root = tmp_path_factory.mktemp("md_teachers")
     dirs = {}
     for name, tokenizer, seed in (("en_mlm", wordpiece_tokenizer(), 1), ("it_mlm", unigram_tokenizer(IT_PIECES), 2)):

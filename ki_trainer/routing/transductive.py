@@ -1,0 +1,231 @@
+"""The shared base of the transductive (pool) routers: the fit on the unlabeled pool with its guards (too few rows
+per teacher falls back to ``entropy``), the label-free estimate of the teachers' shares of the pool, and the
+z-scored routers' scoring. The routers themselves are in :mod:`ki_trainer.routing.pool`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional, Sequence
+
+import torch
+from transformers.utils import logging
+
+from ..strategies.base import TeacherSignals
+from .base import Router, build_router
+from .shares import describe_shares, fit_owner_mixture, owner_logits
+
+logger = logging.get_logger(__name__)
+
+# A transductive fit on fewer pool rows than this per teacher is refused: the router falls back to FALLBACK_ROUTER.
+MIN_ROWS_PER_TEACHER = 10
+# The fallback needs no fit and reads only the deterministic logits (present in every signal mode).
+FALLBACK_ROUTER = "entropy"
+SHARES = ("estimate", "equal")
+# An estimate whose every share lies within MIN_SKEW of 1/teachers routes as equal shares: on the balanced 2x10 pool
+# of debian_sections20 the estimate reads 60:40 (docs/routing.md), and a prior that small costs more than it gains.
+MIN_SKEW = 0.1
+
+
+# ---------------------------------------------------------------------- shared building blocks
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+
+def _features(signals: TeacherSignals) -> list[torch.Tensor]:
+    return [f.float() for f in signals.features]
+
+
+# The z-score is written once, in routing/standardization.py (certainty_normalization uses it too).
+from .standardization import zscore as _zscore  # noqa: E402
+from .standardization import zscore_fit as _zscore_fit  # noqa: E402
+
+
+def _probabilities(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    return torch.softmax(z / temperature, dim=1)
+
+
+TIE_TOLERANCE = 1e-6  # router scores are probabilities or certainties in [0, 1]
+
+
+def confident_rows(scores: torch.Tensor, share: float) -> torch.Tensor:
+    """A boolean mask of the rows each teacher wins with the largest margins: the top ``share`` of the
+    rows routed to each teacher (class-balanced, so a teacher that wins few rows still gets examples).
+
+    A row whose two best scores tie (within ``TIE_TOLERANCE``) is won by no teacher: ``argmax`` would hand
+    it to the teacher listed first, so the result would depend on the order of the teachers."""
+    route = scores.argmax(1)
+    won = torch.ones_like(route, dtype=torch.bool)
+    if scores.shape[1] > 1:
+        top2 = scores.topk(2, dim=1).values
+        margin = top2[:, 0] - top2[:, 1]
+        won = margin > TIE_TOLERANCE
+    else:
+        margin = scores[:, 0]
+    keep = torch.zeros_like(route, dtype=torch.bool)
+    for t in range(scores.shape[1]):
+        mine = (route == t) & won
+        if mine.any():
+            cut = torch.quantile(margin[mine], 1.0 - share)
+            keep |= mine & (margin >= cut)
+    return keep
+
+
+def _pseudo_label_mask(probs: torch.Tensor, share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pseudo-labels and the mask of the most confident ``share`` of the rows of each pseudo-class."""
+    confidence, labels = probs.max(1)
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    for c in labels.unique():
+        mine = labels == c
+        keep |= mine & (confidence >= torch.quantile(confidence[mine], 1.0 - share))
+    return labels, keep
+
+
+# Options every pool router takes (see _TransductiveRouter).
+_POOL_DEFAULTS: dict[str, Any] = {"shares": "estimate", "min_skew": MIN_SKEW, "min_rows_per_teacher": MIN_ROWS_PER_TEACHER}
+
+
+class _TransductiveRouter(Router):
+    """Base for the pool routers: refuses a fit on too small a pool (falls back to a router that needs no fit)
+    and keeps the pool's estimated teacher shares.
+
+    Subclasses implement :meth:`_fit` and :meth:`_owner_logits` (``[rows, teachers]`` owner log-odds, the
+    quantity combined by ``consensus`` and ``knn_smoothing``); :meth:`score` is their softmax.
+    """
+
+    needs_fit = True
+    requires = frozenset({"logits"})
+    defaults: dict[str, Any] = dict(_POOL_DEFAULTS)
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        if self.options.get("shares", "estimate") not in SHARES:
+            raise ValueError(f"Router {self.name!r}: shares must be one of {SHARES}, got {self.options['shares']!r}.")
+        if not 0.0 <= float(self.options["min_skew"]) < 1.0:
+            raise ValueError(f"Router {self.name!r}: min_skew must be in [0, 1).")
+        if int(self.options["min_rows_per_teacher"]) < 1:
+            raise ValueError(f"Router {self.name!r}: min_rows_per_teacher must be >= 1.")
+
+    # ------------------------------------------------------------------ fit / score
+    def fit(self, signals: TeacherSignals) -> "Router":
+        self._check(signals, fitting=True)
+        self.state = {}
+        rows, teachers = signals.batch_size, len(signals.logits)
+        minimum = int(self.options["min_rows_per_teacher"]) * teachers
+        if rows < minimum:
+            message = (f"Router {self.name!r} was given {rows} pool row(s) to fit on; it needs at least {minimum} "
+                       f"({self.options['min_rows_per_teacher']} per teacher x {teachers} teachers). Routing by "
+                       f"{FALLBACK_ROUTER!r} instead, which needs no fit (give the router more unlabeled rows, "
+                       "e.g. a larger train_dataset or router_fit_rows).")
+            warnings.warn(message, stacklevel=2)
+            logger.warning(message)
+            self.state = {"fallback": FALLBACK_ROUTER, "fit_rows": rows, "min_rows": minimum}
+        else:
+            self._fit(signals)
+            self.state["fit_rows"] = rows
+        self.fitted = True
+        return self
+
+    def _fit(self, signals: TeacherSignals) -> None:
+        raise NotImplementedError
+
+    def _owner_logits(self, signals: TeacherSignals) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def fallback(self) -> Optional[str]:
+        """The router scoring in this one's place when the pool was too small to fit on, else ``None``."""
+        return self.state.get("fallback")
+
+    def owner_logits(self, signals: TeacherSignals) -> torch.Tensor:
+        """``[rows, teachers]`` owner log-odds (a teacher's estimated pool share included), higher = more competent."""
+        self._check(signals)
+        if self.fallback:
+            return build_router(self.fallback).score(signals)
+        return self._owner_logits(signals)
+
+    def score(self, signals: TeacherSignals) -> torch.Tensor:
+        self._check(signals)  # unfitted, or signals without what the fit read: one clear message
+        if self.fallback:
+            return build_router(self.fallback).score(signals)
+        return _probabilities(self._owner_logits(signals), self.options.get("temperature", 1.0))
+
+    # ------------------------------------------------------------------ the pool's teacher shares
+    @property
+    def shares(self) -> Optional[torch.Tensor]:
+        """The pool's estimated teacher shares (``[teachers]``, sums to 1), or ``None`` when none was estimated
+        (``shares="equal"``, a fall-back, or scores without a clear owner structure: see ``shares_note``)."""
+        shares = self.state.get("shares")
+        return None if shares is None else torch.as_tensor(shares)
+
+    @property
+    def shares_note(self) -> Optional[str]:
+        """Why no share estimate is used, when none is."""
+        return self.state.get("shares_note")
+
+    def describe_shares(self, names: Optional[Sequence[str]] = None) -> str:
+        """One line for the log and the model card: ``"the pool looks 88% teacher A, 12% teacher B"``."""
+        if self.fallback:
+            return (f"not estimated: {self.state['fit_rows']} pool row(s) seen, {self.state['min_rows']} needed; "
+                    f"routed by {self.fallback!r}")
+        if self.shares is not None:
+            line = describe_shares(self.shares.tolist(), names)
+            if not self.uses_shares:
+                line += f" (within {self.options['min_skew']:g} of equal shares: routed as equal shares)"
+            return line
+        return f"not estimated ({self.shares_note or 'equal shares assumed'})"
+
+    @property
+    def uses_shares(self) -> bool:
+        """Whether the estimated shares are the routing prior (an estimate far enough from equal shares)."""
+        shares = self.shares
+        if shares is None:
+            return False
+        return bool((shares - 1.0 / len(shares)).abs().max() >= float(self.options.get("min_skew", MIN_SKEW)))
+
+    def _log_shares(self) -> None:
+        logger.info(f"Router {self.name!r}: {self.describe_shares()}.")
+
+
+def _set_shares(router: _TransductiveRouter, mixture: Optional[dict[str, Any]], note: str = "") -> None:
+    """Record a share estimate (or why there is none) in ``router.state``."""
+    if mixture is not None and mixture["accepted"]:
+        router.state["shares"] = mixture["shares"]
+    else:
+        router.state["shares_note"] = note or (mixture["reason"] if mixture is not None else "equal shares assumed")
+    router._log_shares()
+
+
+class _ZScoredRouter(_TransductiveRouter):
+    """Base for pool routers with one raw score per teacher, calibrated on the pool and softmaxed.
+
+    ``shares="estimate"`` (default): the pool is modelled as a mixture of owners (:mod:`ki_trainer.routing.shares`);
+    each teacher's raw score is calibrated against its own in- and out-of-domain rows and the estimated shares
+    are the prior. ``shares="equal"``: each teacher's raw score z-scored over the whole pool (assumes every
+    teacher owns the same share of the pool; the behaviour before the estimate existed).
+    """
+
+    def raw_fit(self, signals: TeacherSignals) -> None:  # fit what raw_score needs
+        pass
+
+    def raw_score(self, signals: TeacherSignals) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _fit(self, signals: TeacherSignals) -> None:
+        self.raw_fit(signals)
+        raw = self.raw_score(signals)
+        self.state["zscore"] = _zscore_fit(raw)
+        if self.options.get("shares", "estimate") == "estimate":
+            _set_shares(self, fit_owner_mixture(_zscore(raw, self.state["zscore"])))
+        else:
+            _set_shares(self, None, "shares='equal'")
+
+    def zscores(self, signals: TeacherSignals) -> torch.Tensor:
+        """Each teacher's raw score z-scored over the pool (the equal-shares calibration)."""
+        self._check(signals)
+        return _zscore(self.raw_score(signals), self.state["zscore"])
+
+    def _owner_logits(self, signals: TeacherSignals) -> torch.Tensor:
+        if self.uses_shares:
+            return owner_logits(self.zscores(signals), self.shares)
+        return self.zscores(signals)
