@@ -258,9 +258,9 @@ def run(script_args: IntegrateArguments, args: KnowledgeIntegrationConfig) -> di
 
     if not script_args.teachers:
         raise CommandError("No teachers: pass --teachers PATH [PATH ...] or list `teachers:` in the run file.")
-    student = str(resolve_model(script_args.student))
-    check_model_path("--student", student)
     specs = teacher_specs(script_args.teachers)  # every path checked before any data or model is loaded
+    student = str(resolve_model(script_args.student))  # after the user's own inputs: their mistakes are named first
+    check_model_path("--student", student)
     peft_config = lora_config(script_args)
     check_launch(args)  # before any work: a broken multi-process launch fails in seconds
     hide_progress_bars(bool(args.disable_tqdm))

@@ -232,9 +232,7 @@ def run(script_args: TeacherTrainingArguments, training_args: TrainingArguments)
     hide_progress_bars(bool(training_args.disable_tqdm))
     if training_args.dataloader_pin_memory and training_args.device.type == "cpu":
         training_args.dataloader_pin_memory = False  # nothing to pin on CPU (and torch warns about it)
-    model_path = str(resolve_model(script_args.model_name_or_path))
-    check_model_path("--model_name_or_path", model_path)
-    data = load_debian_sections(script_args.data_path, language=script_args.language)
+    data = load_debian_sections(script_args.data_path, language=script_args.language)  # the user's file first
     try:
         subsets = partition_labels(data["train"]["label"], script_args.split_spec, seed=script_args.split_seed)
     except ValueError as error:
@@ -242,6 +240,8 @@ def run(script_args: TeacherTrainingArguments, training_args: TrainingArguments)
         grids = ", ".join(f"{n}x{sections // n}" for n in range(2, sections // 2 + 1) if sections % n == 0)
         raise CommandError(f"--split_spec {script_args.split_spec!r}: {error} Every one of the {sections} labels needs "
                            f"exactly one teacher: use {grids}, 'random:NxK' or a JSON list of label lists.") from None
+    model_path = str(resolve_model(script_args.model_name_or_path))
+    check_model_path("--model_name_or_path", model_path)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     output_dir = Path(training_args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
