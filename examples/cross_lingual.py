@@ -74,7 +74,7 @@ def main() -> None:
     ])
     config = KnowledgeIntegrationConfig(
         output_dir=str(out / f"student_{args.strategy}"), strategy=args.strategy, mc_samples=args.mc_samples,
-        teacher_signals="cached", max_length=args.max_length, num_train_epochs=args.epochs,
+        signal_source="cached", max_length=args.max_length, num_train_epochs=args.epochs,
         per_device_train_batch_size=16, per_device_eval_batch_size=32, learning_rate=1e-4, report_to=[],
         save_strategy="no", use_cpu=True, seed=0,
     )

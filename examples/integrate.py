@@ -7,7 +7,7 @@ flag, and a YAML/JSON run file may come first.
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 python examples/integrate.py \
         --teachers outputs/teachers/teachers.json \
         --student sentence-transformers/paraphrase-MiniLM-L3-v2 \
-        --strategy muki --selection soft --mc_samples 16 --teacher_signals cached --max_length 64 \
+        --strategy muki --selection soft --mc_samples 16 --signal_source cached --max_length 64 \
         --num_train_epochs 2 --per_device_train_batch_size 16 --learning_rate 1e-4 \
         --eval_strategy epoch --save_strategy no --report_to none --output_dir outputs/student
 
