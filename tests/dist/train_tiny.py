@@ -29,3 +29,8 @@ rank = trainer.args.process_index
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump({"world": trainer.args.world_size, "checksum": checksum, "eval": metrics,
                "logged": [h for h in trainer.state.log_history if "loss" in h]}, f)
+# Leave the process group cleanly: a gloo group still alive at interpreter exit can abort a rank
+# ("terminate called without an active exception") after all the work is done.
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
