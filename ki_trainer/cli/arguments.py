@@ -298,3 +298,21 @@ class CommandParser(HfArgumentParser):
 
 def is_help_all(argv: Sequence[str]) -> bool:
     return HELP_ALL in argv
+
+
+def teacher_spec_list(specs: Any) -> list:
+    """``teachers:`` as given: one string or mapping (a run file's ``teachers: path``) is one teacher, never a
+    list of characters or keys."""
+    return [specs] if isinstance(specs, (str, dict)) else list(specs or [])
+
+
+def teacher_mapping(i: int, spec: dict, allowed: set) -> dict:
+    """A copy of teacher ``i`` given as a mapping, after checking it has ``path`` and no key outside ``allowed``."""
+    unknown = set(spec) - allowed
+    if "path" not in spec or unknown:
+        raise ValueError(
+            f"Teacher {i}: a mapping needs 'path' and may hold {sorted(allowed - {'path'})}; got "
+            f"{sorted(spec)}" + (f" (unknown: {sorted(unknown)})" if unknown else "") + "."
+        )
+    return dict(spec)
+

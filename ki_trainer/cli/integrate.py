@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence, Union
 from ..config import KnowledgeIntegrationConfig
 from ..console import hide_progress_bars, phase, quiet_model_loading, use_row_progress
 from ..launch import check_launch
-from .arguments import CommandParser, is_help_all, own_fields
+from .arguments import CommandParser, is_help_all, own_fields, teacher_mapping, teacher_spec_list
 from ..errors import non_utf8_error
 from .errors import CommandError, check_model_path
 
@@ -90,18 +90,11 @@ def teacher_specs(specs: Sequence[TeacherSpec]) -> list[dict[str, Any]]:
     """
     from ..pretrained import resolve_model
 
-    if isinstance(specs, (str, dict)):  # `teachers: path` in a run file: one teacher, not a list of characters
-        specs = [specs]
+    specs = teacher_spec_list(specs)  # `teachers: path` in a run file: one teacher, not a list of characters
     out: list[dict[str, Any]] = []
     for i, spec in enumerate(specs):
         if isinstance(spec, dict):
-            unknown = set(spec) - TEACHER_KEYS
-            if "path" not in spec or unknown:
-                raise ValueError(
-                    f"Teacher {i}: a mapping needs 'path' and may hold {sorted(TEACHER_KEYS - {'path'})}; got "
-                    f"{sorted(spec)}" + (f" (unknown: {sorted(unknown)})" if unknown else "") + "."
-                )
-            entry = dict(spec)
+            entry = teacher_mapping(i, spec, TEACHER_KEYS)
         elif isinstance(spec, str) and spec.endswith(".json"):
             if not Path(spec).is_file():
                 raise CommandError(f"Teacher {i}: teachers file not found: {spec}")

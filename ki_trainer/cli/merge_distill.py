@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from .arguments import CommandParser, is_help_all, own_fields
+from .arguments import CommandParser, is_help_all, own_fields, teacher_mapping, teacher_spec_list
 from ..console import hide_progress_bars, phase, quiet_model_loading, use_row_progress
 from ..launch import check_launch
 from ..merge_distill.config import MergeDistillConfig
@@ -167,18 +167,13 @@ def teacher_entries(specs: Optional[Sequence[TeacherSpec]]) -> list[dict[str, An
     """
     from ..pretrained import resolve_model
 
+    specs = teacher_spec_list(specs)  # `teachers: path=en` in a run file: one teacher, not a list of characters
     if not specs:
         raise ValueError("No teachers: pass --teachers PATH=LANG[,LANG] ... or list `teachers:` in the run file.")
     entries: list[dict[str, Any]] = []
     for i, spec in enumerate(specs):
         if isinstance(spec, dict):
-            unknown = set(spec) - TEACHER_KEYS
-            if "path" not in spec or unknown:
-                raise ValueError(
-                    f"Teacher {i}: a mapping needs 'path' and may hold {sorted(TEACHER_KEYS - {'path'})}; got "
-                    f"{sorted(spec)}" + (f" (unknown: {sorted(unknown)})" if unknown else "") + "."
-                )
-            entry = dict(spec)
+            entry = teacher_mapping(i, spec, TEACHER_KEYS)
         elif isinstance(spec, str):
             path, sep, languages = spec.rpartition("=")
             entry = {"path": path, "languages": languages} if sep else {"path": spec}

@@ -123,6 +123,8 @@ def test_teacher_entries_and_their_errors(tmp_path: Path) -> None:
     assert [(e["name"], e["languages"]) for e in entries] == [("a", ["en", "de"]), ("it", ["it"])]
     with pytest.raises(ValueError, match="No teachers"):
         teacher_entries([])
+    one = teacher_entries(f"{tmp_path}/a=en")  # `teachers: path=en` in a run file: one teacher, not 13 characters
+    assert [(e["name"], e["languages"]) for e in one] == [("a", ["en"])]
     with pytest.raises(ValueError, match=r"Language 'en' is given to two teachers \('a' and 'b'\)"):
         teacher_entries([f"{tmp_path}/a=en", f"{tmp_path}/b=en,it"])
     with pytest.raises(ValueError, match=r"Teacher 1 \(b\) has no languages"):
