@@ -131,6 +131,18 @@ class KnowledgeIntegrationConfig(TrainingArguments):
             "(docs/routing.md, 'Pool size')."
         },
     )
+    share_weighting: str = field(
+        default="balanced",
+        metadata={
+            "help": "For pool routers that estimate the pool's teacher shares (label-free; docs/routing.md, 'Skewed "
+            "pools'): 'balanced' divides each row's loss by the estimated share of the teacher it is routed to "
+            "(rescaled to mean 1 over the pool), so every teacher's domain counts alike and the student does not "
+            "learn to forget a minority teacher's classes; 'pool' lets every row count the same, so the student "
+            "learns the pool's own mix of teachers (right when the text it will predict on is mixed like the pool). "
+            "No effect on a balanced pool, with router_options shares='equal', or without a pool router.",
+            "choices": ["balanced", "pool"],
+        },
+    )
     mc_samples: int = field(
         default=16,
         metadata={"help": "Monte-Carlo dropout passes per teacher and example used to score certainty (muki)."},
@@ -265,6 +277,8 @@ class KnowledgeIntegrationConfig(TrainingArguments):
         if self.student_init not in STUDENT_INITS:
             raise ValueError(f"student_init must be one of {list(STUDENT_INITS)}, got {self.student_init!r}.")
         self._validate_router()
+        if self.share_weighting not in ("balanced", "pool"):
+            raise ValueError(f"share_weighting must be 'balanced' or 'pool', got {self.share_weighting!r}.")
         if self.router_fit_rows is not None and self.router_fit_rows < 2:
             raise ValueError(f"router_fit_rows must be >= 2 (or None for every pool row), got {self.router_fit_rows}.")
         if self.mc_samples < 1:

@@ -124,7 +124,41 @@ class _TransductiveRouter(Router):
             self._fit(signals)
             self.state["fit_rows"] = rows
         self.fitted = True
+        if not self.fallback:
+            self._fit_share_weights(signals)
         return self
+
+    def _fit_share_weights(self, signals: TeacherSignals) -> None:
+        """With a share estimate in use: per-teacher loss weights that give every teacher's routed pool rows the same
+        total weight, ``rows / (teachers x rows routed to the teacher)`` (their mean over the pool is 1)."""
+        if not self.uses_shares:
+            return
+        routed = _routed(self.score(signals).float().cpu()).sum(0)
+        owning = routed > 0
+        weights = torch.ones(len(routed))
+        weights[owning] = routed.sum() / (int(owning.sum()) * routed[owning])
+        self.state["share_weights"] = weights
+
+    def describe_share_weights(self, names: Optional[Sequence[str]] = None) -> Optional[str]:
+        """``"rows routed to teacher A count x0.57, to teacher B count x3.85"`` (the ``share_weighting="balanced"`` loss
+        weights), or ``None`` when no share estimate is in use."""
+        weights = self.state.get("share_weights")
+        if weights is None:
+            return None
+        values = torch.as_tensor(weights).tolist()
+        names = list(names) if names is not None else [str(t) for t in range(len(values))]
+        return "rows routed to " + ", to ".join(f"teacher {n} count x{v:.2f}" for n, v in zip(names, values))
+
+    def row_weights(self, scores: torch.Tensor) -> Optional[torch.Tensor]:
+        """``[rows]`` loss weights that make every teacher's domain count alike on a skewed pool: the weight of the
+        teacher each row is routed to (the best of ``scores``, from :meth:`score`; exact ties share), ``rows /
+        (teachers x pool rows routed to it)``, so that a teacher owning 10% of the pool has its rows counted 5 times
+        and one owning 90% 0.56 times (mean 1 over the pool). ``None`` when no share estimate is in use (balanced
+        pool, ``shares="equal"``, no clear owner structure, a fall-back): every row then counts 1."""
+        weights = self.state.get("share_weights")
+        if weights is None:
+            return None
+        return _routed(scores.float()) @ torch.as_tensor(weights).to(scores.device, torch.float32)
 
     def _fit(self, signals: TeacherSignals) -> None:
         raise NotImplementedError
@@ -185,6 +219,12 @@ class _TransductiveRouter(Router):
 
     def _log_shares(self) -> None:
         logger.info(f"Router {self.name!r}: {self.describe_shares()}.")
+
+
+def _routed(scores: torch.Tensor) -> torch.Tensor:
+    """``[rows, teachers]`` one-hot of each row's best teacher (exact ties split evenly: no dependence on the order)."""
+    top = (scores == scores.max(1, keepdim=True).values).float()
+    return top / top.sum(1, keepdim=True)
 
 
 def _set_shares(router: _TransductiveRouter, mixture: Optional[dict[str, Any]], note: str = "") -> None:
