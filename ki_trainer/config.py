@@ -134,12 +134,13 @@ class KnowledgeIntegrationConfig(TrainingArguments):
     share_weighting: str = field(
         default="balanced",
         metadata={
-            "help": "For pool routers that estimate the pool's teacher shares (label-free; docs/routing.md, 'Skewed "
-            "pools'): 'balanced' divides each row's loss by the estimated share of the teacher it is routed to "
-            "(rescaled to mean 1 over the pool), so every teacher's domain counts alike and the student does not "
-            "learn to forget a minority teacher's classes; 'pool' lets every row count the same, so the student "
-            "learns the pool's own mix of teachers (right when the text it will predict on is mixed like the pool). "
-            "No effect on a balanced pool, with router_options shares='equal', or without a pool router.",
+            "help": "For pool routers that estimate the pool's teacher shares (label-free; docs/routing.md, "
+            "'Skewed pools'), when the pool looks skewed: 'balanced' divides each row's loss by the share of the "
+            "pool rows routed to the same teacher (rescaled to mean 1 over the pool), so every teacher's domain "
+            "counts alike and the student does not forget a minority teacher's classes; 'pool' lets every row "
+            "count the same, so the student learns the pool's own mix of teachers (right when the text it will "
+            "predict on is mixed like the pool). No effect on a balanced pool, with router_options "
+            "shares='equal', or without a pool router.",
             "choices": ["balanced", "pool"],
         },
     )
