@@ -310,5 +310,9 @@ def test_share_weighting_reaches_the_trainer_step_only_when_balanced(tmp_path, t
     assert router.uses_shares, router.describe_shares()
     torch.testing.assert_close(weights, router.row_weights(router.score(
         trainer.signal_cache.lookup([str(i) for i in pool_rows["id"]], None))))
-    assert float(weights.mean()) == pytest.approx(1.0, abs=1e-5) and "in the student's loss" in summary
+    from ki_trainer.strategies.certainty import margin_weights  # MUKI's margin re-weighting is on: kept in total
+
+    margins = margin_weights(router.score(trainer.signal_cache.lookup([str(i) for i in pool_rows["id"]], None)))
+    assert float((weights * margins).sum()) == pytest.approx(float(margins.sum()), rel=1e-4)
+    assert "in the student's loss" in summary
     assert found["pool"][0] is None and "in the student's loss" not in found["pool"][1]
