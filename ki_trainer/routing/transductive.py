@@ -148,7 +148,7 @@ class _TransductiveRouter(Router):
 
     def describe_share_weights(self, names: Optional[Sequence[str]] = None, margin_weighted: bool = True
                                ) -> Optional[str]:
-        """``"rows routed to teacher A count x0.53, to teacher B count x9.97"`` (the ``share_weighting="balanced"`` loss
+        """``"rows routed to teacher A count x0.53, to teacher B count x10.01"`` (the ``share_weighting="balanced"`` loss
         weights, see :meth:`row_weights`), or ``None`` when no share estimate is in use."""
         weights = self.state.get("share_weights" if margin_weighted else "share_weights_rows")
         if weights is None:
