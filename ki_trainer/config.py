@@ -13,7 +13,9 @@ from typing import Any, Optional, Union
 import torch
 from transformers import TrainingArguments
 
+from ._deprecation import renamed_field
 from .routing import get_router, list_routers
+from .signal_cache.fingerprint import cache_directory
 from .strategies import StrategyOptions, get_strategy, list_strategies
 
 STUDENT_INITS = ("pretrained", "teacher_average", "teacher_average_encoder")
@@ -221,7 +223,7 @@ class KnowledgeIntegrationConfig(TrainingArguments):
     teacher_signals: Optional[str] = field(
         default=None,
         metadata={
-            "help": "Deprecated name of signal_source (same values); still accepted.",
+            "help": "Deprecated name of signal_source (same values): still accepted, with a FutureWarning.",
             "choices": ["on_the_fly", "cached"],
         },
     )
@@ -251,11 +253,7 @@ class KnowledgeIntegrationConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        if self.teacher_signals is not None:  # the deprecated name: moved to signal_source
-            if self.signal_source not in ("on_the_fly", self.teacher_signals):
-                raise ValueError(f"teacher_signals={self.teacher_signals!r} (the deprecated name of signal_source) "
-                                 f"contradicts signal_source={self.signal_source!r}; set signal_source only.")
-            self.signal_source, self.teacher_signals = self.teacher_signals, None
+        renamed_field(self, "teacher_signals", "signal_source", default="on_the_fly")  # the earlier name, warned
         check_field_types(self)
         check_finite_fields(self)
         super().__post_init__()
@@ -333,7 +331,7 @@ class KnowledgeIntegrationConfig(TrainingArguments):
 
     def resolved_signal_cache_dir(self) -> str:
         """Where cached teacher signals live: ``signal_cache_dir``, else ``<output_dir>/teacher_signals``."""
-        return self.signal_cache_dir or os.path.join(self.output_dir, "teacher_signals")
+        return cache_directory(self.signal_cache_dir, self.output_dir)
 
     def resolved_router(self) -> Optional[str]:
         """The router in use: the configured one, else the strategy's default (``None`` for strategies without one).

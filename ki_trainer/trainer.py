@@ -20,11 +20,11 @@ from transformers import EvalPrediction, PreTrainedModel, PreTrainedTokenizerBas
 from transformers.utils import logging
 
 from . import checkpoints
+from ._deprecation import renamed_method
 from .collator import KnowledgeIntegrationCollator, collator_for, split_batch, without_gold_labels
 from .config import KnowledgeIntegrationConfig
 from .dataset_checks import check_dataset
-from .guards import NonFiniteLossError  # noqa: F401  (re-exported: ki_trainer.trainer.NonFiniteLossError)
-from .guards import FiniteLossGuard, check_signal_cache_dir, check_writable
+from .guards import FiniteLossGuard, NonFiniteLossError, check_signal_cache_dir, check_writable  # noqa: F401 (re-export)
 from .launch import check_distributed_type, check_launch, output_dir_lock
 from .metrics import EvaluationRows, routed_teacher_predictions
 from .peft_support import unwrap
@@ -216,7 +216,7 @@ class KnowledgeIntegrationTrainer(SavingMixin, Trainer):
         return self.querier.signals(student_inputs, teacher_batches, source, example_ids,
                                     needs.features if features is None else features)
 
-    teacher_signals = query_signals  # the earlier (deprecated) name: a flag, a method and a type shared one word
+    teacher_signals = renamed_method(query_signals, "teacher_signals")  # the earlier name (FutureWarning)
 
     def batch_signals(self, student_inputs: dict, teacher_batches: dict, example_ids, training: bool) -> TeacherSignals:
         """The teachers' signals for one batch: looked up in the cache (the training rows', or while evaluating the

@@ -137,7 +137,7 @@ def test_nan_in_pooled_features_with_finite_logits_names_the_teacher_and_rows(tm
         model.bert.embeddings.word_embeddings.weight[tok.convert_tokens_to_ids("apple")] = float("nan")
     model.classifier.register_forward_hook(lambda module, args, out: torch.nan_to_num(out))  # finite logits
     teachers = [Teacher(model, name="poisoned"), Teacher(tiny_bert(2, len(tok), labels=TEACHER_SPLIT[1], seed=21))]
-    trainer = make_trainer(tmp_path, tok, teachers, rows, max_steps=1, teacher_signals="cached", strategy="muki",
+    trainer = make_trainer(tmp_path, tok, teachers, rows, max_steps=1, signal_source="cached", strategy="muki",
                            router="prototype", per_device_eval_batch_size=len(rows))
     with pytest.raises(FloatingPointError, match="'poisoned' on example ids .*pooled features") as info:
         trainer.precompute_teacher_signals()
@@ -222,7 +222,7 @@ def test_a_teacher_tokenizer_that_truncates_on_the_left_is_honoured_and_fingerpr
     def trainer_with(teacher_tok):
         teachers = [Teacher(tiny_bert(2, len(tok), labels=TEACHER_SPLIT[0], seed=20), tokenizer=teacher_tok, name="t0"),
                     Teacher(tiny_bert(2, len(tok), labels=TEACHER_SPLIT[1], seed=21), name="t1")]
-        return make_trainer(tmp_path, tok, teachers, LONG, max_steps=1, max_length=8, teacher_signals="cached")
+        return make_trainer(tmp_path, tok, teachers, LONG, max_steps=1, max_length=8, signal_source="cached")
 
     right_trainer, left_trainer = trainer_with(copy.deepcopy(tok)), trainer_with(left)
     batch = left_trainer.data_collator(LONG[:1])
@@ -269,7 +269,7 @@ def _cut_in_half(path):
 def test_a_checkpoint_with_a_cut_off_router_state_or_optimizer_falls_back_or_names_the_file(tmp_path, tok, caplog):
     import logging
 
-    routed = dict(teacher_signals="cached", strategy="muki", router="relative_mahalanobis",
+    routed = dict(signal_source="cached", strategy="muki", router="relative_mahalanobis",
                   signal_cache_dir=str(tmp_path / "cache"))
     full = checkpointed(tmp_path, tok, tmp_path / "full", **routed)
     full.train()
@@ -342,7 +342,7 @@ def test_a_read_only_directory_holding_a_complete_cache_is_read(tmp_path, tok, r
     def trainer(cache_dir, train):
         teachers = [Teacher(tiny_bert(2, len(tok), labels=labels, seed=20 + i), name=f"t{i}")
                     for i, labels in enumerate(TEACHER_SPLIT)]
-        return make_trainer(tmp_path, tok, teachers, train, max_steps=1, teacher_signals="cached",
+        return make_trainer(tmp_path, tok, teachers, train, max_steps=1, signal_source="cached",
                             signal_cache_dir=str(cache_dir))
 
     written = trainer(tmp_path / "cache", rows).precompute_teacher_signals()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -23,6 +24,13 @@ _FINGERPRINT_FORMAT = 2
 # then get another fingerprint and are never reused.
 SIGNAL_COMPUTATION_VERSION = 2  # 2: MC mutual information and top-class variance, optional features
 _CONFIG_KEYS_IGNORED = ("_name_or_path", "transformers_version", "_commit_hash")
+DEFAULT_DIRECTORY = "teacher_signals"  # under output_dir, when no signal_cache_dir is given
+
+
+def cache_directory(signal_cache_dir: Optional[str], output_dir: str) -> str:
+    """Where a run's cached signals live: ``signal_cache_dir``, else ``<output_dir>/teacher_signals`` (knowledge
+    integration and MergeDistill alike)."""
+    return signal_cache_dir or os.path.join(output_dir, DEFAULT_DIRECTORY)
 
 
 def hash_tensor(update: Callable[[bytes], None], tensor: torch.Tensor) -> None:

@@ -35,7 +35,7 @@ def make_trainer(teachers, tmp_path, train=None, **config):
     student = build_student(vocabulary, teachers, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                             intermediate_size=64, max_position_embeddings=64)
     defaults = dict(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, per_device_train_batch_size=4,
-                    per_device_eval_batch_size=4, save_strategy="no", seed=0, teacher_signals="cached",
+                    per_device_eval_batch_size=4, save_strategy="no", seed=0, signal_source="cached",
                     signal_cache_dir=str(tmp_path / "cache"), max_steps=2, disable_tqdm=True)
     defaults.update(config)
     return MergeDistillTrainer(model=student, args=MergeDistillConfig(**defaults), teachers=teachers,
@@ -103,7 +103,7 @@ def test_a_vocabulary_min_count_that_keeps_no_token_names_the_option(teachers):
 
 # ---------------------------------------------------------------- training runs: fingerprint, lock, resume
 def checkpointed(teachers, tmp_path, **config):
-    return make_trainer(teachers, tmp_path, max_steps=4, save_strategy="steps", save_steps=2, teacher_signals="on_the_fly",
+    return make_trainer(teachers, tmp_path, max_steps=4, save_strategy="steps", save_steps=2, signal_source="on_the_fly",
                         **config)
 
 
@@ -172,8 +172,8 @@ def test_a_nan_teacher_or_loss_stops_merge_distill_instead_of_saving_a_nan_stude
     nan_teachers = [MaskedLMTeacher(broken, tok, languages=["en"], name="a"), teachers[1]]
     for signals in ("on_the_fly", "cached"):
         with pytest.raises(TeacherNaNError, match="NaN/inf teacher masked-LM logits"):  # was: loss logged as 0
-            make_trainer(nan_teachers, tmp_path / signals, teacher_signals=signals, max_steps=3).train()
-    trainer = make_trainer(teachers, tmp_path / "student", teacher_signals="on_the_fly", max_steps=3, logging_steps=1,
+            make_trainer(nan_teachers, tmp_path / signals, signal_source=signals, max_steps=3).train()
+    trainer = make_trainer(teachers, tmp_path / "student", signal_source="on_the_fly", max_steps=3, logging_steps=1,
                            save_strategy="steps", save_steps=1)
     with torch.no_grad():  # any other cause of a NaN loss: here the student itself
         trainer.model.get_input_embeddings().weight.fill_(float("nan"))

@@ -23,7 +23,7 @@ def trainer_for(tmp_path, trained_teachers, dataset, mode, strategy="entropy", c
     args = KnowledgeIntegrationConfig(
         output_dir=str(tmp_path / mode),
         strategy=strategy,
-        teacher_signals=mode,
+        signal_source=mode,
         signal_cache_dir=str(cache_dir or tmp_path / "cache"),
         max_steps=3,
         per_device_train_batch_size=8,
@@ -63,7 +63,7 @@ def test_lookup_is_by_id_whatever_the_order(tmp_path, trained_teachers, data):
     teacher_batches = batch.pop("teacher_inputs", {})
     ids = batch.pop("example_ids")
     assert ids == ["ex5", "ex0", "ex17"]
-    fresh = trainer.teacher_signals({k: v for k, v in batch.items()}, teacher_batches)
+    fresh = trainer.query_signals({k: v for k, v in batch.items()}, teacher_batches)
     looked_up = cache.lookup(ids, "deterministic")
     for a, b in zip(looked_up.logits, fresh.logits):
         torch.testing.assert_close(a, b)
