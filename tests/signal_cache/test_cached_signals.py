@@ -241,3 +241,19 @@ def test_cached_evaluation_works_without_datasets(tmp_path, trained_teachers, da
     rows = [eval_rows[i] for i in range(len(eval_rows))]
     assert "eval_accuracy" in trainer.evaluate(rows)
     assert f"{trainer.signal_fingerprint()}.eval.{trainer.cached_signals.dataset_digest(rows)}.safetensors" in os.listdir(tmp_path / "cache")
+
+
+def test_a_strategy_replaced_after_construction_decides_which_signals_are_cached(tmp_path, trained_teachers, data):
+    """What the cache must hold is derived when the precompute runs, not copied when the trainer is built: a trainer
+    built for vanilla_kd (no certainty) whose strategy is then replaced by muki computes the MC statistics."""
+    from ki_trainer import get_strategy
+
+    trainer = trainer_for(tmp_path, trained_teachers, data, "cached", strategy="vanilla_kd")
+    assert trainer.needs.certainty_source is None and trainer.router is None
+    trainer.strategy = get_strategy("muki")(trainer.label_space, trainer.args.strategy_options())
+    assert trainer.needs.certainty_source == "mc"
+    cache = trainer.precompute_teacher_signals()
+    assert "mc" in cache.tensors
+    ids = [data[i]["id"] for i in range(3)]
+    assert cache.lookup(ids, "mc").certainty.shape == (3, 2)
+    trainer.train()  # the muki loss reads the cached MC certainty
