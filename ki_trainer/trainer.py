@@ -151,7 +151,7 @@ class KnowledgeIntegrationTrainer(SavingMixin, Trainer):
         self.querier = TeacherQuerier(self.teachers, self.data_collator, self.args, self.accelerator.autocast,
                                       self.args.device)
         self.cached_signals = SignalPrecompute(self.querier, self.args, self.accelerator, self.teachers,
-                                               self.processing_class, self.data_collator)  # needs: given per load
+                                               self.processing_class, self.data_collator, self.needs)
         self._stats = TrainingStats(self.label_space.teacher_names, self.accelerator.device)
         self._finite_loss = FiniteLossGuard(self.accelerator.device)
         self._final_save = self._pushing = False  # a save of the final model (merge_adapter applies) / push_to_hub

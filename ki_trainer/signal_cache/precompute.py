@@ -164,8 +164,9 @@ class SignalPrecompute:
     ``querier`` (a :class:`~ki_trainer.querying.TeacherQuerier`).
 
     ``needs`` is what the run's strategy/router read (:class:`~ki_trainer.routing.fitting.SignalNeeds`): a cache
-    holds at least that. The caller passes it to every :meth:`load` (derived then, so a strategy or router replaced
-    after construction is what counts); ``needs`` here is only the default of a load given none. Files live in ``<signal_cache_dir>/<fingerprint><suffix>.safetensors``; ``caches`` keeps
+    holds at least that. The trainer passes it to every :meth:`load` (derived then, so a strategy or router replaced
+    after construction is what counts); ``needs`` here is the default of a load given none (e.g. the pass that
+    reads a stream's ids for :meth:`dataset_ids`), and every load's ``needs`` becomes the new default. Files live in ``<signal_cache_dir>/<fingerprint><suffix>.safetensors``; ``caches`` keeps
     every cache opened, by file.
     """
 
