@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedModel, Trainer
 
 from ..collator import tokenizer_fingerprint
-from ..signal_cache import column_names, column_values
+from ..signal_cache import SUFFIX, column_names, column_values
 from .collator import EXAMPLE_IDS_KEY, KD_POSITIONS_KEY, TEACHER_BATCHES_KEY, MergeDistillCollator
 from .config import MergeDistillConfig
 from .guards import RunGuards
@@ -314,10 +314,10 @@ class MergeDistillTrainer(RunGuards, Trainer):
 
     def precompute_teacher_signals(self, dataset=None) -> TopKSignalCache:
         """Compute (or load and complete) the top-k signals of every row of ``dataset`` (default: the
-        training set), saved atomically to ``<signal_cache_dir>/<fingerprint>.pt``."""
+        training set), in ``<signal_cache_dir>/<fingerprint>.safetensors`` (see :class:`TopKSignalCache`)."""
         dataset = self.train_dataset if dataset is None else dataset
         fingerprint = self.signal_fingerprint()
-        path = os.path.join(self.args.resolved_signal_cache_dir(), f"{fingerprint}.pt")
+        path = os.path.join(self.args.resolved_signal_cache_dir(), f"{fingerprint}{SUFFIX}")
         cache = TopKSignalCache.open(path, fingerprint, self.args.top_k)  # main file + shards of a killed precompute
         collator = self.data_collator
         static, emit = collator.static_masking, collator.emit_ids

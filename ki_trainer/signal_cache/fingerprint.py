@@ -131,5 +131,19 @@ def teachers_fingerprints(
     return [hasher.hexdigest()[:20] for hasher in hashers]
 
 
+_TOPK_FINGERPRINT_FORMAT = 1  # frozen: MergeDistill's top-k caches keep their names across file formats
+
+
+def topk_fingerprint(teachers, id_maps: Sequence[torch.Tensor], settings: dict) -> str:
+    """What names a MergeDistill top-k cache: the teachers' names, languages, tokenizers and weights, the id maps
+    (teacher -> student tokens) and the signal settings."""
+    hasher = hashlib.sha256(f"md-topk-v{_TOPK_FINGERPRINT_FORMAT}|{json.dumps(settings, sort_keys=True)}".encode())
+    for teacher, id_map in zip(teachers, id_maps):
+        hasher.update(json.dumps([teacher.name, teacher.languages, tokenizer_fingerprint(teacher.tokenizer)]).encode())
+        hash_tensor(hasher.update, id_map)
+        hash_state_dict(hasher.update, teacher.model)
+    return hasher.hexdigest()[:20]
+
+
 def text_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little", signed=True)

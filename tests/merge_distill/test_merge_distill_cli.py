@@ -105,7 +105,7 @@ def test_run_file_end_to_end_saves_a_loadable_student(teacher_dirs: dict, tmp_pa
     assert summary["student_vocabulary_size"] == len(tokenizer)
     assert 0.0 <= summary["eval"]["eval_masked_accuracy"] <= 1.0 and summary["eval"]["eval_masked_tokens"] > 0
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2  # the flag won
-    assert (out / "README.md").is_file() and any((out / "teacher_signals").glob("*.pt"))
+    assert (out / "README.md").is_file() and any((out / "teacher_signals").glob("*.safetensors"))
 
 
 def test_a_language_without_a_teacher_fails_before_loading_anything(tmp_path: Path) -> None:

@@ -1,6 +1,9 @@
 """Reliability round 3 (issue 24), MergeDistill: the top-k cache keeps its work and cannot lie, the vocabulary
 options say what they emptied, and training runs carry the integrate path's guards. Tiny untrained masked LMs."""
 
+import hashlib
+import json
+
 import pytest
 import torch
 from conftest import build_tokenizer, make_rows
@@ -68,20 +71,26 @@ def test_a_killed_top_k_precompute_keeps_its_flushed_rows(teachers, tmp_path, mo
     cache = second.precompute_teacher_signals()
     assert len(computed) == 6 - 3  # was 6: the whole cache was written only at the end
     assert len(cache) == 24
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [f"{second.signal_fingerprint()}.pt"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [f"{second.signal_fingerprint()}.safetensors"]
 
 
-def _payload_edit(path, change):
-    payload = torch.load(path, weights_only=True)
-    change(payload)
-    torch.save(payload, path)
+def _tensor_edit(path, name, change):
+    """Change tensor ``name`` of a cache file in place (same bytes count): what a damaged or edited file holds."""
+    data = bytearray(path.read_bytes())
+    length = int.from_bytes(data[:8], "little")
+    entry = json.loads(data[8 : 8 + length])[name]
+    begin, end = (8 + length + offset for offset in entry["data_offsets"])
+    dtype = {"F16": torch.float16, "I32": torch.int32}[entry["dtype"]]
+    tensor = torch.frombuffer(data[begin:end], dtype=dtype).clone()
+    data[begin:end] = change(tensor).contiguous().view(torch.uint8).numpy().tobytes()
+    path.write_bytes(bytes(data))
 
 
 def test_a_changed_or_cut_off_top_k_cache_is_one_clear_error_naming_the_file(teachers, tmp_path):
     make_trainer(teachers, tmp_path).precompute_teacher_signals()
     path = next((tmp_path / "cache").iterdir())
     saved = path.read_bytes()
-    _payload_edit(path, lambda p: p["probs"].mul_(0.5))  # altered probabilities, same shapes
+    _tensor_edit(path, "probs", lambda probs: probs * 0.5)  # altered probabilities, same shapes
     with pytest.raises(CorruptSignalCacheError, match=rf"{path.name} is corrupt .*checksum"):
         make_trainer(teachers, tmp_path).precompute_teacher_signals()
     path.write_bytes(saved[: len(saved) // 2])  # cut off
@@ -89,6 +98,53 @@ def test_a_changed_or_cut_off_top_k_cache_is_one_clear_error_naming_the_file(tea
         make_trainer(teachers, tmp_path).precompute_teacher_signals()
     path.write_bytes(saved)
     assert len(make_trainer(teachers, tmp_path).precompute_teacher_signals()) == 24
+
+
+def _save_format_1(path, fingerprint, k, ids, hashes, counts, student_ids, probs, checksum=True):
+    """A top-k cache file as MergeDistill wrote them before the signal-cache store (torch.save, format 1)."""
+    payload = {"version": 1, "fingerprint": fingerprint, "k": k, "ids_list": list(ids), "text_hashes": list(hashes),
+               "counts": list(counts), "ids": student_ids, "probs": probs}
+    if checksum:
+        hasher = hashlib.sha256(json.dumps([payload["ids_list"], payload["text_hashes"], payload["counts"]]).encode())
+        for key in ("ids", "probs"):
+            tensor = payload[key].contiguous()
+            hasher.update(f"{key}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
+            hasher.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        payload["checksum"] = hasher.hexdigest()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, path)
+
+
+def test_a_top_k_cache_of_the_earlier_format_is_migrated_not_recomputed(teachers, tmp_path):
+    """Caches written before the top-k cache moved onto the signal-cache store (``<fingerprint>.pt`` and a shard in
+    ``<fingerprint>.pt.shards/``) are checked as that format was and migrated: no teacher pass, the same signals."""
+    fresh = make_trainer(teachers, tmp_path / "fresh")
+    cache = fresh.precompute_teacher_signals()
+    fingerprint, k = cache.fingerprint, cache.k
+    ids = list(cache.index)
+    counts = [int(c) for c in cache.read("__counts__", ids)]
+    hashes = list(cache.text_hashes)
+    expected = cache.lookup(ids, counts)
+    old = tmp_path / "cache" / f"{fingerprint}.pt"  # the directory make_trainer points signal_cache_dir at
+    head, split = 10, sum(counts[:10])
+    _save_format_1(old, fingerprint, k, ids[:head], hashes[:head], counts[:head], cache.ids[:split], cache.probs[:split])
+    _save_format_1(old.parent / f"{old.name}.shards" / "123-abc.pt", fingerprint, k, ids[head:], hashes[head:],
+                   counts[head:], cache.ids[split:], cache.probs[split:], checksum=False)  # the earliest had none
+    trainer = make_trainer(teachers, tmp_path)
+    assert trainer.signal_fingerprint() == fingerprint  # the same name before and after
+    trainer.teacher_signal = lambda *a, **kw: pytest.fail("a migrated cache must not be recomputed")
+    migrated = trainer.precompute_teacher_signals()
+    assert len(migrated) == 24 and migrated.path == str(tmp_path / "cache" / f"{fingerprint}.safetensors")
+    got = migrated.lookup(ids, counts)
+    assert torch.equal(got.ids, expected.ids) and torch.equal(got.probs, expected.probs)
+    # a damaged file of the earlier format is one clear error naming it, and nothing is written
+    (tmp_path / "cache" / f"{fingerprint}.safetensors").unlink()
+    payload = torch.load(old, weights_only=True)
+    payload["probs"] = payload["probs"] * 0.5  # changed after writing: the checksum no longer matches
+    torch.save(payload, old)
+    with pytest.raises(CorruptSignalCacheError, match=rf"{old.name} is corrupt .*checksum"):
+        make_trainer(teachers, tmp_path).precompute_teacher_signals()
+    assert not (tmp_path / "cache" / f"{fingerprint}.safetensors").exists()
 
 
 # ---------------------------------------------------------------- the student vocabulary
