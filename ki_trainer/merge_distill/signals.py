@@ -239,6 +239,19 @@ class TopKSignalCache(TeacherSignalCache):
         """Every row's probabilities ``(positions, k)``, fp16, row after row (inspection)."""
         return self._all("probs", torch.float16)
 
+    @property
+    def counts(self) -> list[int]:
+        """Every row's number of predicted positions, in row order."""
+        rows = np.arange(len(self.index), dtype=np.int64)
+        return self._gather(COUNTS, rows).tolist() if len(rows) else []
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        """Row ``r`` owns positions ``offsets[r]:offsets[r + 1]`` of :attr:`ids` / :attr:`probs`."""
+        offsets = torch.zeros(len(self.index) + 1, dtype=torch.long)
+        offsets[1:] = torch.tensor(self.counts, dtype=torch.long).cumsum(0)
+        return offsets
+
     def _all(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         if not len(self.index):
             return torch.zeros((0, self.k), dtype=dtype)

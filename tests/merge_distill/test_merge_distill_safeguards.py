@@ -12,7 +12,7 @@ from transformers import BertConfig, BertForMaskedLM
 
 from ki_trainer.merge_distill import MaskedLMTeacher, MergeDistillConfig, MergeDistillTrainer, StudentVocabulary
 from ki_trainer.merge_distill import build_student
-from ki_trainer.signal_cache import CorruptSignalCacheError
+from ki_trainer.signal_cache import CorruptSignalCacheError, StaleSignalCacheError
 
 
 def tiny_mlm(vocab_size, seed):
@@ -239,3 +239,28 @@ def test_a_nan_teacher_or_loss_stops_merge_distill_instead_of_saving_a_nan_stude
     with pytest.raises(NonFiniteLossError):
         trainer.save_model(str(tmp_path / "nan-student"))
     assert not (tmp_path / "nan-student").exists()
+
+
+def test_the_top_k_cache_reads_like_before_from_memory_shards_and_the_main_file(tmp_path):
+    """The flat view (ids, probs, counts, offsets) and lookups agree wherever the rows are: still in memory, in a
+    shard, in the compacted main file."""
+    from ki_trainer.merge_distill import TopKSignal, TopKSignalCache
+
+    g = torch.Generator().manual_seed(0)
+    cache = TopKSignalCache("f" * 20, 3, str(tmp_path / "c.safetensors"))
+    counts = [2, 0, 3, 1, 4]
+    probs = torch.rand(sum(counts), 3, generator=g)
+    signal = TopKSignal(torch.randint(0, 50, (sum(counts), 3), generator=g), probs, probs.sum(-1))
+    ids = [f"r{i}" for i in range(5)]
+    cache.add(ids[:3], ["a", "b", "c"], counts[:3], TopKSignal(signal.ids[:5], signal.probs[:5], signal.kept_mass[:5]))
+    cache.flush()
+    cache.add(ids[3:], ["d", "e"], counts[3:], TopKSignal(signal.ids[5:], signal.probs[5:], signal.kept_mass[5:]))
+    for view in (cache, cache.save() and TopKSignalCache.open(cache.path, cache.fingerprint, 3)):
+        assert view.counts == counts and view.offsets.tolist() == [0, 2, 2, 5, 6, 10]
+        assert torch.equal(view.ids, signal.ids.to(torch.int32)) and torch.equal(view.probs, probs.half())
+        got = view.lookup(["r4", "r1", "r0"], [4, 0, 2])
+        assert torch.equal(got.ids, torch.cat([signal.ids[6:], signal.ids[:2]]))
+        torch.testing.assert_close(got.kept_mass, got.probs.sum(-1))
+        assert view.check_text("r2", "c") and not view.check_text("r9", "x")
+        with pytest.raises(StaleSignalCacheError, match="3 masked positions now, 4 when cached"):
+            view.lookup(["r4"], [3])
