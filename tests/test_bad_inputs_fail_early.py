@@ -5,18 +5,14 @@ Each test pins one row of docs/reliability.md; all use the public API and tiny i
 
 import pytest
 import torch
-from conftest import TEACHER_SPLIT, make_rows, tiny_bert
+from conftest import TEACHER_SPLIT, make_rows, rows_with_ids, tiny_bert
+from conftest import flat_weights as weights
+from conftest import ki_config as config
+from conftest import make_ki_trainer as make_trainer
 from datasets import Dataset
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel
 
 from ki_trainer import KnowledgeIntegrationConfig, KnowledgeIntegrationTrainer, Teacher
-
-
-def config(tmp_path, **kw):
-    defaults = dict(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no",
-                    per_device_train_batch_size=8, per_device_eval_batch_size=8, mc_samples=2, seed=0)
-    defaults.update(kw)
-    return KnowledgeIntegrationConfig(**defaults)
 
 
 def tiny_config(tok, **kw):
@@ -110,15 +106,6 @@ def test_self_training_gives_tied_rows_to_no_teacher(seed_router):
 
 
 # ---------------------------------------------------------------- teacher outputs that do not fit
-def rows_with_ids(n=24, seed=7):
-    return [{"id": f"ex{i}", "text": r["text"]} for i, r in enumerate(make_rows(n // 4, seed=seed))]
-
-
-def make_trainer(tmp_path, tok, teachers, train, **kw):
-    return KnowledgeIntegrationTrainer(model=tiny_bert(4, len(tok), seed=3), args=config(tmp_path, **kw),
-                                       teachers=teachers, train_dataset=train, processing_class=tok)
-
-
 def test_a_teacher_head_with_more_outputs_than_label_names_is_a_clear_error(tmp_path, tok):
     model = tiny_bert(3, len(tok), seed=20)  # a 3-way head ...
     model.config.id2label = {0: "alpha", 1: "beta"}  # ... whose config names two classes
@@ -249,10 +236,6 @@ def test_resuming_with_a_teachers_max_length_changed_is_another_run(tmp_path, to
 
 
 # ---------------------------------------------------------------- checkpoints cut off mid-save, finished runs
-def weights(model):
-    return torch.cat([p.detach().flatten().float() for p in model.parameters()])
-
-
 def checkpointed(tmp_path, tok, out, **kw):
     teachers = [Teacher(tiny_bert(2, len(tok), labels=labels, seed=20 + i), name=f"t{i}")
                 for i, labels in enumerate(TEACHER_SPLIT)]

@@ -12,30 +12,18 @@ import os
 import pytest
 import torch
 from conftest import TEACHER_SPLIT, build_tokenizer, make_rows, teacher_words, tiny_bert
+from conftest import flat_weights as weights
+from conftest import ki_config as config
+from conftest import make_ki_trainer as make_trainer
+from conftest import rows_with_ids
 from datasets import Dataset
 from transformers import HfArgumentParser, TrainerCallback
 
-from ki_trainer import KnowledgeIntegrationConfig, KnowledgeIntegrationTrainer, Teacher
+from ki_trainer import KnowledgeIntegrationConfig, Teacher
 from ki_trainer import signal_cache
 from ki_trainer.label_space import LabelSpace
 from ki_trainer.signal_cache import TeacherSignalCache, teachers_fingerprint
 from ki_trainer.strategies import TeacherSignals
-
-
-def config(tmp_path, **kw):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        save_strategy="no",
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=8,
-        mc_samples=2,
-        seed=0,
-    )
-    defaults.update(kw)
-    return KnowledgeIntegrationConfig(**defaults)
 
 
 def fresh_teachers(tok, seeds=(20, 21)):
@@ -45,23 +33,6 @@ def fresh_teachers(tok, seeds=(20, 21)):
     ]
 
 
-def make_trainer(tmp_path, tok, teachers, train, student=None, eval_dataset=None, **kw):
-    return KnowledgeIntegrationTrainer(
-        model=student if student is not None else tiny_bert(4, len(tok), seed=3),
-        args=config(tmp_path, **kw),
-        teachers=teachers,
-        train_dataset=train,
-        eval_dataset=eval_dataset,
-        processing_class=tok,
-    )
-
-
-def rows_with_ids(n=24, seed=7):
-    return [{"id": f"ex{i}", "text": r["text"]} for i, r in enumerate(make_rows(n // 4, seed=seed))]
-
-
-def weights(model):
-    return torch.cat([p.detach().flatten().float() for p in model.parameters()])
 
 
 # ---------------------------------------------------------------- 1. silent NaN student

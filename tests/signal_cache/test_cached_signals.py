@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 from conftest import build_tokenizer, make_rows, tiny_bert
+from conftest import flat_weights as weights
 from datasets import Dataset
 
 from ki_trainer import KnowledgeIntegrationConfig, KnowledgeIntegrationTrainer, Teacher
@@ -40,10 +41,6 @@ def trainer_for(tmp_path, trained_teachers, dataset, mode, strategy="entropy", c
     return KnowledgeIntegrationTrainer(
         model=tiny_bert(4, len(tok), seed=3), args=args, teachers=teachers, train_dataset=dataset, processing_class=tok
     )
-
-
-def weights(model):
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
 def test_cached_training_equals_on_the_fly_for_deterministic_signals(tmp_path, trained_teachers, data):
