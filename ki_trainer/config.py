@@ -128,9 +128,8 @@ class KnowledgeIntegrationConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "Fit a transductive router on at most this many pool rows, drawn at random (seeded by `seed`; "
-            "label-free). Default: every row. Bounds the fit's memory and time on very large pools; relative "
-            "Mahalanobis routed 79.9% of the 2x10 test rows fitted on 300 rows and 81.0% on 4,700 "
-            "(docs/routing.md, 'Pool size')."
+            "label-free). Default: every row. Bounds the fit's memory and time on very large pools; how routing "
+            "accuracy depends on it is measured in docs/routing.md ('Pool size')."
         },
     )
     mc_samples: int = field(
@@ -173,8 +172,7 @@ class KnowledgeIntegrationConfig(TrainingArguments):
             "'teacher_average' (average the teachers' weights and stack their output layers over the union labels) or "
             "'teacher_average_encoder' (average every weight but the output layer, which stays the student's fresh "
             "one). Both need full-model teachers fine-tuned from the student's base checkpoint, with its vocabulary. "
-            "Measured: 'teacher_average' +1.7 points merging two teachers but -4.2 merging four, "
-            "'teacher_average_encoder' +0.7 and +0.6; see docs/routing.md.",
+            "When each helps is measured in docs/guide.md and docs/routing.md.",
             "choices": list(STUDENT_INITS),
         },
     )
