@@ -291,8 +291,8 @@ class SelfTrainingRouter(_TransductiveRouter):
         seed = _member(self.options["seed_router"], self.options).fit(signals)
         scores = seed.score(signals)
         x = self._inputs(signals)
-        mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
-        x = (x - mean) / std
+        standardization = _zscore_fit(x)
+        x = _zscore(x, standardization)
         num_teachers = scores.shape[1]
         uniform = torch.full((num_teachers,), 1.0 / num_teachers)
         shift = torch.zeros(num_teachers)
@@ -311,7 +311,7 @@ class SelfTrainingRouter(_TransductiveRouter):
             weight, bias = self._train(x[keep], scores[keep].argmax(1), num_teachers)
             with torch.no_grad():
                 scores = torch.softmax(x @ weight + bias + shift, dim=1)
-        self.state.update({"mean": mean, "std": std, "weight": weight, "bias": bias, "prior_shift": shift})
+        self.state.update({**standardization, "weight": weight, "bias": bias, "prior_shift": shift})
         self._log_shares()
 
     def _train(self, x: torch.Tensor, y: torch.Tensor, num_teachers: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,8 +336,8 @@ class SelfTrainingRouter(_TransductiveRouter):
 
     def _owner_logits(self, signals: TeacherSignals) -> torch.Tensor:
         x = self._inputs(signals)
-        state = {k: self.state[k].to(x.device) for k in ("mean", "std", "weight", "bias")}
-        x = (x - state["mean"]) / state["std"]
+        state = {k: self.state[k].to(x.device) for k in ("weight", "bias")}
+        x = _zscore(x, {"mean": self.state["mean"], "std": self.state["std"]})
         shift = self.state.get("prior_shift")
         logits = x @ state["weight"] + state["bias"]
         return logits if shift is None else logits + shift.to(x.device)
