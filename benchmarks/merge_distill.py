@@ -18,10 +18,11 @@ finished step, reusing the saved teachers, signal cache, students and features):
 3. teachers: all-MiniLM-L6-v2 (English) and multilingual-e5-small (Italian, German) have no trained MLM
    head: the head (transform + output bias, decoder tied to the frozen input embeddings) and the top
    ``teacher_train_layers`` encoder layers are trained on the teacher's languages' training text, logits
-   over the teacher's tokens seen in that text; masked-token top-1 on held-out text against the
+   over the teacher's tokens seen in that text (``teacher_overrides``: one teacher's own settings; MiniLM
+   needs all its layers retrained to become a masked LM); masked-token top-1 on held-out text against the
    most-frequent-token baseline;
 4. teacher selection table (every teacher on every language's selection text; the run uses the given
-   assignment);
+   assignment): a report only, computed last;
 5. students: each start in ``starts`` (a copy of a teacher's encoder with all or every k-th layer, or a
    fresh encoder) is saved untrained (``init_only``); the ``trained`` (variant, start) pairs are trained on
    the same text: ``merge_distill`` (alpha * KD + (1 - alpha) * MLM, cached top-k signals aligned to the
@@ -94,8 +95,8 @@ CONFIGS = {
                 "fresh": dict(init="fresh", layers=4)},
         trained=[["merge_distill", "e5_all"], ["plain_mlm", "e5_all"]],
         extra_trained=[["merge_distill", "e5_every2"], ["plain_mlm", "e5_every2"]],
-        student="merge_distill:e5_all", student_rows=800, student_max_length=48,
-        epochs=1, batch=16, lr=5e-5, alpha=0.5, top_k=8, eval_groups=4, seed=0, freeze_word_embeddings=True,
+        student="merge_distill:e5_all", student_rows=1800, student_max_length=48,
+        epochs=1, batch=16, lr=1e-4, alpha=0.5, top_k=8, eval_groups=4, seed=0, freeze_word_embeddings=True,
         probe=dict(pool_per_class=12, train_per_class=10, test_per_class=25, max_length=48, seeds=[0, 1, 2], l2=1e-3),
     ),
     "smoke": dict(
