@@ -130,3 +130,45 @@ def test_benchmark_probe_stage_records_each_run_resumes_and_tabulates(checkpoint
     assert math.isclose(row["downstream_std"], round(abs(values[0] - values[1]) / math.sqrt(2), 4))
     goal = md.goal(cfg, rows)
     assert set(goal["gap_to_own_teacher"]) == {"en", "it"} and goal["best_single_teacher"] in teacher_dirs
+
+
+def test_benchmark_teacher_head_training_unfreezes_the_asked_layers_and_keeps_the_decoder_tied():
+    """benchmarks/merge_distill.py stage 3: ``teacher_train_layers`` top layers and the head train (the layers at
+    ``teacher_layer_lr``), the rest and the tied input embeddings stay; per-teacher settings override the config."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    md = _load_benchmark()
+    tokenizer = wordpiece_tokenizer()
+    texts = noun_task(60, seed=0)[0]
+
+    def trained(layers: int) -> tuple[BertForMaskedLM, BertForMaskedLM, dict]:
+        torch.manual_seed(0)
+        config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0)
+        model = BertForMaskedLM(config)
+        before = BertForMaskedLM(config)
+        before.load_state_dict(model.state_dict())
+        cfg = dict(teacher_batch=8, max_length=16, teacher_train_layers=layers, teacher_lr=1e-2, teacher_layer_lr=1e-3,
+                   teacher_epochs=3)
+        columns = md.teacher_columns(tokenizer, texts, 16)
+        return model, before, md.train_teacher_head(model, tokenizer, texts, cfg, columns)
+
+    for layers in (1, 2):
+        model, before, stats = trained(layers)
+        assert stats["trained_layers"] == layers and len(stats["held_out_loss_top1_by_epoch"]) >= 2
+        head = model.cls.predictions
+        assert head.decoder.weight is model.bert.embeddings.word_embeddings.weight and head.decoder.bias is head.bias
+        assert torch.equal(model.bert.embeddings.word_embeddings.weight, before.bert.embeddings.word_embeddings.weight)
+        changed = [not torch.equal(a.attention.self.query.weight, b.attention.self.query.weight)
+                   for a, b in zip(model.bert.encoder.layer, before.bert.encoder.layer)]
+        assert stats["kept_epoch"] > 0  # a trained state was kept (held-out loss fell on this learnable toy text)
+        assert changed == [layers == 2, True]
+        assert not torch.equal(head.transform.dense.weight, before.cls.predictions.transform.dense.weight)
+        # held-out loss is finite and the kept epoch is the best one
+        losses = [loss for loss, _ in stats["held_out_loss_top1_by_epoch"]]
+        assert all(math.isfinite(x) for x in losses) and losses[stats["kept_epoch"]] == min(losses)
+    cfg = {"languages": {"en": "a", "it": "b"}, "teacher_rows": 10, "teacher_overrides": {"a": {"teacher_rows": 30}}}
+    assert (md.teacher_rows(cfg, "en"), md.teacher_rows(cfg, "it")) == (30, 10)
+    assert md.teacher_cfg(cfg, "b")["teacher_rows"] == 10
