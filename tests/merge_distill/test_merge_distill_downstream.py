@@ -172,3 +172,26 @@ def test_benchmark_teacher_head_training_unfreezes_the_asked_layers_and_keeps_th
     cfg = {"languages": {"en": "a", "it": "b"}, "teacher_rows": 10, "teacher_overrides": {"a": {"teacher_rows": 30}}}
     assert (md.teacher_rows(cfg, "en"), md.teacher_rows(cfg, "it")) == (30, 10)
     assert md.teacher_cfg(cfg, "b")["teacher_rows"] == 10
+
+
+def test_benchmark_distillation_effect_pairs_each_training_seed():
+    """KD minus plain MLM per training seed and language, from the result rows; a seed without both rows is left out."""
+    md = _load_benchmark()
+    cfg = {"languages": {"en": "a", "it": "b"}, "seed": 0, "student_seeds": [1, 2],
+           "trained": [["merge_distill", "s"], ["plain_mlm", "s"]], "extra_trained": [["merge_distill", "t"]]}
+    assert md.seeded("merge_distill:s", 0, cfg) == "merge_distill:s" and md.seeded("plain_mlm:s", 2, cfg) == "plain_mlm:s@seed2"
+    acc = {("en", "merge_distill:s"): 0.60, ("it", "merge_distill:s"): 0.50, ("en", "plain_mlm:s"): 0.55, ("it", "plain_mlm:s"): 0.52,
+           ("en", "merge_distill:s@seed1"): 0.62, ("it", "merge_distill:s@seed1"): 0.54,
+           ("en", "plain_mlm:s@seed1"): 0.60, ("it", "plain_mlm:s@seed1"): 0.50,
+           ("en", "merge_distill:s@seed2"): 0.9,  # no plain row for seed 2: not a pair
+           ("en", "init_only:s"): 0.58, ("it", "init_only:s"): 0.49, ("en", "merge_distill:t"): 0.4, ("it", "merge_distill:t"): 0.4}
+    rows = [{"language": lang, "model": model, "downstream_accuracy": a} for (lang, model), a in acc.items()]
+    effect = md.distillation_effect(cfg, rows)
+    assert set(effect) == {"s"}  # t has no plain-MLM twin
+    e = effect["s"]
+    assert e["training_seeds"] == [0, 1]
+    assert e["kd_minus_plain"] == {0: {"en": 0.05, "it": -0.02}, 1: {"en": 0.02, "it": 0.04}}
+    assert e["kd_minus_plain_mean"] == {"en": 0.035, "it": 0.01}
+    assert e["merge_distill"]["en"] == 0.61 and e["plain_mlm"]["it"] == 0.51 and e["init_only"] == {"en": 0.58, "it": 0.49}
+    assert math.isclose(e["merge_distill"]["mean"], round((0.61 + 0.52) / 2, 4))
+    assert math.isclose(e["merge_distill"]["std_over_training_seeds"]["en"], round(0.02 / math.sqrt(2), 4))
