@@ -489,7 +489,7 @@ def train_student(variant: str, start: str, cfg: dict, text, teachers, vocabular
         alpha=cfg["alpha"] if distill else 0.0, top_k=cfg["top_k"], max_length=cfg.get("student_max_length", cfg["max_length"]),
         teacher_output="student_vocabulary", output_vocabulary="training_text",
         freeze_word_embeddings=cfg["freeze_word_embeddings"],
-        teacher_signals="cached" if distill else "on_the_fly", static_masking=False,
+        signal_source="cached" if distill else "on_the_fly", static_masking=False,
         signal_cache_dir=str(work / "teacher_signals"), num_train_epochs=cfg["epochs"],
         per_device_train_batch_size=cfg["batch"], per_device_eval_batch_size=cfg["batch"], learning_rate=cfg["lr"],
         warmup_steps=max(1, len(rows) // cfg["batch"] // 10), weight_decay=0.01, logging_steps=10, save_strategy="no", disable_tqdm=True,
