@@ -138,7 +138,7 @@ def ki_trainer_for(
 
     cuda = torch.cuda.is_available()
     defaults = dict(
-        output_dir=str(output_dir), teacher_signals="cached", signal_cache_dir=str(cache_dir), max_length=max_length,
+        output_dir=str(output_dir), signal_source="cached", signal_cache_dir=str(cache_dir), max_length=max_length,
         mc_samples=mc_samples, mc_top_layers=mc_top_layers, per_device_eval_batch_size=64, seed=seed, data_seed=seed,
         eval_strategy="no", save_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True,
         use_cpu=not cuda, bf16=cuda and torch.cuda.is_bf16_supported(), strategy="muki",

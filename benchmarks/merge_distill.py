@@ -18,10 +18,11 @@ finished step, reusing the saved teachers, signal cache, students and features):
 3. teachers: all-MiniLM-L6-v2 (English) and multilingual-e5-small (Italian, German) have no trained MLM
    head: the head (transform + output bias, decoder tied to the frozen input embeddings) and the top
    ``teacher_train_layers`` encoder layers are trained on the teacher's languages' training text, logits
-   over the teacher's tokens seen in that text; masked-token top-1 on held-out text against the
+   over the teacher's tokens seen in that text (``teacher_overrides``: one teacher's own settings; MiniLM
+   needs all its layers retrained to become a masked LM); masked-token top-1 on held-out text against the
    most-frequent-token baseline;
 4. teacher selection table (every teacher on every language's selection text; the run uses the given
-   assignment);
+   assignment): a report only, computed last;
 5. students: each start in ``starts`` (a copy of a teacher's encoder with all or every k-th layer, or a
    fresh encoder) is saved untrained (``init_only``); the ``trained`` (variant, start) pairs are trained on
    the same text: ``merge_distill`` (alpha * KD + (1 - alpha) * MLM, cached top-k signals aligned to the
@@ -85,15 +86,19 @@ CONFIGS = {
         languages={"en": MINILM, "it": E5, "de": E5},
         train_rows=600, select_rows=30, eval_rows=60, max_length=64,
         teacher_rows=600, teacher_epochs=4, teacher_lr=1e-3, teacher_batch=32, teacher_train_layers=1,
+        # all-MiniLM-L6-v2 is no masked LM with its top layer alone retrained (top-1 0.051 vs the most-frequent-token
+        # baseline 0.053 on held-out English): all 6 layers (lr 1e-4, head 1e-3) on 2,000 English texts, 2 epochs
+        teacher_overrides={MINILM: dict(teacher_rows=2000, teacher_epochs=2, teacher_train_layers=6, teacher_layer_lr=1e-4)},
         starts={"e5_all": dict(init="teacher", teacher=E5, layer_stride=1),
                 "e5_every2": dict(init="teacher", teacher=E5, layer_stride=2),
                 "minilm_all": dict(init="teacher", teacher=MINILM, layer_stride=1),
                 "fresh": dict(init="fresh", layers=4)},
         trained=[["merge_distill", "e5_all"], ["plain_mlm", "e5_all"]],
-        extra_trained=[],
-        student="merge_distill:e5_all", student_rows=400, student_max_length=48,
-        epochs=1, batch=16, lr=5e-5, alpha=0.5, top_k=8, eval_groups=4, seed=0, freeze_word_embeddings=True,
-        probe=dict(pool_per_class=12, train_per_class=10, test_per_class=10, max_length=48, seeds=[0, 1, 2], l2=1e-3),
+        extra_trained=[["merge_distill", "e5_every2"], ["plain_mlm", "e5_every2"]],
+        student_seeds=[1, 2],  # the ``trained`` pairs again with these training seeds: is KD vs plain MLM seed noise?
+        student="merge_distill:e5_all", student_rows=1800, student_max_length=48,
+        epochs=1, batch=16, lr=1e-4, alpha=0.5, top_k=8, eval_groups=4, seed=0, freeze_word_embeddings=True,
+        probe=dict(pool_per_class=12, train_per_class=10, test_per_class=25, max_length=48, seeds=[0, 1, 2], l2=1e-3),
     ),
     "smoke": dict(
         languages={"en": MINILM, "it": E5},
@@ -110,6 +115,7 @@ CONFIGS = {
         languages={"en": MINILM, "it": E5, "de": E5},
         train_rows=10000, select_rows=200, eval_rows=500, max_length=128,
         teacher_rows=10000, teacher_epochs=6, teacher_lr=1e-3, teacher_batch=64, teacher_train_layers=2,
+        teacher_overrides={MINILM: dict(teacher_rows=20000, teacher_epochs=3, teacher_train_layers=6, teacher_layer_lr=1e-4)},
         starts={"e5_all": dict(init="teacher", teacher=E5, layer_stride=1),
                 "e5_every2": dict(init="teacher", teacher=E5, layer_stride=2),
                 "minilm_all": dict(init="teacher", teacher=MINILM, layer_stride=1),
@@ -175,10 +181,21 @@ def load_text(cfg: dict) -> dict[str, dict[str, list[dict]]]:
         for rows in pool.values():
             rng.shuffle(rows)
         out[lang] = {"train": pool["train"][: cfg["train_rows"]], "select": pool["val"][: cfg["select_rows"]],
-                     "eval": pool["test"][: cfg["eval_rows"]]}
+                     "eval": pool["test"][: cfg["eval_rows"]], "teacher": pool["train"][: teacher_rows(cfg, lang)]}
         if len(out[lang]["train"]) < cfg["train_rows"]:
             raise ValueError(f"Only {len(out[lang]['train'])} training rows for {lang!r}.")
     return out
+
+
+def teacher_cfg(cfg: dict, name: str) -> dict:
+    """``cfg`` with the teacher's own settings (``teacher_overrides[name]``) applied."""
+    return {**cfg, **cfg.get("teacher_overrides", {}).get(name, {})}
+
+
+def teacher_rows(cfg: dict, lang: str) -> int:
+    """Training texts of ``lang`` its teacher's MLM head is trained on (a prefix of the train-hash rows; the
+    students' ``train`` rows are the first ``train_rows`` of the same order)."""
+    return teacher_cfg(cfg, cfg["languages"][lang])["teacher_rows"]
 
 
 # ---------------------------------------------------------------------- 2. student tokenizer
@@ -281,7 +298,10 @@ def train_teacher_head(model, tokenizer, texts, cfg: dict, columns: torch.Tensor
         params += list(layer.parameters())
     head.transform.requires_grad_(True)
     head.bias.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=cfg["teacher_lr"], weight_decay=0.0)
+    head_params = [*head.transform.parameters(), head.bias]
+    layer_params = [p for p in params if all(p is not q for q in head_params)]
+    optimizer = torch.optim.AdamW([{"params": head_params, "lr": cfg["teacher_lr"]},
+                                   {"params": layer_params, "lr": cfg.get("teacher_layer_lr", cfg["teacher_lr"])}], weight_decay=0.0)
     # every 10th batch is held out: the epoch with the lowest held-out loss is kept (each text is masked once,
     # so more epochs memorise those masks instead of learning to predict)
     held = batches[::10]
@@ -357,10 +377,11 @@ def build_teachers(cfg: dict, text, work: Path, record: Record) -> list[MaskedLM
             source = resolve_model(name)
             tokenizer = AutoTokenizer.from_pretrained(source)
             model = AutoModelForMaskedLM.from_pretrained(source)
-            texts = [r["text"] for lang in languages for r in text[lang]["train"][: cfg["teacher_rows"]]]
+            tcfg = teacher_cfg(cfg, name)
+            texts = [r["text"] for lang in languages for r in text[lang]["teacher"][: tcfg["teacher_rows"]]]
             columns = teacher_columns(tokenizer, texts, cfg["max_length"])
             log(f"teacher {name}: MLM head training on {len(texts)} {'+'.join(languages)} texts, {len(columns)} candidates")
-            stats = train_teacher_head(model, tokenizer, texts, cfg, columns)
+            stats = train_teacher_head(model, tokenizer, texts, tcfg, columns)
             model.save_pretrained(directory)
             tokenizer.save_pretrained(directory)
             torch.save(columns, directory / "candidate_ids.pt")
@@ -374,7 +395,7 @@ def teacher_mlm_quality(cfg: dict, text, teachers, work: Path, record: Record) -
     """Every teacher on every language's held-out text: top-1 over its candidates vs the most-frequent-token baseline."""
     for teacher in teachers:
         columns = torch.load(work / "teachers" / teacher.name / "candidate_ids.pt")
-        train_texts = [r["text"] for lang in teacher.languages for r in text[lang]["train"][: cfg["teacher_rows"]]]
+        train_texts = [r["text"] for lang in teacher.languages for r in text[lang]["teacher"]]
         for lang in cfg["languages"]:
             key = f"teacher_mlm:{teacher.name}:{lang}"
             if key in record:
@@ -443,8 +464,15 @@ def save_init_only(cfg: dict, start: str, vocabulary, teachers, work: Path, reco
     return directory
 
 
-def train_student(variant: str, start: str, cfg: dict, text, teachers, vocabulary, work: Path, record: Record) -> Path:
-    name = f"{variant}:{start}"
+def seeded(name: str, seed: int, cfg: dict) -> str:
+    """A trained student's name with its training seed (``@seed<n>``) where that is not ``cfg['seed']``."""
+    return name if seed == cfg["seed"] else f"{name}@seed{seed}"
+
+
+def train_student(variant: str, start: str, cfg: dict, text, teachers, vocabulary, work: Path, record: Record,
+                  seed: int | None = None) -> Path:
+    seed = cfg["seed"] if seed is None else seed
+    name = seeded(f"{variant}:{start}", seed, cfg)
     directory = student_dir(work, name)
     key = f"student:{name}"
     if key in record and (directory / "config.json").exists():
@@ -452,7 +480,6 @@ def train_student(variant: str, start: str, cfg: dict, text, teachers, vocabular
     from datasets import Dataset
 
     distill = variant == "merge_distill"
-    seed = cfg["seed"]
     student = build_start(cfg, start, vocabulary, teachers, seed)
     rows = [r for lang in cfg["languages"] for r in text[lang]["train"]]
     random.Random(seed).shuffle(rows)
@@ -462,7 +489,7 @@ def train_student(variant: str, start: str, cfg: dict, text, teachers, vocabular
         alpha=cfg["alpha"] if distill else 0.0, top_k=cfg["top_k"], max_length=cfg.get("student_max_length", cfg["max_length"]),
         teacher_output="student_vocabulary", output_vocabulary="training_text",
         freeze_word_embeddings=cfg["freeze_word_embeddings"],
-        teacher_signals="cached" if distill else "on_the_fly", static_masking=False,
+        signal_source="cached" if distill else "on_the_fly", static_masking=False,
         signal_cache_dir=str(work / "teacher_signals"), num_train_epochs=cfg["epochs"],
         per_device_train_batch_size=cfg["batch"], per_device_eval_batch_size=cfg["batch"], learning_rate=cfg["lr"],
         warmup_steps=max(1, len(rows) // cfg["batch"] // 10), weight_decay=0.01, logging_steps=10, save_strategy="no", disable_tqdm=True,
@@ -491,11 +518,15 @@ def train_student(variant: str, start: str, cfg: dict, text, teachers, vocabular
     return directory
 
 
-def student_models(cfg: dict, extra: bool = False, primary_only: bool = False) -> list[tuple[str, str]]:
+def student_models(cfg: dict, extra: bool = False, primary_only: bool = False, seeds: bool = False) -> list[tuple[str, str]]:
     """(model name, kind) of every student row: trained students (``extra``: also ``extra_trained``, trained
-    after the main results are written), then every start untrained."""
+    after the main results are written; ``seeds``: also the ``trained`` pairs with the other ``student_seeds``),
+    then every start untrained."""
     trained = cfg["trained"] + (cfg.get("extra_trained", []) if extra else [])
     out = [(f"{variant}:{start}", "student" if variant == "merge_distill" else "baseline") for variant, start in trained]
+    if seeds:
+        out += [(seeded(f"{variant}:{start}", s, cfg), "student" if variant == "merge_distill" else "baseline")
+                for s in cfg.get("student_seeds", []) for variant, start in cfg["trained"]]
     primary = cfg["student"].split(":", 1)[1]
     out += [(f"init_only:{start}", "init_only") for start in cfg["starts"] if start == primary or not primary_only]
     return out
@@ -503,10 +534,13 @@ def student_models(cfg: dict, extra: bool = False, primary_only: bool = False) -
 
 # ---------------------------------------------------------------------- 6. masked LM and segmentation
 def evaluate_students(cfg: dict, text, teachers, vocabulary, work: Path, record: Record, extra: bool = False,
-                      primary_only: bool = False) -> None:
+                      primary_only: bool = False, seeds: bool = False) -> None:
     """Students AS SHIPPED: reloaded from their directory, reading held-out text with their saved tokenizer."""
     by_name = {t.name: t for t in teachers}
-    for name, _ in student_models(cfg, extra, primary_only):
+    trained_starts = {start for _, start in cfg["trained"] + cfg.get("extra_trained", [])}
+    for name, _ in student_models(cfg, extra, primary_only, seeds):
+        if name.startswith("init_only:") and name.split(":", 1)[1] not in trained_starts:
+            continue  # an untrained start nobody trains: its probe row is enough
         directory = student_dir(work, name)
         shipped = None
         for lang, teacher_name in cfg["languages"].items():
@@ -535,14 +569,16 @@ def probe_rows(cfg: dict, lang: str):
     return pool, test, labels
 
 
-def probe_models(cfg: dict, work: Path, extra: bool = False, primary_only: bool = False) -> list[tuple[str, str, str]]:
+def probe_models(cfg: dict, work: Path, extra: bool = False, primary_only: bool = False,
+                 seeds: bool = False) -> list[tuple[str, str, str]]:
     """(model name, kind, directory): every teacher's ORIGINAL encoder, then every student."""
     out = [(f"teacher:{name}", "teacher", str(resolve_model(name))) for name in teacher_plan(cfg)]
-    out += [(name, kind, str(student_dir(work, name))) for name, kind in student_models(cfg, extra, primary_only)]
+    out += [(name, kind, str(student_dir(work, name))) for name, kind in student_models(cfg, extra, primary_only, seeds)]
     return out
 
 
-def downstream_all(cfg: dict, work: Path, record: Record, extra: bool = False, primary_only: bool = False) -> None:
+def downstream_all(cfg: dict, work: Path, record: Record, extra: bool = False, primary_only: bool = False,
+                   seeds: bool = False) -> None:
     p = cfg["probe"]
     transformers_logging.set_verbosity_error()
     features_dir = work / "features"
@@ -552,7 +588,7 @@ def downstream_all(cfg: dict, work: Path, record: Record, extra: bool = False, p
         label_id = {label: i for i, label in enumerate(labels)}
         pool_y = [label_id[x] for x in pool["label"]]
         test_y = [label_id[x] for x in test["label"]]
-        for name, kind, directory in probe_models(cfg, work, extra, primary_only):
+        for name, kind, directory in probe_models(cfg, work, extra, primary_only, seeds):
             if all(f"probe:{lang}:{name}:{s}" in record for s in p["seeds"]):
                 continue
             path = features_dir / f"{lang}--{name.replace(':', '--')}.pt"
@@ -589,7 +625,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 def results_rows(cfg: dict, work: Path, record: Record) -> list[dict]:
     rows = []
     for lang, assigned_teacher in cfg["languages"].items():
-        for name, kind, _ in probe_models(cfg, work, extra=True):
+        for name, kind, _ in probe_models(cfg, work, extra=True, seeds=True):
             runs = [record[f"probe:{lang}:{name}:{s}"]["accuracy"] for s in cfg["probe"]["seeds"] if f"probe:{lang}:{name}:{s}" in record]
             if not runs:
                 continue
@@ -624,6 +660,34 @@ def goal(cfg: dict, rows: list[dict]) -> dict:
             "student_mean": round(student_mean, 4), "teacher_means": {k: round(v, 4) for k, v in means.items()},
             "best_single_teacher": best, "margin_over_best_teacher": round(student_mean - means[best], 4),
             "mean_1_point_above_best": student_mean - means[best] >= 0.01}
+
+
+def distillation_effect(cfg: dict, rows: list[dict]) -> dict:
+    """Did distillation help? Per start trained both ways: per training seed and language, the merged student's
+    probe accuracy minus plain MLM's (same start, text, steps), and both averaged over the training seeds."""
+    acc = {(r["language"], r["model"]): r["downstream_accuracy"] for r in rows}
+    langs = list(cfg["languages"])
+    out = {}
+    starts = [start for variant, start in cfg["trained"] + cfg.get("extra_trained", []) if variant == "merge_distill"]
+    for start in starts:
+        seeds = [cfg["seed"]] + (cfg.get("student_seeds", []) if ["merge_distill", start] in cfg["trained"] else [])
+        pairs = {s: (seeded(f"merge_distill:{start}", s, cfg), seeded(f"plain_mlm:{start}", s, cfg)) for s in seeds}
+        pairs = {s: p for s, p in pairs.items() if all((lang, m) in acc for lang in langs for m in p)}
+        if not pairs:
+            continue
+        diff = {s: {lang: round(acc[(lang, kd)] - acc[(lang, plain)], 4) for lang in langs} for s, (kd, plain) in pairs.items()}
+
+        def over_seeds(i: int) -> dict:
+            values = {lang: [acc[(lang, p[i])] for p in pairs.values()] for lang in langs}
+            means = {lang: round(sum(v) / len(v), 4) for lang, v in values.items()}
+            return {**means, "mean": round(sum(means.values()) / len(langs), 4),
+                    "std_over_training_seeds": {lang: round(_mean_std(v)[1], 4) for lang, v in values.items()}}
+
+        init = {lang: acc.get((lang, f"init_only:{start}")) for lang in langs}
+        out[start] = {"training_seeds": list(pairs), "kd_minus_plain": diff,
+                      "kd_minus_plain_mean": {lang: round(sum(d[lang] for d in diff.values()) / len(diff), 4) for lang in langs},
+                      "merge_distill": over_seeds(0), "plain_mlm": over_seeds(1), "init_only": init}
+    return out
 
 
 def tables(cfg: dict, work: Path, record: Record) -> str:
@@ -662,7 +726,8 @@ def write_results(cfg: dict, work: Path, record: Record, path: Path) -> dict:
                      "masked_token_accuracy": "held-out DDTP text of the language (test-hash sources); teachers in their own "
                      "tokenization over their training-text tokens; students as shipped (reloaded with the saved tokenizer, "
                      "full output layer)"})
-    payload = {"rows": rows, "goal": goal(cfg, rows), "settings": settings}
+    payload = {"rows": rows, "goal": goal(cfg, rows), "distillation_vs_plain_mlm": distillation_effect(cfg, rows),
+               "settings": settings}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n")
     return payload
@@ -694,7 +759,7 @@ def main() -> None:
     parser.add_argument("--work_dir", default=None, help="default: outputs/merge_distill/<config>")
     parser.add_argument("--results", default=None, help="where to write the results JSON (default: <work_dir>/merge_distill.json)")
     parser.add_argument("--no_extra", action="store_true", help="skip the extra_trained students")
-    parser.add_argument("--stop_after", default=None, choices=["vocabulary", "teachers", "selection", "students", "evaluation"])
+    parser.add_argument("--stop_after", default=None, choices=["vocabulary", "teachers", "students", "evaluation"])
     cli = parser.parse_args()
     cfg = CONFIGS[cli.config]
     work = Path(cli.work_dir or f"outputs/merge_distill/{cli.config}")
@@ -719,9 +784,6 @@ def main() -> None:
     teachers = build_teachers(cfg, text, work, record)
     teacher_mlm_quality(cfg, text, teachers, work, record)
     if cli.stop_after == "teachers":
-        return
-    selection(cfg, text, teachers, work, record)
-    if cli.stop_after == "selection":
         return
     for start in cfg["starts"]:
         save_init_only(cfg, start, vocabulary, teachers, work, record)
@@ -751,8 +813,15 @@ def main() -> None:
         for variant, start in cfg["extra_trained"]:
             train_student(variant, start, cfg, text, teachers, vocabulary, work, record)
         evaluate_students(cfg, text, teachers, vocabulary, work, record, extra=True)
+        for seed in cfg.get("student_seeds", []):
+            for variant, start in cfg["trained"]:
+                train_student(variant, start, cfg, text, teachers, vocabulary, work, record, seed=seed)
         del teachers
-        downstream_all(cfg, work, record, extra=True)
+        downstream_all(cfg, work, record, extra=True, seeds=True)
+        write_results(cfg, work, record, Path(cli.results) if cli.results else work / "merge_distill.json")
+        teachers = build_teachers(cfg, text, work, record)
+        evaluate_students(cfg, text, teachers, vocabulary, work, record, extra=True, seeds=True)
+        selection(cfg, text, teachers, work, record)  # a report only (the run keeps the given assignment): last
         record.put("wall_seconds_total", round(record.data.get("wall_seconds_total", 0) + time.time() - marked, 1))
         record.put("finished_at", time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
         payload = write_results(cfg, work, record, Path(cli.results) if cli.results else work / "merge_distill.json")

@@ -90,7 +90,7 @@ def worker(rank: int, world: int, port: int, settings: dict) -> None:
     rows = load_debian_sections(split="train").select(range(settings["rows"])).select_columns(["id", "text"])
     out = Path(settings["work"]) / f"p{world}"
     args = KnowledgeIntegrationConfig(
-        output_dir=str(out / "run"), teacher_signals="cached", signal_cache_dir=str(out / "cache"), strategy="muki",
+        output_dir=str(out / "run"), signal_source="cached", signal_cache_dir=str(out / "cache"), strategy="muki",
         router="mc_entropy",
         mc_samples=settings["mc_samples"], mc_top_layers=settings["top_layers"], max_length=settings["max_length"],
         per_device_eval_batch_size=settings["batch"], use_cpu=True, report_to="none", save_strategy="no",

@@ -1,6 +1,6 @@
 """What the cached precompute costs for each kind of router: MC statistics are computed only when read.
 
-``muki`` with ``teacher_signals="cached"`` defaults to the ``relative_mahalanobis`` router, which reads each
+``muki`` with ``signal_source="cached"`` defaults to the ``relative_mahalanobis`` router, which reads each
 teacher's logits and pooled features from ONE deterministic pass; MUKI as published (``router="mc_entropy"``)
 reads the mean of K Monte-Carlo-dropout passes. The precompute therefore computes the K passes only for
 routers that read them. This script times, side by side in one run on the same rows and teachers (each into
@@ -53,7 +53,7 @@ def measure(teachers: list[str], rows, options: dict, work: Path, max_length: in
     force_mc = options.pop("force_mc", False)
     shutil.rmtree(work, ignore_errors=True)
     args = KnowledgeIntegrationConfig(
-        output_dir=str(work / "run"), teacher_signals="cached", signal_cache_dir=str(work / "cache"), strategy="muki",
+        output_dir=str(work / "run"), signal_source="cached", signal_cache_dir=str(work / "cache"), strategy="muki",
         max_length=max_length, per_device_eval_batch_size=32, use_cpu=True, report_to="none", save_strategy="no",
         disable_tqdm=True, seed=0, **options,
     )

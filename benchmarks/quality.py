@@ -40,7 +40,7 @@ Sizes (``CONFIGS`` below): ``reduced`` caps the data per class (train 30/class =
 teachers learn from with labels and the students read WITHOUT labels; test 30/class = 542 rows),
 truncates at 48 tokens, uses paraphrase-MiniLM-L3-v2, MC K=8, and trains one teacher set (seed 0)
 shared by the 3 student seeds; ``full`` uses all data. Students read cached teacher signals
-(``teacher_signals="cached"``) when the installed ki_trainer offers it: computed once per teacher
+(``signal_source="cached"``) when the installed ki_trainer offers it: computed once per teacher
 set and reused by every strategy and seed.
 
 Students are evaluated by a plain forward pass over the test rows (no teacher queries), so the
@@ -219,7 +219,9 @@ STUDENTS: dict[str, tuple[str, str, bool, bool, str]] = {
 }
 ROUTING_OF = {"entropy": "deterministic", "muki": "mc"}
 STANDARDIZED_ENSEMBLE = "ensemble routed by standardized MC certainty"
-HAS_SIGNAL_CACHE = "teacher_signals" in {f.name for f in dataclasses.fields(KnowledgeIntegrationConfig)}
+_CONFIG_FIELDS = {f.name for f in dataclasses.fields(KnowledgeIntegrationConfig)}
+HAS_SIGNAL_CACHE = bool({"signal_source", "teacher_signals"} & _CONFIG_FIELDS)
+SIGNAL_FLAG = "signal_source" if "signal_source" in _CONFIG_FIELDS else "teacher_signals"  # older installations
 
 
 def settings_of(cfg: dict[str, Any]) -> dict[str, Setting]:
@@ -430,7 +432,7 @@ def job_student(cfg, out: Path, setting: str, seed: int, teacher_seed: int, meth
     run_dir = out / "students" / setting / method / f"seed{seed}"
     extra = {}
     if HAS_SIGNAL_CACHE:
-        extra = dict(teacher_signals="cached", signal_cache_dir=str(teacher_set_dir(out, setting, teacher_seed) / "signal_cache"))
+        extra = {SIGNAL_FLAG: "cached"} | dict(signal_cache_dir=str(teacher_set_dir(out, setting, teacher_seed) / "signal_cache"))
         if strategy == "muki":
             extra["router"] = "mc_entropy"  # MUKI as published (the cached default would be relative_mahalanobis)
     args = KnowledgeIntegrationConfig(

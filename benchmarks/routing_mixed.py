@@ -50,7 +50,7 @@ def setting_signals(cfg: dict[str, Any], out: Path, name: str):
     pool = labelled_pool.remove_columns("label")
     test = quality.transfer_set(cfg, setting, labeled=True, split=2)  # test rows in every transfer language
     args = KnowledgeIntegrationConfig(
-        output_dir=str(out / "precompute" / name), teacher_signals="cached", router="prototype",  # caches features
+        output_dir=str(out / "precompute" / name), signal_source="cached", router="prototype",  # caches features
         signal_cache_dir=str(quality.teacher_set_dir(out, name, 0) / "signal_cache"), max_length=cfg["max_length"],
         mc_samples=cfg["mc_samples"], mc_top_layers=cfg.get("mc_top_layers"), per_device_eval_batch_size=32,
         report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=not torch.cuda.is_available(), seed=0,

@@ -10,7 +10,7 @@ speed matters; every row uses fresh copies of the same weights):
 * ``ours``      ``KnowledgeIntegrationTrainer.training_step``, strategy muki, on-the-fly teacher
                 signals: the K passes batched (repeat_interleave, chunked by ``mc_chunk_size``),
                 teachers in bf16 on a GPU (``bf16=True`` -> ``teacher_dtype='auto'`` = bf16), fp32 on CPU;
-* ``cached``    the same trainer with ``teacher_signals='cached'``: signals precomputed once (that
+* ``cached``    the same trainer with ``signal_source='cached'``: signals precomputed once (that
                 one-off cost is reported separately) and looked up by example id in every step;
 * ``top<m>``    on-the-fly with ``mc_top_layers=m``: dropout sampled only in the last m layers;
 * GPU extras (``--extras``): ``ours_fp32`` (batched MC, fp32 teachers), ``ours_nocheck``
@@ -239,7 +239,7 @@ class Bench:
         # cache fingerprint, which (ki_trainer at the time of writing) needs a student tokenizer.
         trainer, model = self.ki_trainer(
             batch, dataset=table, with_ids=True, tokenizer=synthetic_tokenizer(),
-            collator=PretokenizedCollator(with_ids=True), teacher_signals="cached", signal_cache_dir=str(cache_dir),
+            collator=PretokenizedCollator(with_ids=True), signal_source="cached", signal_cache_dir=str(cache_dir),
             router="mc_entropy",  # the same MUKI signals as the on-the-fly rows (no pooled features)
         )
         reset_memory(self.device)

@@ -33,7 +33,7 @@ script_args = MergeDistillArguments(
     student_hidden_size=384, student_num_hidden_layers=2, student_num_attention_heads=6,
 )
 args = MergeDistillConfig(output_dir="outputs/merge_distill_example", alpha=0.5, top_k=8, max_length=48,
-                          teacher_signals="cached", teacher_output="student_vocabulary", num_train_epochs=1,
+                          signal_source="cached", teacher_output="student_vocabulary", num_train_epochs=1,
                           per_device_train_batch_size=32, learning_rate=5e-4, report_to="none", save_strategy="no")
 summary = run(script_args, args)  # saves a plain BertForMaskedLM + PreTrainedTokenizerFast and a model card
 print(summary["student_vocabulary_size"], "student tokens;", summary["coverage"])

@@ -14,17 +14,17 @@ router's name and fit statistics) and every checkpoint records and checks the ne
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
 import zipfile
 from typing import Any, Optional
 
-import torch
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
+
+from .signal_cache.fingerprint import weights_digest  # noqa: F401  (the one weight hash; recorded per teacher)
 
 logger = logging.get_logger(__name__)
 
@@ -43,16 +43,6 @@ _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint belongs to another run (other teachers, labels or integration settings)."""
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """sha256 of a module's state dict (names, shapes, dtypes, bytes)."""
-    hasher = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        data = tensor.detach().to("cpu").contiguous()
-        hasher.update(f"{name}|{tuple(data.shape)}|{data.dtype}".encode())
-        hasher.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
-    return hasher.hexdigest()[:20]
 
 
 def run_fingerprint(trainer) -> dict[str, Any]:

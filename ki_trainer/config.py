@@ -13,7 +13,9 @@ from typing import Any, Optional, Union
 import torch
 from transformers import TrainingArguments
 
+from ._deprecation import renamed_field
 from .routing import get_router, list_routers
+from .signal_cache.fingerprint import cache_directory
 from .strategies import StrategyOptions, get_strategy, list_strategies
 
 STUDENT_INITS = ("pretrained", "teacher_average", "teacher_average_encoder")
@@ -126,9 +128,22 @@ class KnowledgeIntegrationConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "Fit a transductive router on at most this many pool rows, drawn at random (seeded by `seed`; "
-            "label-free). Default: every row. Bounds the fit's memory and time on very large pools; relative "
-            "Mahalanobis routed 79.9% of the 2x10 test rows fitted on 300 rows and 81.0% on 4,700 "
-            "(docs/routing.md, 'Pool size')."
+            "label-free). Default: every row. Bounds the fit's memory and time on very large pools; how routing "
+            "accuracy depends on it is measured in docs/routing.md ('Pool size')."
+        },
+    )
+    share_weighting: str = field(
+        default="balanced",
+        metadata={
+            "help": "For pool routers that estimate the pool's teacher shares (label-free; docs/routing.md, "
+            "'Skewed pools'), when the pool looks skewed: 'balanced' weights each row's loss by the teacher it is "
+            "routed to, so that every teacher's routed rows carry the same total loss weight (counted with their "
+            "margin weights under margin_reweighting; the pool's total is unchanged) and the student does not "
+            "forget a minority teacher's classes; 'pool' lets every row "
+            "count the same, so the student learns the pool's own mix of teachers (right when the text it will "
+            "predict on is mixed like the pool). No effect on a balanced pool, with router_options "
+            "shares='equal', or without a pool router.",
+            "choices": ["balanced", "pool"],
         },
     )
     mc_samples: int = field(
@@ -171,8 +186,7 @@ class KnowledgeIntegrationConfig(TrainingArguments):
             "'teacher_average' (average the teachers' weights and stack their output layers over the union labels) or "
             "'teacher_average_encoder' (average every weight but the output layer, which stays the student's fresh "
             "one). Both need full-model teachers fine-tuned from the student's base checkpoint, with its vocabulary. "
-            "Measured: 'teacher_average' +1.7 points merging two teachers but -4.2 merging four, "
-            "'teacher_average_encoder' +0.7 and +0.6; see docs/routing.md.",
+            "When each helps is measured in docs/guide.md and docs/routing.md.",
             "choices": list(STUDENT_INITS),
         },
     )
@@ -221,7 +235,7 @@ class KnowledgeIntegrationConfig(TrainingArguments):
     teacher_signals: Optional[str] = field(
         default=None,
         metadata={
-            "help": "Deprecated name of signal_source (same values); still accepted.",
+            "help": "Deprecated name of signal_source (same values): still accepted, with a FutureWarning.",
             "choices": ["on_the_fly", "cached"],
         },
     )
@@ -251,11 +265,7 @@ class KnowledgeIntegrationConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        if self.teacher_signals is not None:  # the deprecated name: moved to signal_source
-            if self.signal_source not in ("on_the_fly", self.teacher_signals):
-                raise ValueError(f"teacher_signals={self.teacher_signals!r} (the deprecated name of signal_source) "
-                                 f"contradicts signal_source={self.signal_source!r}; set signal_source only.")
-            self.signal_source, self.teacher_signals = self.teacher_signals, None
+        renamed_field(self, "teacher_signals", "signal_source", default="on_the_fly")  # the earlier name, warned
         check_field_types(self)
         check_finite_fields(self)
         super().__post_init__()
@@ -265,6 +275,8 @@ class KnowledgeIntegrationConfig(TrainingArguments):
         if self.student_init not in STUDENT_INITS:
             raise ValueError(f"student_init must be one of {list(STUDENT_INITS)}, got {self.student_init!r}.")
         self._validate_router()
+        if self.share_weighting not in ("balanced", "pool"):
+            raise ValueError(f"share_weighting must be 'balanced' or 'pool', got {self.share_weighting!r}.")
         if self.router_fit_rows is not None and self.router_fit_rows < 2:
             raise ValueError(f"router_fit_rows must be >= 2 (or None for every pool row), got {self.router_fit_rows}.")
         if self.mc_samples < 1:
@@ -333,7 +345,7 @@ class KnowledgeIntegrationConfig(TrainingArguments):
 
     def resolved_signal_cache_dir(self) -> str:
         """Where cached teacher signals live: ``signal_cache_dir``, else ``<output_dir>/teacher_signals``."""
-        return self.signal_cache_dir or os.path.join(self.output_dir, "teacher_signals")
+        return cache_directory(self.signal_cache_dir, self.output_dir)
 
     def resolved_router(self) -> Optional[str]:
         """The router in use: the configured one, else the strategy's default (``None`` for strategies without one).

@@ -20,11 +20,11 @@ from transformers import EvalPrediction, PreTrainedModel, PreTrainedTokenizerBas
 from transformers.utils import logging
 
 from . import checkpoints
+from ._deprecation import renamed_method
 from .collator import KnowledgeIntegrationCollator, collator_for, split_batch, without_gold_labels
 from .config import KnowledgeIntegrationConfig
 from .dataset_checks import check_dataset
-from .guards import NonFiniteLossError  # noqa: F401  (re-exported: ki_trainer.trainer.NonFiniteLossError)
-from .guards import FiniteLossGuard, check_signal_cache_dir, check_writable
+from .guards import FiniteLossGuard, NonFiniteLossError, check_signal_cache_dir, check_writable  # noqa: F401 (re-export)
 from .launch import check_distributed_type, check_launch, output_dir_lock
 from .metrics import EvaluationRows, routed_teacher_predictions
 from .peft_support import unwrap
@@ -127,7 +127,7 @@ class KnowledgeIntegrationTrainer(SavingMixin, Trainer):
         self.strategy = get_strategy(args.strategy)(self.label_space, args.strategy_options())
         router_name = args.resolved_router()
         self.scoring = Scoring(build_router(router_name, args.router_kwargs()) if router_name else None,
-                               args.certainty_normalization)
+                               args.certainty_normalization, args.share_weighting, args.margin_reweighting)
         self.signal_cache: Optional[TeacherSignalCache] = None  # the training rows' cached signals
         self._eval_signal_cache: Optional[TeacherSignalCache] = None  # set while evaluating from cached signals
         self._user_compute_metrics = compute_metrics
@@ -175,7 +175,7 @@ class KnowledgeIntegrationTrainer(SavingMixin, Trainer):
         # A trial sets fields on self.args (e.g. kd_temperature): rebuild the strategy from them.
         super()._hp_search_setup(trial)
         self.strategy = get_strategy(self.args.strategy)(self.label_space, self.args.strategy_options())
-        self.scoring.normalization, self.cached_signals.needs = self.args.certainty_normalization, self.needs
+        self.scoring.normalization = self.args.certainty_normalization
 
     def _set_signature_columns_if_needed(self) -> None:
         # Keep raw text, gold labels, ids and lengths: the collator and the length-grouped sampler need
@@ -216,7 +216,7 @@ class KnowledgeIntegrationTrainer(SavingMixin, Trainer):
         return self.querier.signals(student_inputs, teacher_batches, source, example_ids,
                                     needs.features if features is None else features)
 
-    teacher_signals = query_signals  # the earlier (deprecated) name: a flag, a method and a type shared one word
+    teacher_signals = renamed_method(query_signals, "teacher_signals")  # the earlier name (FutureWarning)
 
     def batch_signals(self, student_inputs: dict, teacher_batches: dict, example_ids, training: bool) -> TeacherSignals:
         """The teachers' signals for one batch: looked up in the cache (the training rows', or while evaluating the
@@ -269,7 +269,7 @@ class KnowledgeIntegrationTrainer(SavingMixin, Trainer):
         ``mc=True`` / ``features=True`` compute them anyway, e.g. to compare every router on one cache.
         """
         dataset = dataset if dataset is not None else self.train_dataset
-        self.signal_cache = self.cached_signals.load(dataset, mc=mc, features=features)
+        self.signal_cache = self.cached_signals.load(dataset, mc=mc, features=features, needs=self.needs)
         if self.scoring.router_unfitted:
             self.fit_router(dataset)
         if self.scoring.normalization != "none" and self.needs.certainty_source is not None:
@@ -290,11 +290,15 @@ class KnowledgeIntegrationTrainer(SavingMixin, Trainer):
         if dataset is None:
             raise ValueError(f"Router {self.router.name!r} is fitted on the unlabeled training rows: pass train_dataset.")
         if self.signal_cache is None:
-            self.signal_cache = self.cached_signals.load(dataset)
+            self.signal_cache = self.cached_signals.load(dataset, needs=self.needs)
         rows = self.scoring.fit_router(self.signal_cache, self.cached_signals.dataset_ids(dataset),
                                        self.needs.certainty_source, self.args.router_fit_rows, self.args.seed)
         shares = getattr(self.router, "describe_shares", None)  # the pool's teacher shares, as the router estimated them
         found = f"; {shares([t.name for t in self.teachers])}" if shares is not None else ""
+        weights = getattr(self.router, "describe_share_weights", None)
+        weights = weights([t.name for t in self.teachers], self.args.margin_reweighting) if weights is not None else None
+        if weights and self.args.share_weighting == "balanced":  # the student's loss evens out the teachers' shares
+            found += f"; share_weighting='balanced': {weights} in the student's loss"
         logger.info(f"Router {self.router.name!r} fitted on {rows} unlabeled rows{found}.")
         if self.args.should_save:
             save_router_state(self.router, self.args.output_dir)
@@ -374,13 +378,13 @@ class KnowledgeIntegrationTrainer(SavingMixin, Trainer):
 
     @contextlib.contextmanager
     def _evaluation_signals(self, dataset, metric_key_prefix: str):
-        """Set-up of an evaluation: the router and certainty statistics fitted, and with cached signals
-        ``dataset``'s rows read from their own cache file (see :meth:`SignalPrecompute.for_evaluation`): the first
-        evaluation computes the signals (MC dropout), later ones reuse them, so repeated evaluations score the same
-        teacher draws. Rows without ids fall back to live queries."""
+        """Set-up of an evaluation: the router and certainty statistics fitted; with cached signals ``dataset``'s rows
+        read from their own cache file (:meth:`SignalPrecompute.for_evaluation`): computed by the first evaluation and
+        reused, so repeated evaluations score the same teacher draws. Rows without ids are queried live."""
         self._fit_scoring()
         previous = self._eval_signal_cache
-        cache = self.cached_signals.for_evaluation(dataset, metric_key_prefix) if self.args.signals_are_cached else None
+        cached = self.args.signals_are_cached
+        cache = self.cached_signals.for_evaluation(dataset, metric_key_prefix, self.needs) if cached else None
         self._eval_signal_cache = cache if cache is not None else previous
         try:
             yield

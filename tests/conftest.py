@@ -122,6 +122,38 @@ def tiny_bert(num_labels: int, vocab_size: int, labels=None, dropout: float = 0.
     return BertForSequenceClassification(config)
 
 
+def rows_with_ids(n: int = 24, seed: int = 7) -> list[dict]:
+    """``n`` texts (a quarter per class) with ids ``ex0``, ``ex1``, ... and no labels."""
+    return [{"id": f"ex{i}", "text": r["text"]} for i, r in enumerate(make_rows(n // 4, seed=seed))]
+
+
+def flat_weights(model) -> torch.Tensor:
+    """Every parameter of ``model``, flattened into one fp32 vector (to compare two trained students)."""
+    return torch.cat([p.detach().flatten().float() for p in model.parameters()])
+
+
+def ki_config(tmp_path, **kw):
+    """A ``KnowledgeIntegrationConfig`` for a tiny CPU run writing to ``tmp_path/out`` (no saves, no reporting,
+    K=2 MC samples); ``kw`` overrides any field."""
+    from ki_trainer import KnowledgeIntegrationConfig
+
+    defaults = dict(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no",
+                    per_device_train_batch_size=8, per_device_eval_batch_size=8, mc_samples=2, seed=0)
+    defaults.update(kw)
+    return KnowledgeIntegrationConfig(**defaults)
+
+
+def make_ki_trainer(tmp_path, tok, teachers, train, student=None, eval_dataset=None, **kw):
+    """A ``KnowledgeIntegrationTrainer`` over ``teachers`` with a tiny 4-class student (or ``student``) and
+    :func:`ki_config` (``kw`` overrides)."""
+    from ki_trainer import KnowledgeIntegrationTrainer
+
+    return KnowledgeIntegrationTrainer(
+        model=student if student is not None else tiny_bert(4, len(tok), seed=3), args=ki_config(tmp_path, **kw),
+        teachers=teachers, train_dataset=train, eval_dataset=eval_dataset, processing_class=tok,
+    )
+
+
 def filler_rows(n: int, seed: int) -> list[dict]:
     """Texts without class evidence (filler and unknown words); teachers learn to answer them uniformly."""
     rng = random.Random(seed)

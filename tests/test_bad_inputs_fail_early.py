@@ -5,18 +5,14 @@ Each test pins one row of docs/reliability.md; all use the public API and tiny i
 
 import pytest
 import torch
-from conftest import TEACHER_SPLIT, make_rows, tiny_bert
+from conftest import TEACHER_SPLIT, make_rows, rows_with_ids, tiny_bert
+from conftest import flat_weights as weights
+from conftest import ki_config as config
+from conftest import make_ki_trainer as make_trainer
 from datasets import Dataset
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel
 
 from ki_trainer import KnowledgeIntegrationConfig, KnowledgeIntegrationTrainer, Teacher
-
-
-def config(tmp_path, **kw):
-    defaults = dict(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no",
-                    per_device_train_batch_size=8, per_device_eval_batch_size=8, mc_samples=2, seed=0)
-    defaults.update(kw)
-    return KnowledgeIntegrationConfig(**defaults)
 
 
 def tiny_config(tok, **kw):
@@ -110,15 +106,6 @@ def test_self_training_gives_tied_rows_to_no_teacher(seed_router):
 
 
 # ---------------------------------------------------------------- teacher outputs that do not fit
-def rows_with_ids(n=24, seed=7):
-    return [{"id": f"ex{i}", "text": r["text"]} for i, r in enumerate(make_rows(n // 4, seed=seed))]
-
-
-def make_trainer(tmp_path, tok, teachers, train, **kw):
-    return KnowledgeIntegrationTrainer(model=tiny_bert(4, len(tok), seed=3), args=config(tmp_path, **kw),
-                                       teachers=teachers, train_dataset=train, processing_class=tok)
-
-
 def test_a_teacher_head_with_more_outputs_than_label_names_is_a_clear_error(tmp_path, tok):
     model = tiny_bert(3, len(tok), seed=20)  # a 3-way head ...
     model.config.id2label = {0: "alpha", 1: "beta"}  # ... whose config names two classes
@@ -137,7 +124,7 @@ def test_nan_in_pooled_features_with_finite_logits_names_the_teacher_and_rows(tm
         model.bert.embeddings.word_embeddings.weight[tok.convert_tokens_to_ids("apple")] = float("nan")
     model.classifier.register_forward_hook(lambda module, args, out: torch.nan_to_num(out))  # finite logits
     teachers = [Teacher(model, name="poisoned"), Teacher(tiny_bert(2, len(tok), labels=TEACHER_SPLIT[1], seed=21))]
-    trainer = make_trainer(tmp_path, tok, teachers, rows, max_steps=1, teacher_signals="cached", strategy="muki",
+    trainer = make_trainer(tmp_path, tok, teachers, rows, max_steps=1, signal_source="cached", strategy="muki",
                            router="prototype", per_device_eval_batch_size=len(rows))
     with pytest.raises(FloatingPointError, match="'poisoned' on example ids .*pooled features") as info:
         trainer.precompute_teacher_signals()
@@ -222,7 +209,7 @@ def test_a_teacher_tokenizer_that_truncates_on_the_left_is_honoured_and_fingerpr
     def trainer_with(teacher_tok):
         teachers = [Teacher(tiny_bert(2, len(tok), labels=TEACHER_SPLIT[0], seed=20), tokenizer=teacher_tok, name="t0"),
                     Teacher(tiny_bert(2, len(tok), labels=TEACHER_SPLIT[1], seed=21), name="t1")]
-        return make_trainer(tmp_path, tok, teachers, LONG, max_steps=1, max_length=8, teacher_signals="cached")
+        return make_trainer(tmp_path, tok, teachers, LONG, max_steps=1, max_length=8, signal_source="cached")
 
     right_trainer, left_trainer = trainer_with(copy.deepcopy(tok)), trainer_with(left)
     batch = left_trainer.data_collator(LONG[:1])
@@ -249,10 +236,6 @@ def test_resuming_with_a_teachers_max_length_changed_is_another_run(tmp_path, to
 
 
 # ---------------------------------------------------------------- checkpoints cut off mid-save, finished runs
-def weights(model):
-    return torch.cat([p.detach().flatten().float() for p in model.parameters()])
-
-
 def checkpointed(tmp_path, tok, out, **kw):
     teachers = [Teacher(tiny_bert(2, len(tok), labels=labels, seed=20 + i), name=f"t{i}")
                 for i, labels in enumerate(TEACHER_SPLIT)]
@@ -269,7 +252,7 @@ def _cut_in_half(path):
 def test_a_checkpoint_with_a_cut_off_router_state_or_optimizer_falls_back_or_names_the_file(tmp_path, tok, caplog):
     import logging
 
-    routed = dict(teacher_signals="cached", strategy="muki", router="relative_mahalanobis",
+    routed = dict(signal_source="cached", strategy="muki", router="relative_mahalanobis",
                   signal_cache_dir=str(tmp_path / "cache"))
     full = checkpointed(tmp_path, tok, tmp_path / "full", **routed)
     full.train()
@@ -342,7 +325,7 @@ def test_a_read_only_directory_holding_a_complete_cache_is_read(tmp_path, tok, r
     def trainer(cache_dir, train):
         teachers = [Teacher(tiny_bert(2, len(tok), labels=labels, seed=20 + i), name=f"t{i}")
                     for i, labels in enumerate(TEACHER_SPLIT)]
-        return make_trainer(tmp_path, tok, teachers, train, max_steps=1, teacher_signals="cached",
+        return make_trainer(tmp_path, tok, teachers, train, max_steps=1, signal_source="cached",
                             signal_cache_dir=str(cache_dir))
 
     written = trainer(tmp_path / "cache", rows).precompute_teacher_signals()

@@ -12,30 +12,18 @@ import os
 import pytest
 import torch
 from conftest import TEACHER_SPLIT, build_tokenizer, make_rows, teacher_words, tiny_bert
+from conftest import flat_weights as weights
+from conftest import ki_config as config
+from conftest import make_ki_trainer as make_trainer
+from conftest import rows_with_ids
 from datasets import Dataset
 from transformers import HfArgumentParser, TrainerCallback
 
-from ki_trainer import KnowledgeIntegrationConfig, KnowledgeIntegrationTrainer, Teacher
+from ki_trainer import KnowledgeIntegrationConfig, Teacher
 from ki_trainer import signal_cache
 from ki_trainer.label_space import LabelSpace
 from ki_trainer.signal_cache import TeacherSignalCache, teachers_fingerprint
 from ki_trainer.strategies import TeacherSignals
-
-
-def config(tmp_path, **kw):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        save_strategy="no",
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=8,
-        mc_samples=2,
-        seed=0,
-    )
-    defaults.update(kw)
-    return KnowledgeIntegrationConfig(**defaults)
 
 
 def fresh_teachers(tok, seeds=(20, 21)):
@@ -45,23 +33,6 @@ def fresh_teachers(tok, seeds=(20, 21)):
     ]
 
 
-def make_trainer(tmp_path, tok, teachers, train, student=None, eval_dataset=None, **kw):
-    return KnowledgeIntegrationTrainer(
-        model=student if student is not None else tiny_bert(4, len(tok), seed=3),
-        args=config(tmp_path, **kw),
-        teachers=teachers,
-        train_dataset=train,
-        eval_dataset=eval_dataset,
-        processing_class=tok,
-    )
-
-
-def rows_with_ids(n=24, seed=7):
-    return [{"id": f"ex{i}", "text": r["text"]} for i, r in enumerate(make_rows(n // 4, seed=seed))]
-
-
-def weights(model):
-    return torch.cat([p.detach().flatten().float() for p in model.parameters()])
 
 
 # ---------------------------------------------------------------- 1. silent NaN student
@@ -131,7 +102,7 @@ def test_nan_teacher_error_names_the_example_ids_in_cached_mode(tmp_path, tok):
     apple_ids = [r["id"] for r in rows if "apple" in r["text"].split()]
     assert 0 < len(apple_ids) < len(rows)
     teachers = [apple_poisoned_teacher(tok), fresh_teachers(tok)[1]]
-    trainer = make_trainer(tmp_path, tok, teachers, rows, max_steps=1, teacher_signals="cached",
+    trainer = make_trainer(tmp_path, tok, teachers, rows, max_steps=1, signal_source="cached",
                            per_device_eval_batch_size=len(rows))
     with pytest.raises(FloatingPointError) as info:
         trainer.precompute_teacher_signals()
@@ -261,7 +232,7 @@ def test_a_teacher_instance_loaded_from_a_directory_is_checked_against_its_saved
 def test_an_interrupted_precompute_keeps_the_rows_it_computed(tmp_path, tok, monkeypatch):
     monkeypatch.setattr(signal_cache.store, "FLUSH_ROWS", 4)
     rows = rows_with_ids()
-    first = make_trainer(tmp_path, tok, fresh_teachers(tok), rows, teacher_signals="cached",
+    first = make_trainer(tmp_path, tok, fresh_teachers(tok), rows, signal_source="cached",
                          per_device_eval_batch_size=4)
     original = first.cached_signals.batches
 
@@ -274,7 +245,7 @@ def test_an_interrupted_precompute_keeps_the_rows_it_computed(tmp_path, tok, mon
     first.cached_signals.batches = dies_after_three_batches
     with pytest.raises(KeyboardInterrupt):
         first.precompute_teacher_signals()
-    second = make_trainer(tmp_path, tok, fresh_teachers(tok), rows, teacher_signals="cached",
+    second = make_trainer(tmp_path, tok, fresh_teachers(tok), rows, signal_source="cached",
                           per_device_eval_batch_size=4)
     computed = []
     original2 = second.cached_signals.batches
@@ -291,7 +262,7 @@ def test_bad_rows_are_found_by_a_scan_before_any_work(tmp_path, tok, bad, proble
     rows[5]["text"] = bad
     for mode in ("cached", "on_the_fly"):
         with pytest.raises(ValueError, match=rf"row 5 \(id 'ex5'\).*{problem}"):
-            make_trainer(tmp_path, tok, fresh_teachers(tok), rows, teacher_signals=mode)
+            make_trainer(tmp_path, tok, fresh_teachers(tok), rows, signal_source=mode)
 
 
 def test_an_unwritable_directory_fails_at_construction(tmp_path, tok):
@@ -299,10 +270,10 @@ def test_an_unwritable_directory_fails_at_construction(tmp_path, tok):
     blocker.write_text("not a directory")
     rows = rows_with_ids()
     with pytest.raises(PermissionError, match="signal_cache_dir=.*cannot be written"):
-        make_trainer(tmp_path, tok, fresh_teachers(tok), rows, teacher_signals="cached",
+        make_trainer(tmp_path, tok, fresh_teachers(tok), rows, signal_source="cached",
                      signal_cache_dir=str(blocker / "cache"))
     with pytest.raises(PermissionError, match="signal_cache_dir=.*cannot be written"):
-        make_trainer(tmp_path, tok, fresh_teachers(tok), rows, teacher_signals="cached",
+        make_trainer(tmp_path, tok, fresh_teachers(tok), rows, signal_source="cached",
                      signal_cache_dir="/proc/ki-trainer-cache")
     with pytest.raises(PermissionError, match="output_dir=.*cannot be written"):
         make_trainer(tmp_path, tok, fresh_teachers(tok), rows, output_dir=str(blocker / "out"))
@@ -450,7 +421,7 @@ def test_certainty_normalization_without_certainty_is_rejected(tmp_path):
     for strategy in ("vanilla_kd", "uhc"):
         with pytest.raises(ValueError, match="uses none"):
             KnowledgeIntegrationConfig(output_dir=str(tmp_path), report_to=[], strategy=strategy,
-                                       teacher_signals="cached", certainty_normalization="standardize")
+                                       signal_source="cached", certainty_normalization="standardize")
 
 
 def test_labels_differing_only_by_case_or_whitespace_are_warned_about(caplog):
@@ -465,7 +436,7 @@ def test_labels_differing_only_by_case_or_whitespace_are_warned_about(caplog):
 
 def test_two_evaluation_sets_with_row_number_ids_do_not_collide(tmp_path, tok):
     train = rows_with_ids()
-    trainer = make_trainer(tmp_path, tok, fresh_teachers(tok), train, teacher_signals="cached")
+    trainer = make_trainer(tmp_path, tok, fresh_teachers(tok), train, signal_source="cached")
     first = [{"id": str(i), "text": r["text"], "label": r["label"]} for i, r in enumerate(make_rows(2, seed=8))]
     second = [{"id": str(i), "text": r["text"], "label": r["label"]} for i, r in enumerate(make_rows(2, seed=9))]
     a = trainer.evaluate(first)
@@ -494,7 +465,7 @@ from ki_trainer import signal_cache
 import pathlib
 signal_cache.store.FLUSH_ROWS = 4
 tok = build_tokenizer()
-trainer = make_trainer(pathlib.Path(sys.argv[2]), tok, fresh_teachers(tok), rows_with_ids(), teacher_signals="cached",
+trainer = make_trainer(pathlib.Path(sys.argv[2]), tok, fresh_teachers(tok), rows_with_ids(), signal_source="cached",
                        per_device_eval_batch_size=4)
 original = trainer.cached_signals.batches
 def killed_after_three_batches(dataset, positions, **kw):
@@ -520,7 +491,7 @@ def test_a_precompute_killed_with_sigkill_keeps_the_flushed_rows(tmp_path, tok):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == -9, done.stderr[-2000:]
     rows = rows_with_ids()
-    again = make_trainer(tmp_path, tok, fresh_teachers(tok), rows, teacher_signals="cached", per_device_eval_batch_size=4)
+    again = make_trainer(tmp_path, tok, fresh_teachers(tok), rows, signal_source="cached", per_device_eval_batch_size=4)
     computed = []
     original = again.cached_signals.batches
     again.cached_signals.batches = lambda ds, todo, **kw: (computed.append(len(todo)), original(ds, todo, **kw))[1]

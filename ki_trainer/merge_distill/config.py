@@ -8,7 +8,9 @@ from typing import Optional
 import torch
 from transformers import TrainingArguments
 
+from .._deprecation import renamed_field
 from ..config import TEACHER_DTYPES, check_field_types, resolve_teacher_dtype
+from ..signal_cache.fingerprint import cache_directory
 
 
 @dataclass
@@ -69,7 +71,7 @@ class MergeDistillConfig(TrainingArguments):
         default=False,
         metadata={
             "help": "Mask each text identically in every epoch (a function of seed and example id). Forced by "
-            "teacher_signals='cached'; evaluation always masks statically."
+            "signal_source='cached'; evaluation always masks statically."
         },
     )
     max_length: Optional[int] = field(
@@ -86,11 +88,19 @@ class MergeDistillConfig(TrainingArguments):
         default="id",
         metadata={"help": "Dataset column with unique example ids (needed for cached teacher signals)."},
     )
-    teacher_signals: str = field(
+    signal_source: str = field(
         default="on_the_fly",
         metadata={
-            "help": "'on_the_fly' queries the teachers every step; 'cached' computes every training row's top-k "
-            "signal once (student ids + fp16 probabilities, static masking) so teachers need not stay in memory.",
+            "help": "Where the teachers' top-k signals come from. 'on_the_fly' queries the teachers every step; "
+            "'cached' computes every training row's top-k signal once (student ids + fp16 probabilities, static "
+            "masking) so teachers need not stay in memory.",
+            "choices": ["on_the_fly", "cached"],
+        },
+    )
+    teacher_signals: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Deprecated name of signal_source (same values): still accepted, with a FutureWarning.",
             "choices": ["on_the_fly", "cached"],
         },
     )
@@ -111,6 +121,7 @@ class MergeDistillConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        renamed_field(self, "teacher_signals", "signal_source", default="on_the_fly")  # the earlier name, warned
         check_field_types(self)  # max_steps=True, top_k=2.5 ...: a TypeError naming the field
         super().__post_init__()
         if not 0.0 <= self.alpha <= 1.0:
@@ -123,16 +134,25 @@ class MergeDistillConfig(TrainingArguments):
             raise ValueError(f"mlm_probability must be in (0, 1), got {self.mlm_probability}.")
         if self.max_length is not None and self.max_length < 3:
             raise ValueError(f"max_length must be >= 3 (two special tokens and one text token), got {self.max_length}.")
-        if self.teacher_signals not in ("on_the_fly", "cached"):
-            raise ValueError(f"teacher_signals must be 'on_the_fly' or 'cached', got {self.teacher_signals!r}.")
+        if self.signal_source not in ("on_the_fly", "cached"):
+            raise ValueError(f"signal_source must be 'on_the_fly' or 'cached', got {self.signal_source!r}.")
         if self.teacher_output not in ("full", "student_vocabulary"):
             raise ValueError(f"teacher_output must be 'full' or 'student_vocabulary', got {self.teacher_output!r}.")
         if self.output_vocabulary not in ("full", "training_text"):
             raise ValueError(f"output_vocabulary must be 'full' or 'training_text', got {self.output_vocabulary!r}.")
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(f"teacher_dtype must be one of {list(TEACHER_DTYPES)}, got {self.teacher_dtype!r}.")
-        if self.teacher_signals == "cached":
+        if self.signal_source == "cached":
             self.static_masking = True
+
+    @property
+    def signals_are_cached(self) -> bool:
+        """Whether the teachers' top-k signals are precomputed once and read from the signal cache."""
+        return self.signal_source == "cached"
+
+    def resolved_signal_cache_dir(self) -> str:
+        """Where cached top-k signals live: ``signal_cache_dir``, else ``<output_dir>/teacher_signals``."""
+        return cache_directory(self.signal_cache_dir, self.output_dir)
 
     def resolved_teacher_dtype(self) -> torch.dtype:
         """The dtype teachers are cast to: explicit choice, else the mixed-precision dtype, else fp32."""

@@ -30,6 +30,8 @@ from ..launch import output_dir_lock
 # The settings that make two MergeDistill runs different runs (the optimiser's are the Trainer's business).
 RUN_SETTINGS = ("alpha", "kd_temperature", "top_k", "teacher_output", "mlm_probability", "static_masking",
                 "max_length", "teacher_signals", "output_vocabulary")
+# Settings recorded under an earlier field name, so that checkpoints written before the rename still match.
+_SETTING_FIELDS = {"teacher_signals": "signal_source"}
 
 
 class RunGuards:
@@ -51,7 +53,8 @@ class RunGuards:
                          for t, digest in zip(self.teachers, self._teacher_digests)],
             "language_teachers": dict(getattr(self, "language_teachers", {}) or {}),
             "student_vocabulary": hashlib.sha256(tokens).hexdigest()[:20],
-            "settings": {name: getattr(self.args, name) for name in RUN_SETTINGS if name in fields},
+            "settings": {name: getattr(self.args, _SETTING_FIELDS.get(name, name)) for name in RUN_SETTINGS
+                         if _SETTING_FIELDS.get(name, name) in fields},
         }
 
     _finite_loss: Optional[FiniteLossGuard] = None

@@ -92,7 +92,7 @@ def merge_distill_section(teachers: Sequence, language_teachers: dict, vocabular
         "top_k": args.top_k,
         "kd_temperature": args.kd_temperature,
         "mlm_probability": args.mlm_probability,
-        "teacher_signals": args.teacher_signals,
+        "signal_source": args.signal_source,
         "teacher_output": args.teacher_output,
         "output_vocabulary": getattr(args, "output_vocabulary", "full"),
         "freeze_word_embeddings": getattr(args, "freeze_word_embeddings", False),

@@ -60,7 +60,7 @@ def check_dataset(dataset, split: str, args: MergeDistillConfig, teachers: Seque
                 raise ValueError(
                     f"Row {position} of the {split} dataset {what}; teachers cover {sorted(language_teachers)}."
                 )
-    if args.teacher_signals == "cached" and split == "train":
+    if args.signals_are_cached and split == "train":
         if args.id_column not in columns:
             raise ValueError(
                 f"Cached teacher signals need an example id column {args.id_column!r}; the {split} dataset has "

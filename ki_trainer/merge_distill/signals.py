@@ -4,27 +4,26 @@
   the positions to predict: for a 250k-token teacher the output layer dominates the cost otherwise.
 - :func:`topk_to_student` keeps a teacher's top-k tokens, maps them to student ids, drops the
   mass of tokens without a student counterpart and renormalises the rest.
-- :class:`TopKSignalCache` stores those signals once (student ids as int32, probabilities as fp16),
-  keyed by example id and guarded like :mod:`ki_trainer.signal_cache` (a fingerprint of everything
-  that determines the signals names the file; each row keeps a hash of its text; saves are atomic).
+- :class:`TopKSignalCache` stores those signals once (student ids as int32, probabilities as fp16) on the
+  signal-cache store (:mod:`ki_trainer.signal_cache`: ragged rows keyed by example id, a hash of each text, shards,
+  checksums, atomic saves), in a file named by :func:`~ki_trainer.signal_cache.fingerprint.topk_fingerprint`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
-from ..collator import tokenizer_fingerprint
-from ..signal_cache import CorruptSignalCacheError, StaleSignalCacheError, hash_state_dict, hash_tensor, text_hash
+from ..signal_cache import CorruptSignalCacheError, StaleSignalCacheError, TeacherSignalCache, text_hash  # noqa: F401
+from ..signal_cache.file_format import COUNTS
+from ..signal_cache.fingerprint import topk_fingerprint  # noqa: F401  (the top-k cache's name; imported from here too)
+from ..signal_cache.legacy import _read_legacy_topk
+from ..signal_cache.shards import _read_parts
 
-CACHE_FORMAT_VERSION = 1
 # A precompute writes its new rows as a shard next to the cache every FLUSH_ROWS rows or FLUSH_SECONDS seconds
 # (temporary name, then rename): a kill loses at most those, and the next run computes only the rest.
 FLUSH_ROWS = 4096
@@ -173,237 +172,100 @@ def merge_distill_loss(
     return loss, parts
 
 
-def topk_fingerprint(teachers, id_maps: Sequence[torch.Tensor], settings: dict) -> str:
-    """A short hash of the teachers' weights and tokenizers, the id maps and the signal settings."""
-    hasher = hashlib.sha256(f"md-topk-v{CACHE_FORMAT_VERSION}|{json.dumps(settings, sort_keys=True)}".encode())
-    for teacher, id_map in zip(teachers, id_maps):
-        hasher.update(json.dumps([teacher.name, teacher.languages, tokenizer_fingerprint(teacher.tokenizer)]).encode())
-        hash_tensor(hasher.update, id_map)
-        hash_state_dict(hasher.update, teacher.model)
-    return hasher.hexdigest()[:20]
+class TopKSignalCache(TeacherSignalCache):
+    """Top-k signals of every example on the signal-cache store (:class:`~ki_trainer.signal_cache.TeacherSignalCache`):
+    ragged rows, one entry per predicted position (``ids`` int32 and ``probs`` fp16 ``(positions, k)``), keyed by
+    example id with a hash of the text, in ``<signal_cache_dir>/<fingerprint>.safetensors``.
 
-
-class TopKSignalCache:
-    """Top-k signals of every example, flat: row ``r`` owns positions ``offsets[r]:offsets[r+1]``.
-
-    Bound to a ``path``, it writes the rows added since the last write as a shard in ``<path>.shards/`` every
-    ``FLUSH_ROWS`` rows or ``FLUSH_SECONDS`` seconds; :meth:`open` reads the main file and every shard, and
-    :meth:`save` merges them into the main file. Every file carries a checksum of its rows: a file changed or
-    cut off after writing is a :class:`~ki_trainer.signal_cache.CorruptSignalCacheError` naming it.
+    The store's guarantees hold: rows are written as shards every ``FLUSH_ROWS`` rows or ``FLUSH_SECONDS`` seconds
+    (a kill loses at most those), :meth:`open` reads the main file and every shard, :meth:`save` compacts them, files
+    are memory-mapped and checksummed (a file changed or cut off is a
+    :class:`~ki_trainer.signal_cache.CorruptSignalCacheError` naming it). A cache of the earlier format
+    (``<fingerprint>.pt``, ``torch.save``) is checked and migrated when met, never recomputed.
     """
 
-    def __init__(self, fingerprint: str, k: int, path: Optional[str] = None) -> None:
-        self.fingerprint = fingerprint
-        self.k = k
-        self.path = path
-        self.index: dict[str, int] = {}
-        self.text_hashes: list[int] = []
-        self.counts: list[int] = []
-        self._ids: list[torch.Tensor] = []
-        self._probs: list[torch.Tensor] = []
-        self.ids = torch.zeros((0, k), dtype=torch.int32)
-        self.probs = torch.zeros((0, k), dtype=torch.float16)
-        self.offsets = torch.zeros(1, dtype=torch.long)
-        self._pending = 0  # rows added since the last shard
-        self._last_flush = time.monotonic()
-        self._shards: list[str] = []  # shard files read or written, removed once merged into the main file
+    legacy_reader = staticmethod(_read_legacy_topk)
 
-    def __len__(self) -> int:
-        return len(self.index)
+    def __init__(self, fingerprint: str, k: int, path: Optional[str] = None) -> None:
+        super().__init__(fingerprint, [k], path)
+        self.k = k
+        self._last_flush = time.monotonic()
 
     def __contains__(self, example_id: str) -> bool:
         return example_id in self.index
 
     def check_text(self, example_id: str, text: str) -> bool:
         """True if cached; raises if the id is cached with another text."""
-        row = self.index.get(example_id)
-        if row is None:
-            return False
-        if self.text_hashes[row] != text_hash(text):
-            raise StaleSignalCacheError(
-                f"Example id {example_id!r} is cached with a different text (cache {self.path or 'in memory'}). "
-                "Ids must identify texts; delete the cache or fix the ids."
-            )
-        return True
+        return example_id in self.index and not self.missing([example_id], [text])
 
     def add(self, example_ids: Sequence[str], texts: Sequence[str], counts: Sequence[int], signal: TopKSignal) -> None:
         """Append rows; ``counts[i]`` predicted positions of row i, in order, are in ``signal``."""
         if sum(counts) != len(signal.ids):
             raise ValueError(f"{sum(counts)} positions announced, {len(signal.ids)} signals given.")
-        for example_id in example_ids:
-            if example_id in self.index:
-                raise ValueError(f"Example id {example_id!r} appears twice; ids must be unique.")
-            self.index[example_id] = len(self.index)
-        self.text_hashes.extend(text_hash(t) for t in texts)
-        self.counts.extend(int(c) for c in counts)
-        self._ids.append(signal.ids.to(torch.int32).cpu())
-        self._probs.append(signal.probs.to(torch.float16).cpu())
-        self._pending += len(example_ids)
-        due = self._pending >= FLUSH_ROWS or time.monotonic() - self._last_flush >= FLUSH_SECONDS
-        if self.path is not None and due:
+        self.add_rows(example_ids, [text_hash(t) for t in texts], {
+            "ids": signal.ids.to(torch.int32).cpu(), "probs": signal.probs.to(torch.float16).cpu(),
+            COUNTS: torch.tensor([int(c) for c in counts], dtype=torch.int64),
+        })
+        pending = len(self.index) - self._pending_start
+        if self.path is not None and (pending >= FLUSH_ROWS or time.monotonic() - self._last_flush >= FLUSH_SECONDS):
             self.flush()
 
-    def finalize(self) -> "TopKSignalCache":
-        if self._ids:
-            self.ids = torch.cat([self.ids, *self._ids])
-            self.probs = torch.cat([self.probs, *self._probs])
-            self._ids, self._probs = [], []
-        self.offsets = torch.zeros(len(self.counts) + 1, dtype=torch.long)
-        if self.counts:
-            self.offsets[1:] = torch.tensor(self.counts, dtype=torch.long).cumsum(0)
-        return self
+    def finalize(self, device=None) -> "TopKSignalCache":
+        return self if device is None else super().finalize(device)
 
     def lookup(self, example_ids: Sequence[str], counts: Sequence[int], device=None) -> TopKSignal:
         """Signals of a batch, in row order; ``counts`` (positions per row) must match what was cached."""
-        parts_ids, parts_probs = [], []
-        for example_id, count in zip(example_ids, counts):
-            row = self.index.get(example_id)
-            if row is None:
+        if not len(example_ids):
+            return TopKSignal.empty(self.k, device)
+        rows = self.row_numbers(example_ids)
+        cached = self._gather(COUNTS, rows).tolist()
+        for example_id, count, was in zip(example_ids, counts, cached):
+            if was != int(count):
                 raise StaleSignalCacheError(
-                    f"Example id {example_id!r} has no cached teacher signals; precompute them for this dataset."
-                )
-            if self.counts[row] != int(count):
-                raise StaleSignalCacheError(
-                    f"Example id {example_id!r}: {count} masked positions now, {self.counts[row]} when cached "
+                    f"Example id {example_id!r}: {count} masked positions now, {was} when cached "
                     "(masking or tokenization changed); delete the cache."
                 )
-            start, end = int(self.offsets[row]), int(self.offsets[row + 1])
-            parts_ids.append(self.ids[start:end])
-            parts_probs.append(self.probs[start:end])
-        if not parts_ids:
-            return TopKSignal.empty(self.k, device)
-        ids = torch.cat(parts_ids).long().to(device)
-        probs = torch.cat(parts_probs).float().to(device)
+        ids = self._gather("ids", rows).long().to(device)
+        probs = self._gather("probs", rows).float().to(device)
         return TopKSignal(ids, probs, probs.sum(dim=-1))
 
-    # ------------------------------------------------------------------ persistence
-    def _payload(self, first_row: int = 0) -> dict:
-        """Rows ``first_row:`` as a file payload, with their checksum."""
-        self.finalize()
-        start = int(self.offsets[first_row])
-        payload = {
-            "version": CACHE_FORMAT_VERSION,
-            "fingerprint": self.fingerprint,
-            "k": self.k,
-            "ids_list": list(self.index)[first_row:],
-            "text_hashes": self.text_hashes[first_row:],
-            "counts": self.counts[first_row:],
-            "ids": self.ids[start:].clone(),
-            "probs": self.probs[start:].clone(),
-        }
-        payload["checksum"] = _checksum(payload)
-        return payload
+    @property
+    def ids(self) -> torch.Tensor:
+        """Every row's student ids ``(positions, k)``, int32, row after row (inspection)."""
+        return self._all("ids", torch.int32)
 
-    @staticmethod
-    def _write(payload: dict, path: str) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        torch.save(payload, tmp)
-        os.replace(tmp, path)  # atomic: an interrupted save never leaves a half file
+    @property
+    def probs(self) -> torch.Tensor:
+        """Every row's probabilities ``(positions, k)``, fp16, row after row (inspection)."""
+        return self._all("probs", torch.float16)
 
-    def flush(self) -> Optional[str]:
-        """Write the rows added since the last flush as a shard of ``path`` (``None`` when there are none)."""
-        if self.path is None or not self._pending:
-            return None
-        shard = os.path.join(f"{self.path}.shards", f"{os.getpid()}-{uuid.uuid4().hex[:12]}.pt")
-        self._write(self._payload(len(self.index) - self._pending), shard)
-        self._shards.append(shard)
-        self._pending, self._last_flush = 0, time.monotonic()
-        return shard
+    @property
+    def counts(self) -> list[int]:
+        """Every row's number of predicted positions, in row order."""
+        rows = np.arange(len(self.index), dtype=np.int64)
+        return self._gather(COUNTS, rows).tolist() if len(rows) else []
 
-    def save(self, path: Optional[str] = None) -> str:
-        path = path or self.path
-        if path is None:
-            raise ValueError("No path to save the signal cache to.")
-        self._write(self._payload(), path)
-        self._pending = 0
-        if path == self.path:  # the shards are in the main file now
-            for shard in self._shards:
-                try:
-                    os.remove(shard)
-                except FileNotFoundError:
-                    pass
-            self._shards = []
-            try:
-                os.rmdir(f"{path}.shards")
-            except OSError:
-                pass
-        return path
+    @property
+    def offsets(self) -> torch.Tensor:
+        """Row ``r`` owns positions ``offsets[r]:offsets[r + 1]`` of :attr:`ids` / :attr:`probs`."""
+        offsets = torch.zeros(len(self.index) + 1, dtype=torch.long)
+        offsets[1:] = torch.tensor(self.counts, dtype=torch.long).cumsum(0)
+        return offsets
+
+    def _all(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        if not len(self.index):
+            return torch.zeros((0, self.k), dtype=dtype)
+        return self._gather(name, np.arange(len(self.index), dtype=np.int64))
 
     @classmethod
     def open(cls, path: str, fingerprint: str, k: int) -> "TopKSignalCache":
-        """The cache at ``path``: its main file (if any) and the shards of earlier, interrupted precomputes."""
-        cache = cls.load(path, fingerprint, k) if os.path.exists(path) else cls(fingerprint, k, path)
-        directory = f"{path}.shards"
-        names = sorted(n for n in os.listdir(directory) if n.endswith(".pt")) if os.path.isdir(directory) else []
-        for name in names:
-            shard = os.path.join(directory, name)
-            payload = _read(shard, fingerprint, k)
-            offsets = [0, *torch.tensor(payload["counts"], dtype=torch.long).cumsum(0).tolist()]
-            rows = [r for r, example_id in enumerate(payload["ids_list"]) if example_id not in cache.index]
-            for r in rows:  # the first file read wins an id computed twice
-                cache.index[payload["ids_list"][r]] = len(cache.index)
-                cache.text_hashes.append(payload["text_hashes"][r])
-                cache.counts.append(payload["counts"][r])
-                cache._ids.append(payload["ids"][offsets[r] : offsets[r + 1]])
-                cache._probs.append(payload["probs"][offsets[r] : offsets[r + 1]])
-            cache._shards.append(shard)
-        return cache.finalize()
+        """The cache at ``path``: its main file and the shards of earlier, interrupted precomputes (a cache of the
+        earlier format migrated first), or a new one."""
+        return cls.load(path, fingerprint, k) if cls.exists(path) else cls(fingerprint, k, path)
 
     @classmethod
     def load(cls, path: str, fingerprint: str, k: int) -> "TopKSignalCache":
-        payload = _read(path, fingerprint, k)
+        parts, _ = _read_parts(path, fingerprint, [k], legacy_reader=cls.legacy_reader)
         cache = cls(fingerprint, k, path)
-        cache.index = {example_id: i for i, example_id in enumerate(payload["ids_list"])}
-        cache.text_hashes = list(payload["text_hashes"])
-        cache.counts = list(payload["counts"])
-        cache.ids, cache.probs = payload["ids"], payload["probs"]
-        return cache.finalize()
-
-    def nbytes(self) -> int:
-        return self.ids.numel() * self.ids.element_size() + self.probs.numel() * self.probs.element_size()
-
-
-def _checksum(payload: dict) -> str:
-    hasher = hashlib.sha256()
-    hasher.update(json.dumps([payload["ids_list"], payload["text_hashes"], payload["counts"]]).encode())
-    for key in ("ids", "probs"):
-        tensor = payload[key].contiguous()
-        hasher.update(f"{key}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
-        hasher.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return hasher.hexdigest()
-
-
-def _read(path: str, fingerprint: str, k: int) -> dict:
-    """A top-k cache file's payload, checked: readable, of these teachers and settings, consistent, unchanged."""
-    def corrupt(why: str) -> CorruptSignalCacheError:
-        return CorruptSignalCacheError(
-            f"Top-k signal cache file {path} is corrupt ({why}). It holds only cached teacher signals: delete it and "
-            "they are recomputed."
-        )
-
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # cut off, not a torch file, damaged zip ...
-        raise corrupt(f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'unreadable'}") from None
-    if not isinstance(payload, dict):
-        raise corrupt(f"it holds a {type(payload).__name__}, not a cache")
-    settings = (payload.get("version"), payload.get("fingerprint"), payload.get("k"))
-    if settings != (CACHE_FORMAT_VERSION, fingerprint, k):
-        raise StaleSignalCacheError(
-            f"Top-k signal cache {path} was computed for other teachers or settings "
-            f"(fingerprint {payload.get('fingerprint')!r}, expected {fingerprint!r}). Delete it or point "
-            "signal_cache_dir elsewhere."
-        )
-    try:
-        rows, positions = len(payload["ids_list"]), int(sum(payload["counts"]))
-        consistent = (len(payload["text_hashes"]) == rows == len(payload["counts"])
-                      and tuple(payload["ids"].shape) == (positions, k) == tuple(payload["probs"].shape))
-    except (KeyError, TypeError, AttributeError) as error:
-        raise corrupt(f"missing or malformed field: {error}") from None
-    if not consistent:
-        raise corrupt(f"{rows} rows and {positions} positions, but tensors of {tuple(payload['ids'].shape)} and "
-                      f"{tuple(payload['probs'].shape)}")
-    if "checksum" in payload and payload["checksum"] != _checksum(payload):  # files before the checksum have none
-        raise corrupt("its rows do not match their checksum: changed after writing")
-    return payload
+        cache._adopt(parts)
+        return cache

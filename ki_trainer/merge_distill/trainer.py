@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedModel, Trainer
 
 from ..collator import tokenizer_fingerprint
-from ..signal_cache import column_names, column_values
+from ..signal_cache import SUFFIX, column_names, column_values
 from .collator import EXAMPLE_IDS_KEY, KD_POSITIONS_KEY, TEACHER_BATCHES_KEY, MergeDistillCollator
 from .config import MergeDistillConfig
 from .guards import RunGuards
@@ -128,7 +128,7 @@ class MergeDistillTrainer(RunGuards, Trainer):
                 text_column=args.text_column,
                 language_column=args.language_column,
                 id_column=args.id_column,
-                emit_ids=args.teacher_signals == "cached",
+                emit_ids=args.signals_are_cached,
                 student_max_length=self._student_max_length(model, args),
                 replacement_ids=self.output_columns,
             )
@@ -314,11 +314,10 @@ class MergeDistillTrainer(RunGuards, Trainer):
 
     def precompute_teacher_signals(self, dataset=None) -> TopKSignalCache:
         """Compute (or load and complete) the top-k signals of every row of ``dataset`` (default: the
-        training set), saved atomically to ``<signal_cache_dir>/<fingerprint>.pt``."""
+        training set), in ``<signal_cache_dir>/<fingerprint>.safetensors`` (see :class:`TopKSignalCache`)."""
         dataset = self.train_dataset if dataset is None else dataset
         fingerprint = self.signal_fingerprint()
-        directory = self.args.signal_cache_dir or os.path.join(self.args.output_dir, "teacher_signals")
-        path = os.path.join(directory, f"{fingerprint}.pt")
+        path = os.path.join(self.args.resolved_signal_cache_dir(), f"{fingerprint}{SUFFIX}")
         cache = TopKSignalCache.open(path, fingerprint, self.args.top_k)  # main file + shards of a killed precompute
         collator = self.data_collator
         static, emit = collator.static_masking, collator.emit_ids
@@ -346,7 +345,7 @@ class MergeDistillTrainer(RunGuards, Trainer):
         return cache
 
     def train(self, *args, **kwargs):
-        if self.args.teacher_signals == "cached" and self.args.alpha > 0:
+        if self.args.signals_are_cached and self.args.alpha > 0:
             self.precompute_teacher_signals()
             if self.args.release_teachers:
                 for teacher in self.teachers:

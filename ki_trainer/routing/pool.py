@@ -31,7 +31,10 @@ Skewed pools: none of these assumes that the teachers own equal shares of the po
 (the default) each router estimates the shares label-free (:mod:`ki_trainer.routing.shares`) and, when they are
 clearly unequal, adds their log as the prior; the estimate is kept in the router state (``router.shares``,
 ``router.describe_shares(names)``: "the pool looks 88% teacher A, 12% teacher B"), logged and put on the model card.
-``shares="equal"`` keeps the plain pool z-scores. A pool with fewer than ``min_rows_per_teacher`` (10) rows per
+``shares="equal"`` keeps the plain pool z-scores. With an estimate in use the router also fits loss weights per routed
+teacher (``router.row_weights``; applied by the trainer with ``share_weighting="balanced"``, the default) under which
+every teacher's routed rows carry the same total loss weight, so that the student does not forget a minority
+teacher's classes. A pool with fewer than ``min_rows_per_teacher`` (10) rows per
 teacher is not fitted on: the router warns and routes by ``entropy``, which needs no fit.
 """
 
@@ -291,8 +294,8 @@ class SelfTrainingRouter(_TransductiveRouter):
         seed = _member(self.options["seed_router"], self.options).fit(signals)
         scores = seed.score(signals)
         x = self._inputs(signals)
-        mean, std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-6)
-        x = (x - mean) / std
+        standardization = _zscore_fit(x)
+        x = _zscore(x, standardization)
         num_teachers = scores.shape[1]
         uniform = torch.full((num_teachers,), 1.0 / num_teachers)
         shift = torch.zeros(num_teachers)
@@ -311,7 +314,7 @@ class SelfTrainingRouter(_TransductiveRouter):
             weight, bias = self._train(x[keep], scores[keep].argmax(1), num_teachers)
             with torch.no_grad():
                 scores = torch.softmax(x @ weight + bias + shift, dim=1)
-        self.state.update({"mean": mean, "std": std, "weight": weight, "bias": bias, "prior_shift": shift})
+        self.state.update({**standardization, "weight": weight, "bias": bias, "prior_shift": shift})
         self._log_shares()
 
     def _train(self, x: torch.Tensor, y: torch.Tensor, num_teachers: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -336,8 +339,8 @@ class SelfTrainingRouter(_TransductiveRouter):
 
     def _owner_logits(self, signals: TeacherSignals) -> torch.Tensor:
         x = self._inputs(signals)
-        state = {k: self.state[k].to(x.device) for k in ("mean", "std", "weight", "bias")}
-        x = (x - state["mean"]) / state["std"]
+        state = {k: self.state[k].to(x.device) for k in ("weight", "bias")}
+        x = _zscore(x, {"mean": self.state["mean"], "std": self.state["std"]})
         shift = self.state.get("prior_shift")
         logits = x @ state["weight"] + state["bias"]
         return logits if shift is None else logits + shift.to(x.device)

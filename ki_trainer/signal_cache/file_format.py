@@ -1,7 +1,9 @@
 """The cache file format: one file of named per-row tensors in the safetensors layout, with checksums.
 
 A file is memory-mapped when opened (:class:`_FilePart`); only the ids and text hashes are read then, a lookup
-reads the rows it asks for. :func:`_write_file` writes rows streaming, block by block, to a temporary name and
+reads the rows it asks for. Rows are fixed-size (one entry per row in every tensor) or ragged (a ``__counts__``
+tensor gives each row's number of entries; every other tensor holds the rows' entries one after the other, e.g.
+MergeDistill's top-k signals of each masked position of texts of any length). :func:`_write_file` writes rows streaming, block by block, to a temporary name and
 renames it (atomic); :func:`_merge` unions the rows of several files by id.
 """
 
@@ -60,13 +62,16 @@ def _directory_lock(directory: str) -> Iterator[None]:
 # A cache file is in the safetensors layout (``safetensors.safe_open`` reads it): 8 bytes of header length, a
 # JSON header (tensor dtypes, shapes and byte ranges; our metadata under "__metadata__"), then the raw
 # row-major bytes of each tensor. ``__ids__`` holds the example ids (JSON, UTF-8), ``__text_hashes__`` one
-# int64 per row, every other tensor one entry per row. Files are memory-mapped: opening one reads the header,
+# int64 per row, every other tensor one entry per row; in a ragged file ``__counts__`` (int64 per row) gives each
+# row's number of entries and the other tensors hold ``sum(__counts__)`` entries, row after row (a block's checksum
+# covers its rows' counts and entries). Files are memory-mapped: opening one reads the header,
 # the ids and the text hashes; a lookup reads only the rows it asks for. Checksums: the ids and text hashes
 # are checked when a file is opened; the signal rows carry one SHA-256 per block of ``BLOCK_ROWS`` rows,
 # verified for the whole file when it is opened if it is at most ``VERIFY_EAGER_BYTES`` long, otherwise the
 # first time a row of the block is read (a pool larger than RAM is never read whole just to open it).
 _FORMAT_NAME = "ki-trainer-signal-cache"
 _IDS, _HASHES = "__ids__", "__text_hashes__"
+COUNTS = "__counts__"  # a ragged part's entries per row (an ordinary per-row tensor of the part)
 _DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
     torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
@@ -91,6 +96,25 @@ def _block_digest(pieces: Sequence[bytes]) -> str:
     return hashlib.sha256(b"".join(pieces)).hexdigest()
 
 
+def _offsets(counts: np.ndarray) -> np.ndarray:
+    """``[0, c0, c0+c1, ...]``: where each ragged row's entries start (and the total at the end)."""
+    offsets = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return offsets
+
+
+def _entries(offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The entry positions of ragged ``rows`` (in the order of ``rows``), from the part's ``offsets``."""
+    rows = np.asarray(rows, dtype=np.int64)
+    starts, lengths = offsets[rows], offsets[rows + 1] - offsets[rows]
+    total = int(lengths.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    before = np.zeros(len(rows), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=before[1:])
+    return np.repeat(starts - before, lengths) + np.arange(total, dtype=np.int64)
+
+
 class _MemoryPart:
     """Rows held in memory (computed by this process and not written yet)."""
 
@@ -99,8 +123,12 @@ class _MemoryPart:
         self.ids = list(ids)
         self.tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
         self.specs = {name: (_dtype_code(name, t.dtype, self.source), list(t.shape[1:])) for name, t in self.tensors.items()}
+        self.offsets = _offsets(self.tensors[COUNTS].numpy()) if COUNTS in self.tensors else None
 
     def read(self, name: str, rows: np.ndarray) -> torch.Tensor:
+        """Rows ``rows`` of tensor ``name`` (of a ragged one: their entries, one row after the other)."""
+        if self.offsets is not None and name != COUNTS:
+            rows = _entries(self.offsets, rows)
         return self.tensors[name].index_select(0, torch.from_numpy(np.asarray(rows, dtype=np.int64)))
 
     def close(self) -> None:
@@ -176,13 +204,23 @@ class _FilePart:
             count = int(np.prod(shape)) if shape else 1
             if count * itemsize != stop - begin:
                 raise _corrupt(path, f"tensor {name!r} has {stop - begin} bytes for shape {shape}")
-            if name != _IDS and (not shape or shape[0] != rows):
-                raise _corrupt(path, f"tensor {name!r} has {shape[0] if shape else 0} rows for {rows} ids")
             buffer = np.frombuffer(self._map, dtype=_NUMPY[code], count=count, offset=start + begin) if count else \
                 np.empty(0, dtype=_NUMPY[code])
             self.arrays[name] = buffer.reshape(shape)
             if name not in (_IDS, _HASHES):
                 self.specs[name] = (code, shape[1:])
+        self.offsets = None  # a ragged file: where each row's entries start
+        if COUNTS in self.arrays:
+            counts = self.arrays[COUNTS]
+            if counts.dtype != np.int64 or counts.ndim != 1 or len(counts) != rows or (counts < 0).any():
+                raise _corrupt(path, "the per-row entry counts are malformed")
+            self.offsets = _offsets(counts)
+        for name, array in self.arrays.items():
+            expected = rows if self.offsets is None or name in (_HASHES, COUNTS) else int(self.offsets[-1])
+            if name != _IDS and (not array.ndim or array.shape[0] != expected):
+                what = "rows" if expected == rows else "entries"
+                raise _corrupt(path, f"tensor {name!r} has {array.shape[0] if array.ndim else 0} {what} for {expected}"
+                                     f"{'' if what == 'entries' else ' ids'}")
         ids_bytes = self.arrays.pop(_IDS).tobytes()
         hashes = self.arrays.pop(_HASHES)
         if hashlib.sha256(ids_bytes + hashes.tobytes()).hexdigest() != meta.get("ids_sha256"):
@@ -201,16 +239,26 @@ class _FilePart:
             if self._verified[block]:
                 continue
             lo, hi = block * self.block_rows, (block + 1) * self.block_rows
-            pieces = [hashlib.sha256(self.arrays[name][lo:hi].tobytes()).digest() for name in sorted(self.arrays)]
+            pieces = [hashlib.sha256(self._block(name, lo, hi).tobytes()).digest() for name in sorted(self.arrays)]
             if _block_digest(pieces) != self.blocks[block]:
                 raise _corrupt(self.source, f"checksum mismatch in rows {lo}..{min(hi, len(self.ids)) - 1}: the rows "
                                             "were changed after they were written")
             self._verified[block] = True
 
+    def _block(self, name: str, lo: int, hi: int) -> np.ndarray:
+        """What rows ``lo:hi`` hold of tensor ``name`` (of a ragged tensor: their entries)."""
+        if self.offsets is None or name == COUNTS:
+            return self.arrays[name][lo:hi]
+        hi = min(hi, len(self.offsets) - 1)
+        return self.arrays[name][self.offsets[lo] : self.offsets[hi]]
+
     def read(self, name: str, rows: np.ndarray) -> torch.Tensor:
+        """Rows ``rows`` of tensor ``name`` (of a ragged one: their entries, one row after the other)."""
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows):
             self.verify(np.unique(rows // self.block_rows).tolist())
+        if self.offsets is not None and name != COUNTS:
+            rows = _entries(self.offsets, rows)
         return _to_torch(self.arrays[name][rows], self.specs[name][0])
 
     def close(self) -> None:
@@ -225,17 +273,21 @@ class _FilePart:
 def _write_file(path: str, fingerprint: str, label_sizes: Sequence[int], ids: Sequence[str],
                 text_hashes: Sequence[int], specs: dict[str, tuple[str, list[int]]], segments: list) -> None:
     """Write the rows of ``segments`` (``(part, rows)`` pairs, in order) as one cache file, streaming: at most
-    ``BLOCK_ROWS`` rows are in memory at a time. Written to a temporary name, then renamed (atomic)."""
+    ``BLOCK_ROWS`` rows are in memory at a time. Written to a temporary name, then renamed (atomic). With a
+    ``COUNTS`` tensor in ``specs`` the rows are ragged (see the format notes)."""
     n = len(ids)
     ids_bytes = json.dumps(list(ids)).encode("utf-8")
     hashes = np.asarray(list(text_hashes), dtype=np.int64).reshape(-1)
     names = sorted(specs)
     entries: dict[str, dict] = {}
     offset = 0
+    total = n  # the first dimension of every tensor: rows, or a ragged file's entries
+    if COUNTS in specs:
+        total = sum(int(part.read(COUNTS, rows).sum()) for part, rows in segments if len(rows))
     # Widest dtypes first and the ids (bytes) last: every tensor starts aligned to its item size, so reads of
     # a few rows never copy a whole misaligned tensor.
     layout = [(_HASHES, "I64", [n])] + sorted(
-        [(name, specs[name][0], [n] + list(specs[name][1])) for name in names],
+        [(name, specs[name][0], [n if name == COUNTS else total] + list(specs[name][1])) for name in names],
         key=lambda entry: (-np.dtype(_NUMPY[entry[1]]).itemsize, entry[0]),
     ) + [(_IDS, "U8", [len(ids_bytes)])]
     for name, code, shape in layout:
@@ -260,22 +312,22 @@ def _write_file(path: str, fingerprint: str, label_sizes: Sequence[int], ids: Se
             out.write(placeholder)
             out.write(hashes.tobytes())
             for name in [entry[0] for entry in layout[1:-1]]:
-                row, hasher = 0, hashlib.sha256()
+                row, written, hasher = 0, 0, hashlib.sha256()
                 for part, rows in segments:
-                    for lo in range(0, len(rows), BLOCK_ROWS):
-                        data = _to_numpy(part.read(name, rows[lo : lo + BLOCK_ROWS]))
-                        i = 0
-                        while i < len(data):
-                            take = min(len(data) - i, (row // BLOCK_ROWS + 1) * BLOCK_ROWS - row)
-                            piece = data[i : i + take].tobytes()
-                            hasher.update(piece)
-                            out.write(piece)
-                            row, i = row + take, i + take
-                            if row % BLOCK_ROWS == 0 or row == n:
-                                digests[(row - 1) // BLOCK_ROWS][name] = hasher.digest()
-                                hasher = hashlib.sha256()
-                if row != n:
-                    raise RuntimeError(f"Internal error: {row} rows of {name!r} written for {n} ids.")
+                    lo = 0
+                    while lo < len(rows):  # the rows up to the next block boundary: one block's piece
+                        take = min(len(rows) - lo, (row // BLOCK_ROWS + 1) * BLOCK_ROWS - row)
+                        data = _to_numpy(part.read(name, rows[lo : lo + take]))
+                        piece = data.tobytes()
+                        hasher.update(piece)
+                        out.write(piece)
+                        row, lo, written = row + take, lo + take, written + len(data)
+                        if row % BLOCK_ROWS == 0 or row == n:
+                            digests[(row - 1) // BLOCK_ROWS][name] = hasher.digest()
+                            hasher = hashlib.sha256()
+                expected = n if name == COUNTS else total
+                if row != n or written != expected:
+                    raise RuntimeError(f"Internal error: {written} entries of {name!r} written for {expected}.")
             out.write(ids_bytes)
             final = header([_block_digest([d[name] for name in names]) for d in digests])
             assert len(final) == len(placeholder)

@@ -1,7 +1,9 @@
 """What names a cache file: a fingerprint of everything that determines the teachers' signals for a text.
 
 Teacher weights are hashed ONE way (:func:`hash_state_dict`: each tensor's name, shape, dtype and bytes, in name
-order); the signal cache, MergeDistill's top-k cache and checkpoints use it. The values are pinned by
+order); the signal cache, MergeDistill's top-k cache and checkpoints (:func:`weights_digest`) use it. Checkpoints
+have always recorded the name, shape and dtype as one ``name|shape|dtype`` string: that layout is kept (so the
+digests recorded by existing checkpoints still match), the walk over the weights is the same. The values are pinned by
 ``tests/signal_cache/test_fingerprints_pinned.py``: caches written by earlier versions keep their names.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -23,24 +26,52 @@ _FINGERPRINT_FORMAT = 2
 # then get another fingerprint and are never reused.
 SIGNAL_COMPUTATION_VERSION = 2  # 2: MC mutual information and top-class variance, optional features
 _CONFIG_KEYS_IGNORED = ("_name_or_path", "transformers_version", "_commit_hash")
+DEFAULT_DIRECTORY = "teacher_signals"  # under output_dir, when no signal_cache_dir is given
+
+
+def cache_directory(signal_cache_dir: Optional[str], output_dir: str) -> str:
+    """Where a run's cached signals live: ``signal_cache_dir``, else ``<output_dir>/teacher_signals`` (knowledge
+    integration and MergeDistill alike)."""
+    return signal_cache_dir or os.path.join(output_dir, DEFAULT_DIRECTORY)
+
+
+def _host_bytes(tensor: torch.Tensor) -> tuple[torch.Tensor, bytes]:
+    """The tensor on the host (contiguous) and its raw bytes."""
+    data = tensor.detach().to("cpu").contiguous()
+    return data, data.view(torch.uint8).numpy().tobytes() if data.numel() else b""
 
 
 def hash_tensor(update: Callable[[bytes], None], tensor: torch.Tensor) -> None:
     """Feed a tensor's shape, dtype and bytes to ``update`` (a hasher's ``update``)."""
-    data = tensor.detach().to("cpu").contiguous()
+    data, raw = _host_bytes(tensor)
     update(str((tuple(data.shape), str(data.dtype))).encode())
-    update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    update(raw)
 
 
 _hash_tensor = hash_tensor  # the name earlier versions (and their tests) used
 
 
-def hash_state_dict(update: Callable[[bytes], None], model: torch.nn.Module) -> None:
-    """Feed every tensor of ``model.state_dict()`` (name, then :func:`hash_tensor`, in name order) to ``update``:
-    the one way teacher weights are hashed."""
+def hash_state_dict(update: Callable[[bytes], None], model: torch.nn.Module, layout: str = "signals") -> None:
+    """Feed every tensor of ``model.state_dict()`` (in name order) to ``update``: the one way teacher weights are
+    hashed. ``layout="signals"``: the name, then :func:`hash_tensor`; ``layout="checkpoint"``: ``name|shape|dtype``,
+    then the bytes (what checkpoints have recorded from the start)."""
+    if layout not in ("signals", "checkpoint"):
+        raise ValueError(f"layout must be 'signals' or 'checkpoint', got {layout!r}.")
     for name, tensor in sorted(model.state_dict().items()):
-        update(name.encode())
-        hash_tensor(update, tensor)
+        if layout == "signals":
+            update(name.encode())
+            hash_tensor(update, tensor)
+        else:
+            data, raw = _host_bytes(tensor)
+            update(f"{name}|{tuple(data.shape)}|{data.dtype}".encode())
+            update(raw)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """The short digest of a model's weights that checkpoints record (:func:`hash_state_dict`, checkpoint layout)."""
+    hasher = hashlib.sha256()
+    hash_state_dict(hasher.update, model, layout="checkpoint")
+    return hasher.hexdigest()[:20]
 
 
 def model_config_fingerprint(model: torch.nn.Module) -> str:
@@ -98,6 +129,20 @@ def teachers_fingerprints(
         update(model_config_fingerprint(teacher.model).encode())
         hash_state_dict(update, teacher.model)
     return [hasher.hexdigest()[:20] for hasher in hashers]
+
+
+_TOPK_FINGERPRINT_FORMAT = 1  # frozen: MergeDistill's top-k caches keep their names across file formats
+
+
+def topk_fingerprint(teachers, id_maps: Sequence[torch.Tensor], settings: dict) -> str:
+    """What names a MergeDistill top-k cache: the teachers' names, languages, tokenizers and weights, the id maps
+    (teacher -> student tokens) and the signal settings."""
+    hasher = hashlib.sha256(f"md-topk-v{_TOPK_FINGERPRINT_FORMAT}|{json.dumps(settings, sort_keys=True)}".encode())
+    for teacher, id_map in zip(teachers, id_maps):
+        hasher.update(json.dumps([teacher.name, teacher.languages, tokenizer_fingerprint(teacher.tokenizer)]).encode())
+        hash_tensor(hasher.update, id_map)
+        hash_state_dict(hasher.update, teacher.model)
+    return hasher.hexdigest()[:20]
 
 
 def text_hash(text: str) -> int:

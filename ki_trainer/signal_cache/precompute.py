@@ -9,12 +9,12 @@ import json
 import logging
 import os
 import re
-import tempfile
 import weakref
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
+from ..guards import check_writable
 from ..dataset_checks import check_texts, column_names, column_values, is_streaming
 from ..numerics import certainty_from_logits
 from ..strategies import TeacherSignals
@@ -35,21 +35,16 @@ def batch_seed(seed: int, ids: Sequence[str]) -> int:
 
 def check_can_add(cache: TeacherSignalCache, lacking: str, example_id: str) -> None:
     """Before computing rows a cache lacks: its directory must take them (a read-only shared cache can only be
-    read)."""
+    read). The probe is :func:`ki_trainer.guards.check_writable`'s."""
     if cache.path is None:
         return
     directory = os.path.dirname(os.path.abspath(cache.path))
-    probe = directory
-    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
-        probe = os.path.dirname(probe)
     try:
-        with tempfile.NamedTemporaryFile(dir=probe, prefix=".ki-write-test-"):
-            pass
-    except OSError as err:
+        check_writable(directory, "signal_cache_dir")
+    except PermissionError as err:
         raise PermissionError(
-            f"The signal cache in {directory!r} lacks {lacking} (e.g. id {example_id!r}), and the directory cannot be "
-            f"written ({err}) to add them. Use a writable signal_cache_dir (a copy of this cache there is reused), or "
-            "a dataset whose rows it holds."
+            f"The signal cache in {directory!r} lacks {lacking} (e.g. id {example_id!r}), and {err} Use a writable "
+            "signal_cache_dir (a copy of this cache there is reused), or a dataset whose rows it holds."
         ) from None
 
 
@@ -169,18 +164,20 @@ class SignalPrecompute:
     ``querier`` (a :class:`~ki_trainer.querying.TeacherQuerier`).
 
     ``needs`` is what the run's strategy/router read (:class:`~ki_trainer.routing.fitting.SignalNeeds`): a cache
-    holds at least that. Files live in ``<signal_cache_dir>/<fingerprint><suffix>.safetensors``; ``caches`` keeps
+    holds at least that. The trainer passes it to every :meth:`load` (derived then, so a strategy or router replaced
+    after construction is what counts); ``needs`` here is the default of a load given none (e.g. the pass that
+    reads a stream's ids for :meth:`dataset_ids`), and every load's ``needs`` becomes the new default. Files live in ``<signal_cache_dir>/<fingerprint><suffix>.safetensors``; ``caches`` keeps
     every cache opened, by file.
     """
 
-    def __init__(self, querier, args, accelerator, teachers, student_tokenizer, collator, needs) -> None:
+    def __init__(self, querier, args, accelerator, teachers, student_tokenizer, collator, needs=None) -> None:
         self.querier = querier
         self.args = args
         self.accelerator = accelerator
         self.teachers = teachers
         self.student_tokenizer = student_tokenizer
         self.collator = collator
-        self.needs = needs
+        self.needs = needs  # what the last load served (a streamed dataset's ids are read with the same)
         self.caches: dict[str, TeacherSignalCache] = {}
         # ids of iterable datasets, read by their precompute pass: {id(dataset): (reference to it, ids)}; the
         # reference is checked on lookup, so a new dataset at a freed one's address never gets its ids.
@@ -255,9 +252,14 @@ class SignalPrecompute:
 
     # ------------------------------------------------------------------ filling it
     def load(self, dataset, file_suffix: str = "", mc: Optional[bool] = None,
-             features: Optional[bool] = None) -> TeacherSignalCache:
+             features: Optional[bool] = None, needs=None) -> TeacherSignalCache:
         """The cache in ``<signal_cache_dir>/<fingerprint><file_suffix>.safetensors``, extended with ``dataset``'s
-        missing rows. It holds at least what the run reads (and MC statistics / features when ``mc`` / ``features``)."""
+        missing rows. It holds at least what the run reads, ``needs`` (and MC statistics / features when ``mc`` /
+        ``features``)."""
+        if needs is not None:
+            self.needs = needs
+        if self.needs is None:
+            raise ValueError("SignalPrecompute.load needs what the run reads (needs=SignalNeeds(...)).")
         fingerprint, path, with_mc, with_features = self.choose(
             file_suffix, bool(mc) or self.needs.mc, bool(features) or self.needs.features, dataset
         )
@@ -365,7 +367,7 @@ class SignalPrecompute:
         hashes = [text_hash(t) if isinstance(t, str) else 0 for t in column_values(dataset, self.args.text_column)]
         return hashlib.blake2b(json.dumps([ids, hashes]).encode(), digest_size=6).hexdigest()
 
-    def for_evaluation(self, dataset, metric_key_prefix: str) -> Optional[TeacherSignalCache]:
+    def for_evaluation(self, dataset, metric_key_prefix: str, needs=None) -> Optional[TeacherSignalCache]:
         """The cached signals of an evaluation set (``None`` when its rows have no ids, or it is streamed: those
         are queried live). Each ``metric_key_prefix`` AND dataset content gets its own file
         (``<fingerprint>.<prefix>.<digest>.safetensors``): evaluation sets reusing ids of other splits never collide."""
@@ -373,4 +375,4 @@ class SignalPrecompute:
         if not usable:
             return None
         suffix = "." + re.sub(r"[^A-Za-z0-9_-]", "_", metric_key_prefix) + "." + self.dataset_digest(dataset)
-        return self.load(dataset, file_suffix=suffix)
+        return self.load(dataset, file_suffix=suffix, needs=needs)

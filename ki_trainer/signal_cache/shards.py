@@ -61,16 +61,17 @@ def _consolidate_shards(path: str, fingerprint: str, label_sizes: Sequence[int])
 
 
 def _read_parts(path: str, fingerprint: str, label_sizes: Sequence[int] = (),
-                locked: bool = False) -> tuple[list[_FilePart], list[str]]:
+                locked: bool = False, legacy_reader=None) -> tuple[list[_FilePart], list[str]]:
     """The main file and the shards (opened and checked), plus the shard paths that were read. A format-2 cache
     of the same fingerprint is migrated first, and more than ``MAX_OPEN_SHARDS`` shards are first merged in
     batches; both change files, so both run under the directory lock: taken here unless ``locked`` says the
-    caller holds it (save(); a second flock in the same process would wait for itself)."""
+    caller holds it (save(); a second flock in the same process would wait for itself). ``legacy_reader``: how an
+    older file of this cache kind is read (see :func:`~.legacy._migrate_legacy`)."""
     directory = path + ".shards"
     if _legacy_pending(path) or len(_shard_names(directory)) > MAX_OPEN_SHARDS:
         lock = contextlib.nullcontext() if locked else _directory_lock(os.path.dirname(os.path.abspath(path)))
         with lock:  # checked again inside: another process may have done it while this one waited
-            _migrate_legacy(path, fingerprint, label_sizes)
+            _migrate_legacy(path, fingerprint, label_sizes, legacy_reader)
             _consolidate_shards(path, fingerprint, label_sizes)
     attempts = 3
     while True:

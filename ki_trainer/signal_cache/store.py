@@ -16,13 +16,16 @@ from ..strategies import TeacherSignals
 from .file_format import (
     _NUMPY,
     _TORCH,
+    COUNTS,
     SUFFIX,
     StaleSignalCacheError,
     _directory_lock,
     _dtype_code,
     _FilePart,
     _MemoryPart,
+    _entries,
     _merge,
+    _offsets,
     _write_file,
 )
 from .fingerprint import text_hash
@@ -43,7 +46,13 @@ class TeacherSignalCache:
     ``<path>.shards/`` (see :meth:`flush`); :meth:`load` merges both, :meth:`save` compacts them. Files are
     memory-mapped (see :mod:`.file_format`): only the ids and text hashes are held in memory (about 100
     bytes a row), the signal rows stay on disk until a lookup reads them, so a pool larger than RAM works.
+
+    Rows may be ragged (a ``COUNTS`` tensor: each row's number of entries; see :mod:`.file_format`), as in
+    MergeDistill's top-k cache, which is this store with its own ``add`` / ``lookup``.
     """
+
+    # How a file of an older format of this cache kind is read (migrated when met; see legacy._migrate_legacy).
+    legacy_reader = None
 
     def __init__(self, fingerprint: str, label_sizes: Sequence[int], path: Optional[str] = None) -> None:
         self.fingerprint = fingerprint
@@ -93,10 +102,16 @@ class TeacherSignalCache:
         self.add_rows(ids, [text_hash(text) for text in texts], rows)
 
     def add_rows(self, ids: Sequence[str], text_hashes: Sequence[int], rows: dict[str, torch.Tensor]) -> None:
-        """Append rows: one entry per id in every named tensor (the generic form of :meth:`add`)."""
+        """Append rows: one entry per id in every named tensor (the generic form of :meth:`add`). Ragged rows: a
+        ``COUNTS`` tensor (int64, one per id) and ``sum(counts)`` entries, row after row, in every other tensor."""
+        counts = rows.get(COUNTS)
+        if counts is not None and (counts.dtype != torch.int64 or counts.dim() != 1 or bool((counts < 0).any())):
+            raise ValueError(f"{COUNTS} must be a 1-D int64 tensor of entry counts >= 0, one per id.")
         for name, tensor in rows.items():
-            if tensor.shape[0] != len(ids):
-                raise ValueError(f"Tensor {name!r} has {tensor.shape[0]} rows for {len(ids)} ids.")
+            expected, what = (len(ids), "rows") if counts is None or name == COUNTS else (int(counts.sum()), "entries")
+            if tensor.shape[0] != expected:
+                raise ValueError(f"Tensor {name!r} has {tensor.shape[0]} {what} for {expected} "
+                                 f"{'ids' if what == 'rows' else 'announced by the counts'}.")
             _dtype_code(name, tensor.dtype, "added rows")
         names = self._names()
         if names is not None and sorted(rows) != names:
@@ -191,7 +206,8 @@ class TeacherSignalCache:
 
     # ------------------------------------------------------------------ use
     def _gather(self, name: str, rows: np.ndarray) -> torch.Tensor:
-        """Rows ``rows`` (global numbers) of tensor ``name``, read from the parts that hold them."""
+        """Rows ``rows`` (global numbers) of tensor ``name``, read from the parts that hold them (of a ragged tensor:
+        their entries, one row after the other)."""
         parts, starts, local = list(self._parts), list(self._starts), list(self._local)
         pending = self._pending_rows()
         if pending is not None:
@@ -202,19 +218,35 @@ class TeacherSignalCache:
             raise StaleSignalCacheError(f"The signal cache {self.path or 'in memory'} holds no rows.")
         owner = np.searchsorted(np.asarray(starts, dtype=np.int64), rows, side="right") - 1
         code, trailing = parts[0].specs[name]
-        out = torch.empty((len(rows), *trailing), dtype=_TORCH[code])
+        offsets = None  # ragged: where each requested row's entries go
+        if name != COUNTS and COUNTS in parts[0].specs:
+            counts = torch.empty(len(rows), dtype=torch.int64)
+            for k in np.unique(owner).tolist():
+                where = np.nonzero(owner == k)[0]
+                counts[torch.from_numpy(where)] = parts[k].read(COUNTS, local[k][rows[where] - starts[k]])
+            offsets = _offsets(counts.numpy())
+        out = torch.empty((len(rows) if offsets is None else int(offsets[-1]), *trailing), dtype=_TORCH[code])
         for k in np.unique(owner).tolist():
             where = np.nonzero(owner == k)[0]
-            out[torch.from_numpy(where)] = parts[k].read(name, local[k][rows[where] - starts[k]])
+            target = where if offsets is None else _entries(offsets, where)
+            out[torch.from_numpy(target)] = parts[k].read(name, local[k][rows[where] - starts[k]])
         return out.to(self.device, non_blocking=True)
 
-    def lookup(self, ids: Sequence[str], certainty_source: Optional[str]) -> TeacherSignals:
+    def row_numbers(self, ids: Sequence[str]) -> np.ndarray:
+        """The rows of ``ids``; an id without cached signals is a :class:`StaleSignalCacheError` naming it."""
         try:
-            rows = np.asarray([self.index[example_id] for example_id in ids], dtype=np.int64)
+            return np.asarray([self.index[example_id] for example_id in ids], dtype=np.int64)
         except KeyError as err:
             raise StaleSignalCacheError(
                 f"Example id {err.args[0]!r} has no cached teacher signals; precompute them for this dataset."
             ) from None
+
+    def read(self, name: str, ids: Sequence[str]) -> torch.Tensor:
+        """Tensor ``name`` of the rows of ``ids``, in that order (ragged: their entries, one row after the other)."""
+        return self._gather(name, self.row_numbers(ids))
+
+    def lookup(self, ids: Sequence[str], certainty_source: Optional[str]) -> TeacherSignals:
+        rows = self.row_numbers(ids)
         names = self._names() or []
         batch_logits = list(self._gather("logits", rows).split(self.label_sizes, dim=1))
         certainty = None
@@ -243,9 +275,14 @@ class TeacherSignalCache:
     def nbytes(self) -> int:
         """Bytes of signal rows (on disk or in memory), ids excluded."""
         total = 0
-        for name in self._names() or []:
+        names = self._names() or []
+        entries = len(self.index)
+        if COUNTS in names:
+            entries = int(self._gather(COUNTS, np.arange(len(self.index), dtype=np.int64)).sum())
+        for name in names:
             code, trailing = (self._parts[0] if self._parts else self._pending_rows()).specs[name]
-            total += len(self.index) * int(np.prod(trailing)) * np.dtype(_NUMPY[code]).itemsize
+            rows = len(self.index) if name == COUNTS else entries
+            total += rows * int(np.prod(trailing)) * np.dtype(_NUMPY[code]).itemsize
         return total
 
     def __len__(self) -> int:
@@ -271,7 +308,8 @@ class TeacherSignalCache:
         os.makedirs(directory, exist_ok=True)
         with _directory_lock(directory):
             # locked=True: this process holds the lock (a second flock here would wait for itself)
-            parts, shards = _read_parts(path, self.fingerprint, self.label_sizes, locked=True)
+            parts, shards = _read_parts(path, self.fingerprint, self.label_sizes, locked=True,
+                                        legacy_reader=self.legacy_reader)
             try:
                 ids, hashes = list(self.index), list(self.text_hashes)
                 sources = [("memory", ids, hashes, self._segments())]
@@ -314,7 +352,7 @@ class TeacherSignalCache:
     def load(cls, path: str, fingerprint: str, label_sizes: Sequence[int]) -> "TeacherSignalCache":
         """The main file ``path`` merged with every shard in ``<path>.shards/`` (either may be missing), all
         memory-mapped."""
-        parts, _ = _read_parts(path, fingerprint, label_sizes)
+        parts, _ = _read_parts(path, fingerprint, label_sizes, legacy_reader=cls.legacy_reader)
         cache = cls(fingerprint, label_sizes, path)
         cache._adopt(parts)
         return cache

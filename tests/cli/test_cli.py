@@ -147,7 +147,7 @@ def test_integrate_from_a_run_file(disk_models: dict, tmp_path: Path, capsys) ->
     run.write_text(yaml.safe_dump({
         "teachers": [str(disk_models["teacher_0"]), str(disk_models["teacher_1"])],
         "student": str(disk_models["student"]), "dataset": str(disk_models["data"]),
-        "strategy": "muki", "mc_samples": 2, "teacher_signals": "cached", "max_length": 16,
+        "strategy": "muki", "mc_samples": 2, "signal_source": "cached", "max_length": 16,
         "num_train_epochs": 1, "per_device_train_batch_size": 8, "report_to": "none", "save_strategy": "no",
         "use_cpu": True, "disable_tqdm": True, "output_dir": str(out),
     }))  # fmt: skip

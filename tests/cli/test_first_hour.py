@@ -34,7 +34,7 @@ def _card(path: Path) -> tuple[dict, str]:
 
 def _run_args(disk_models: dict, out: Path, **extra) -> list[str]:
     options = {
-        "student": str(disk_models["student"]), "mc_samples": 2, "teacher_signals": "cached", "max_length": 16,
+        "student": str(disk_models["student"]), "mc_samples": 2, "signal_source": "cached", "max_length": 16,
         "max_steps": 2, "per_device_train_batch_size": 8, "report_to": "none", "save_strategy": "no",
         "use_cpu": True, "disable_tqdm": True, "output_dir": str(out), **extra,
     }  # fmt: skip

@@ -158,7 +158,7 @@ def _launch(tmp_path: Path, config: Path, *flags: str) -> subprocess.CompletedPr
     run = tmp_path / "run.yaml"
     run.write_text(yaml.safe_dump({
         "teachers": [str(models["teacher_0"]), str(models["teacher_1"])], "student": str(models["student"]),
-        "dataset": str(models["data"]), "mc_samples": 2, "teacher_signals": "cached", "max_length": 16,
+        "dataset": str(models["data"]), "mc_samples": 2, "signal_source": "cached", "max_length": 16,
         "num_train_epochs": 1, "per_device_train_batch_size": 4, "report_to": "none", "save_strategy": "no",
         "disable_tqdm": True, "output_dir": str(tmp_path / "out"),
     }))  # fmt: skip

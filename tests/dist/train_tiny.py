@@ -18,7 +18,7 @@ rows = make_rows(4, seed=0)
 data = Dataset.from_list([{"id": f"r{i}", "text": r["text"], "label": r["label"]} for i, r in enumerate(rows)])
 args = KnowledgeIntegrationConfig(
     output_dir=out, max_steps=3, per_device_train_batch_size=4, report_to=[], disable_tqdm=True, save_strategy="no",
-    mc_samples=2, logging_steps=1, teacher_signals=mode, learning_rate=1e-3, seed=0, use_cpu=True,
+    mc_samples=2, logging_steps=1, signal_source=mode, learning_rate=1e-3, seed=0, use_cpu=True,
 )
 trainer = KnowledgeIntegrationTrainer(model=tiny_bert(4, len(tok), seed=3), args=args, teachers=teachers,
                                       train_dataset=data, eval_dataset=data, processing_class=tok)

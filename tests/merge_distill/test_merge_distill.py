@@ -310,7 +310,7 @@ def test_trainer_early_errors(teachers, tmp_path):
         trainer([{"text": "the cat", "language": "en"}], language_teachers={"en": "nobody"})
     with pytest.raises(ValueError, match="token embeddings but the student vocabulary"):
         MergeDistillTrainer(model=tiny_mlm(7, 0), args=args, teachers=teachers, vocabulary=vocabulary)
-    cached = MergeDistillConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, teacher_signals="cached")
+    cached = MergeDistillConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, signal_source="cached")
     with pytest.raises(ValueError, match="id column"):
         MergeDistillTrainer(model=student, args=cached, teachers=teachers, vocabulary=vocabulary,
                             train_dataset=Dataset.from_list([{"text": "the cat", "language": "en"}]))
@@ -372,7 +372,7 @@ def test_student_reads_its_own_segmentation_and_teachers_align(teachers, tmp_pat
 
 
 def test_cached_signals_equal_on_the_fly(teachers, tmp_path):
-    trainer = make_trainer(teachers, tmp_path, teacher_signals="cached", signal_cache_dir=str(tmp_path / "cache"), logging_steps=4)
+    trainer = make_trainer(teachers, tmp_path, signal_source="cached", signal_cache_dir=str(tmp_path / "cache"), logging_steps=4)
     cache = trainer.precompute_teacher_signals()
     assert len(cache) == 48 and os.path.exists(cache.path)
     collator = trainer.data_collator

@@ -53,7 +53,7 @@ def test_command_is_registered_and_help_groups_the_options(capsys) -> None:
     assert titles.index("what to merge") < titles.index("MergeDistill options") < titles.index("training options")
     text = "\n".join(lines)
     for option in ("--teachers", "--train_files", "--eval_files", "--data_format", "--student_tokenizer",
-                   "--vocabulary_min_count", "--student_num_hidden_layers", "--alpha", "--top_k", "--teacher_signals",
+                   "--vocabulary_min_count", "--student_num_hidden_layers", "--alpha", "--top_k", "--signal_source",
                    "--mlm_probability", "--output_dir", "--num_train_epochs"):
         assert option in text, option
     assert "80% [MASK]" in text  # a literal % in a help string is printed, not a formatting error
@@ -72,7 +72,7 @@ def test_run_file_end_to_end_saves_a_loadable_student(teacher_dirs: dict, tmp_pa
         "eval_files": [str(evaluation)],
         "student_num_hidden_layers": 1,
         "student_intermediate_size": 64,
-        "teacher_signals": "cached",
+        "signal_source": "cached",
         "top_k": 4,
         "max_steps": 50,  # overridden by the flag below
         "per_device_train_batch_size": 8,
@@ -105,7 +105,7 @@ def test_run_file_end_to_end_saves_a_loadable_student(teacher_dirs: dict, tmp_pa
     assert summary["student_vocabulary_size"] == len(tokenizer)
     assert 0.0 <= summary["eval"]["eval_masked_accuracy"] <= 1.0 and summary["eval"]["eval_masked_tokens"] > 0
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2  # the flag won
-    assert (out / "README.md").is_file() and any((out / "teacher_signals").glob("*.pt"))
+    assert (out / "README.md").is_file() and any((out / "teacher_signals").glob("*.safetensors"))
 
 
 def test_a_language_without_a_teacher_fails_before_loading_anything(tmp_path: Path) -> None:

@@ -130,3 +130,68 @@ def test_benchmark_probe_stage_records_each_run_resumes_and_tabulates(checkpoint
     assert math.isclose(row["downstream_std"], round(abs(values[0] - values[1]) / math.sqrt(2), 4))
     goal = md.goal(cfg, rows)
     assert set(goal["gap_to_own_teacher"]) == {"en", "it"} and goal["best_single_teacher"] in teacher_dirs
+
+
+def test_benchmark_teacher_head_training_unfreezes_the_asked_layers_and_keeps_the_decoder_tied():
+    """benchmarks/merge_distill.py stage 3: ``teacher_train_layers`` top layers and the head train (the layers at
+    ``teacher_layer_lr``), the rest and the tied input embeddings stay; per-teacher settings override the config."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    md = _load_benchmark()
+    tokenizer = wordpiece_tokenizer()
+    texts = noun_task(60, seed=0)[0]
+
+    def trained(layers: int) -> tuple[BertForMaskedLM, BertForMaskedLM, dict]:
+        torch.manual_seed(0)
+        config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0)
+        model = BertForMaskedLM(config)
+        before = BertForMaskedLM(config)
+        before.load_state_dict(model.state_dict())
+        cfg = dict(teacher_batch=8, max_length=16, teacher_train_layers=layers, teacher_lr=1e-2, teacher_layer_lr=1e-3,
+                   teacher_epochs=3)
+        columns = md.teacher_columns(tokenizer, texts, 16)
+        return model, before, md.train_teacher_head(model, tokenizer, texts, cfg, columns)
+
+    for layers in (1, 2):
+        model, before, stats = trained(layers)
+        assert stats["trained_layers"] == layers and len(stats["held_out_loss_top1_by_epoch"]) >= 2
+        head = model.cls.predictions
+        assert head.decoder.weight is model.bert.embeddings.word_embeddings.weight and head.decoder.bias is head.bias
+        assert torch.equal(model.bert.embeddings.word_embeddings.weight, before.bert.embeddings.word_embeddings.weight)
+        changed = [not torch.equal(a.attention.self.query.weight, b.attention.self.query.weight)
+                   for a, b in zip(model.bert.encoder.layer, before.bert.encoder.layer)]
+        assert stats["kept_epoch"] > 0  # a trained state was kept (held-out loss fell on this learnable toy text)
+        assert changed == [layers == 2, True]
+        assert not torch.equal(head.transform.dense.weight, before.cls.predictions.transform.dense.weight)
+        # held-out loss is finite and the kept epoch is the best one
+        losses = [loss for loss, _ in stats["held_out_loss_top1_by_epoch"]]
+        assert all(math.isfinite(x) for x in losses) and losses[stats["kept_epoch"]] == min(losses)
+    cfg = {"languages": {"en": "a", "it": "b"}, "teacher_rows": 10, "teacher_overrides": {"a": {"teacher_rows": 30}}}
+    assert (md.teacher_rows(cfg, "en"), md.teacher_rows(cfg, "it")) == (30, 10)
+    assert md.teacher_cfg(cfg, "b")["teacher_rows"] == 10
+
+
+def test_benchmark_distillation_effect_pairs_each_training_seed():
+    """KD minus plain MLM per training seed and language, from the result rows; a seed without both rows is left out."""
+    md = _load_benchmark()
+    cfg = {"languages": {"en": "a", "it": "b"}, "seed": 0, "student_seeds": [1, 2],
+           "trained": [["merge_distill", "s"], ["plain_mlm", "s"]], "extra_trained": [["merge_distill", "t"]]}
+    assert md.seeded("merge_distill:s", 0, cfg) == "merge_distill:s" and md.seeded("plain_mlm:s", 2, cfg) == "plain_mlm:s@seed2"
+    acc = {("en", "merge_distill:s"): 0.60, ("it", "merge_distill:s"): 0.50, ("en", "plain_mlm:s"): 0.55, ("it", "plain_mlm:s"): 0.52,
+           ("en", "merge_distill:s@seed1"): 0.62, ("it", "merge_distill:s@seed1"): 0.54,
+           ("en", "plain_mlm:s@seed1"): 0.60, ("it", "plain_mlm:s@seed1"): 0.50,
+           ("en", "merge_distill:s@seed2"): 0.9,  # no plain row for seed 2: not a pair
+           ("en", "init_only:s"): 0.58, ("it", "init_only:s"): 0.49, ("en", "merge_distill:t"): 0.4, ("it", "merge_distill:t"): 0.4}
+    rows = [{"language": lang, "model": model, "downstream_accuracy": a} for (lang, model), a in acc.items()]
+    effect = md.distillation_effect(cfg, rows)
+    assert set(effect) == {"s"}  # t has no plain-MLM twin
+    e = effect["s"]
+    assert e["training_seeds"] == [0, 1]
+    assert e["kd_minus_plain"] == {0: {"en": 0.05, "it": -0.02}, 1: {"en": 0.02, "it": 0.04}}
+    assert e["kd_minus_plain_mean"] == {"en": 0.035, "it": 0.01}
+    assert e["merge_distill"]["en"] == 0.61 and e["plain_mlm"]["it"] == 0.51 and e["init_only"] == {"en": 0.58, "it": 0.49}
+    assert math.isclose(e["merge_distill"]["mean"], round((0.61 + 0.52) / 2, 4))
+    assert math.isclose(e["merge_distill"]["std_over_training_seeds"]["en"], round(0.02 / math.sqrt(2), 4))

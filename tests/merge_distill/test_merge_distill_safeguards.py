@@ -1,6 +1,9 @@
 """Reliability round 3 (issue 24), MergeDistill: the top-k cache keeps its work and cannot lie, the vocabulary
 options say what they emptied, and training runs carry the integrate path's guards. Tiny untrained masked LMs."""
 
+import hashlib
+import json
+
 import pytest
 import torch
 from conftest import build_tokenizer, make_rows
@@ -9,7 +12,7 @@ from transformers import BertConfig, BertForMaskedLM
 
 from ki_trainer.merge_distill import MaskedLMTeacher, MergeDistillConfig, MergeDistillTrainer, StudentVocabulary
 from ki_trainer.merge_distill import build_student
-from ki_trainer.signal_cache import CorruptSignalCacheError
+from ki_trainer.signal_cache import CorruptSignalCacheError, StaleSignalCacheError
 
 
 def tiny_mlm(vocab_size, seed):
@@ -35,7 +38,7 @@ def make_trainer(teachers, tmp_path, train=None, **config):
     student = build_student(vocabulary, teachers, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                             intermediate_size=64, max_position_embeddings=64)
     defaults = dict(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, per_device_train_batch_size=4,
-                    per_device_eval_batch_size=4, save_strategy="no", seed=0, teacher_signals="cached",
+                    per_device_eval_batch_size=4, save_strategy="no", seed=0, signal_source="cached",
                     signal_cache_dir=str(tmp_path / "cache"), max_steps=2, disable_tqdm=True)
     defaults.update(config)
     return MergeDistillTrainer(model=student, args=MergeDistillConfig(**defaults), teachers=teachers,
@@ -68,20 +71,26 @@ def test_a_killed_top_k_precompute_keeps_its_flushed_rows(teachers, tmp_path, mo
     cache = second.precompute_teacher_signals()
     assert len(computed) == 6 - 3  # was 6: the whole cache was written only at the end
     assert len(cache) == 24
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [f"{second.signal_fingerprint()}.pt"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [f"{second.signal_fingerprint()}.safetensors"]
 
 
-def _payload_edit(path, change):
-    payload = torch.load(path, weights_only=True)
-    change(payload)
-    torch.save(payload, path)
+def _tensor_edit(path, name, change):
+    """Change tensor ``name`` of a cache file in place (same bytes count): what a damaged or edited file holds."""
+    data = bytearray(path.read_bytes())
+    length = int.from_bytes(data[:8], "little")
+    entry = json.loads(data[8 : 8 + length])[name]
+    begin, end = (8 + length + offset for offset in entry["data_offsets"])
+    dtype = {"F16": torch.float16, "I32": torch.int32}[entry["dtype"]]
+    tensor = torch.frombuffer(data[begin:end], dtype=dtype).clone()
+    data[begin:end] = change(tensor).contiguous().view(torch.uint8).numpy().tobytes()
+    path.write_bytes(bytes(data))
 
 
 def test_a_changed_or_cut_off_top_k_cache_is_one_clear_error_naming_the_file(teachers, tmp_path):
     make_trainer(teachers, tmp_path).precompute_teacher_signals()
     path = next((tmp_path / "cache").iterdir())
     saved = path.read_bytes()
-    _payload_edit(path, lambda p: p["probs"].mul_(0.5))  # altered probabilities, same shapes
+    _tensor_edit(path, "probs", lambda probs: probs * 0.5)  # altered probabilities, same shapes
     with pytest.raises(CorruptSignalCacheError, match=rf"{path.name} is corrupt .*checksum"):
         make_trainer(teachers, tmp_path).precompute_teacher_signals()
     path.write_bytes(saved[: len(saved) // 2])  # cut off
@@ -89,6 +98,53 @@ def test_a_changed_or_cut_off_top_k_cache_is_one_clear_error_naming_the_file(tea
         make_trainer(teachers, tmp_path).precompute_teacher_signals()
     path.write_bytes(saved)
     assert len(make_trainer(teachers, tmp_path).precompute_teacher_signals()) == 24
+
+
+def _save_format_1(path, fingerprint, k, ids, hashes, counts, student_ids, probs, checksum=True):
+    """A top-k cache file as MergeDistill wrote them before the signal-cache store (torch.save, format 1)."""
+    payload = {"version": 1, "fingerprint": fingerprint, "k": k, "ids_list": list(ids), "text_hashes": list(hashes),
+               "counts": list(counts), "ids": student_ids, "probs": probs}
+    if checksum:
+        hasher = hashlib.sha256(json.dumps([payload["ids_list"], payload["text_hashes"], payload["counts"]]).encode())
+        for key in ("ids", "probs"):
+            tensor = payload[key].contiguous()
+            hasher.update(f"{key}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
+            hasher.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        payload["checksum"] = hasher.hexdigest()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, path)
+
+
+def test_a_top_k_cache_of_the_earlier_format_is_migrated_not_recomputed(teachers, tmp_path):
+    """Caches written before the top-k cache moved onto the signal-cache store (``<fingerprint>.pt`` and a shard in
+    ``<fingerprint>.pt.shards/``) are checked as that format was and migrated: no teacher pass, the same signals."""
+    fresh = make_trainer(teachers, tmp_path / "fresh")
+    cache = fresh.precompute_teacher_signals()
+    fingerprint, k = cache.fingerprint, cache.k
+    ids = list(cache.index)
+    counts = [int(c) for c in cache.read("__counts__", ids)]
+    hashes = list(cache.text_hashes)
+    expected = cache.lookup(ids, counts)
+    old = tmp_path / "cache" / f"{fingerprint}.pt"  # the directory make_trainer points signal_cache_dir at
+    head, split = 10, sum(counts[:10])
+    _save_format_1(old, fingerprint, k, ids[:head], hashes[:head], counts[:head], cache.ids[:split], cache.probs[:split])
+    _save_format_1(old.parent / f"{old.name}.shards" / "123-abc.pt", fingerprint, k, ids[head:], hashes[head:],
+                   counts[head:], cache.ids[split:], cache.probs[split:], checksum=False)  # the earliest had none
+    trainer = make_trainer(teachers, tmp_path)
+    assert trainer.signal_fingerprint() == fingerprint  # the same name before and after
+    trainer.teacher_signal = lambda *a, **kw: pytest.fail("a migrated cache must not be recomputed")
+    migrated = trainer.precompute_teacher_signals()
+    assert len(migrated) == 24 and migrated.path == str(tmp_path / "cache" / f"{fingerprint}.safetensors")
+    got = migrated.lookup(ids, counts)
+    assert torch.equal(got.ids, expected.ids) and torch.equal(got.probs, expected.probs)
+    # a damaged file of the earlier format is one clear error naming it, and nothing is written
+    (tmp_path / "cache" / f"{fingerprint}.safetensors").unlink()
+    payload = torch.load(old, weights_only=True)
+    payload["probs"] = payload["probs"] * 0.5  # changed after writing: the checksum no longer matches
+    torch.save(payload, old)
+    with pytest.raises(CorruptSignalCacheError, match=rf"{old.name} is corrupt .*checksum"):
+        make_trainer(teachers, tmp_path).precompute_teacher_signals()
+    assert not (tmp_path / "cache" / f"{fingerprint}.safetensors").exists()
 
 
 # ---------------------------------------------------------------- the student vocabulary
@@ -103,7 +159,7 @@ def test_a_vocabulary_min_count_that_keeps_no_token_names_the_option(teachers):
 
 # ---------------------------------------------------------------- training runs: fingerprint, lock, resume
 def checkpointed(teachers, tmp_path, **config):
-    return make_trainer(teachers, tmp_path, max_steps=4, save_strategy="steps", save_steps=2, teacher_signals="on_the_fly",
+    return make_trainer(teachers, tmp_path, max_steps=4, save_strategy="steps", save_steps=2, signal_source="on_the_fly",
                         **config)
 
 
@@ -172,8 +228,8 @@ def test_a_nan_teacher_or_loss_stops_merge_distill_instead_of_saving_a_nan_stude
     nan_teachers = [MaskedLMTeacher(broken, tok, languages=["en"], name="a"), teachers[1]]
     for signals in ("on_the_fly", "cached"):
         with pytest.raises(TeacherNaNError, match="NaN/inf teacher masked-LM logits"):  # was: loss logged as 0
-            make_trainer(nan_teachers, tmp_path / signals, teacher_signals=signals, max_steps=3).train()
-    trainer = make_trainer(teachers, tmp_path / "student", teacher_signals="on_the_fly", max_steps=3, logging_steps=1,
+            make_trainer(nan_teachers, tmp_path / signals, signal_source=signals, max_steps=3).train()
+    trainer = make_trainer(teachers, tmp_path / "student", signal_source="on_the_fly", max_steps=3, logging_steps=1,
                            save_strategy="steps", save_steps=1)
     with torch.no_grad():  # any other cause of a NaN loss: here the student itself
         trainer.model.get_input_embeddings().weight.fill_(float("nan"))
@@ -183,3 +239,28 @@ def test_a_nan_teacher_or_loss_stops_merge_distill_instead_of_saving_a_nan_stude
     with pytest.raises(NonFiniteLossError):
         trainer.save_model(str(tmp_path / "nan-student"))
     assert not (tmp_path / "nan-student").exists()
+
+
+def test_the_top_k_cache_reads_like_before_from_memory_shards_and_the_main_file(tmp_path):
+    """The flat view (ids, probs, counts, offsets) and lookups agree wherever the rows are: still in memory, in a
+    shard, in the compacted main file."""
+    from ki_trainer.merge_distill import TopKSignal, TopKSignalCache
+
+    g = torch.Generator().manual_seed(0)
+    cache = TopKSignalCache("f" * 20, 3, str(tmp_path / "c.safetensors"))
+    counts = [2, 0, 3, 1, 4]
+    probs = torch.rand(sum(counts), 3, generator=g)
+    signal = TopKSignal(torch.randint(0, 50, (sum(counts), 3), generator=g), probs, probs.sum(-1))
+    ids = [f"r{i}" for i in range(5)]
+    cache.add(ids[:3], ["a", "b", "c"], counts[:3], TopKSignal(signal.ids[:5], signal.probs[:5], signal.kept_mass[:5]))
+    cache.flush()
+    cache.add(ids[3:], ["d", "e"], counts[3:], TopKSignal(signal.ids[5:], signal.probs[5:], signal.kept_mass[5:]))
+    for view in (cache, cache.save() and TopKSignalCache.open(cache.path, cache.fingerprint, 3)):
+        assert view.counts == counts and view.offsets.tolist() == [0, 2, 2, 5, 6, 10]
+        assert torch.equal(view.ids, signal.ids.to(torch.int32)) and torch.equal(view.probs, probs.half())
+        got = view.lookup(["r4", "r1", "r0"], [4, 0, 2])
+        assert torch.equal(got.ids, torch.cat([signal.ids[6:], signal.ids[:2]]))
+        torch.testing.assert_close(got.kept_mass, got.probs.sum(-1))
+        assert view.check_text("r2", "c") and not view.check_text("r9", "x")
+        with pytest.raises(StaleSignalCacheError, match="3 masked positions now, 4 when cached"):
+            view.lookup(["r4"], [3])

@@ -223,7 +223,7 @@ def make_trainer(tmp_path, trained_teachers, dataset, router="self_training", mo
     tok = build_tokenizer()
     teachers = [Teacher(model, tokenizer=own, name=f"t{i}") for i, (model, own) in enumerate(trained_teachers)]
     defaults = dict(
-        output_dir=str(tmp_path / "out"), strategy="muki", router=router, teacher_signals=mode,
+        output_dir=str(tmp_path / "out"), strategy="muki", router=router, signal_source=mode,
         signal_cache_dir=str(tmp_path / "cache"), max_steps=4, per_device_train_batch_size=8,
         per_device_eval_batch_size=8, learning_rate=1e-3, mc_samples=4, report_to=[], use_cpu=True,
         disable_tqdm=True, save_strategy="no", seed=0,
@@ -241,10 +241,10 @@ def test_default_router_depends_on_the_signal_mode():
         return KnowledgeIntegrationConfig(output_dir="unused", report_to=[], **kw).resolved_router()
 
     assert resolved() == "mc_entropy"
-    assert resolved(teacher_signals="cached") == "relative_mahalanobis"
-    assert resolved(teacher_signals="cached", router="mc_entropy") == "mc_entropy"
-    assert resolved(strategy="entropy", teacher_signals="cached") == "entropy"
-    assert resolved(strategy="vanilla_kd", teacher_signals="cached") is None
+    assert resolved(signal_source="cached") == "relative_mahalanobis"
+    assert resolved(signal_source="cached", router="mc_entropy") == "mc_entropy"
+    assert resolved(strategy="entropy", signal_source="cached") == "entropy"
+    assert resolved(strategy="vanilla_kd", signal_source="cached") is None
 
 
 def test_model_card_names_the_router_the_run_used():
@@ -253,14 +253,14 @@ def test_model_card_names_the_router_the_run_used():
     def card(**kw):
         return _router(KnowledgeIntegrationConfig(output_dir="unused", report_to=[], **kw))
 
-    assert card(teacher_signals="cached") == "relative_mahalanobis (the default of strategy 'muki')"
+    assert card(signal_source="cached") == "relative_mahalanobis (the default of strategy 'muki')"
     assert card() == "mc_entropy (the default of strategy 'muki')"
     assert card(router="energy") == "energy"
     assert card(strategy="vanilla_kd").startswith("none")
     from ki_trainer.model_card import _strategy_settings
 
     settings = _strategy_settings(KnowledgeIntegrationConfig(
-        output_dir="unused", report_to=[], teacher_signals="cached", router_fit_rows=500))
+        output_dir="unused", report_to=[], signal_source="cached", router_fit_rows=500))
     assert settings["router_fit_rows"] == 500 and "router_options" in settings  # every router field is on the card
 
 
@@ -469,9 +469,11 @@ def test_a_step_only_scores_the_router_is_fitted_in_the_set_up(tmp_path, trained
 
 
 def test_the_deprecated_flag_name_still_selects_cached_signals():
-    """``signal_source`` names where the signals come from; ``teacher_signals``, its earlier name, still works."""
-    old = KnowledgeIntegrationConfig(output_dir="unused", report_to=[], teacher_signals="cached")
+    """``signal_source`` names where the signals come from; ``teacher_signals``, its earlier name, still works (with a
+    FutureWarning naming the new name; see tests/test_deprecations.py)."""
+    with pytest.warns(FutureWarning, match="use signal_source='cached'"):
+        old = KnowledgeIntegrationConfig(output_dir="unused", report_to=[], teacher_signals="cached")
     assert old.signal_source == "cached" and old.signals_are_cached and old.teacher_signals is None
     assert KnowledgeIntegrationConfig(output_dir="unused", report_to=[], signal_source="cached").signals_are_cached
-    with pytest.raises(ValueError, match="contradicts signal_source='cached'"):
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match="contradicts signal_source='cached'"):
         KnowledgeIntegrationConfig(output_dir="unused", report_to=[], signal_source="cached", teacher_signals="on_the_fly")

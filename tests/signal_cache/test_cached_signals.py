@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 from conftest import build_tokenizer, make_rows, tiny_bert
+from conftest import flat_weights as weights
 from datasets import Dataset
 
 from ki_trainer import KnowledgeIntegrationConfig, KnowledgeIntegrationTrainer, Teacher
@@ -23,7 +24,7 @@ def trainer_for(tmp_path, trained_teachers, dataset, mode, strategy="entropy", c
     args = KnowledgeIntegrationConfig(
         output_dir=str(tmp_path / mode),
         strategy=strategy,
-        teacher_signals=mode,
+        signal_source=mode,
         signal_cache_dir=str(cache_dir or tmp_path / "cache"),
         max_steps=3,
         per_device_train_batch_size=8,
@@ -40,10 +41,6 @@ def trainer_for(tmp_path, trained_teachers, dataset, mode, strategy="entropy", c
     return KnowledgeIntegrationTrainer(
         model=tiny_bert(4, len(tok), seed=3), args=args, teachers=teachers, train_dataset=dataset, processing_class=tok
     )
-
-
-def weights(model):
-    return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
 def test_cached_training_equals_on_the_fly_for_deterministic_signals(tmp_path, trained_teachers, data):
@@ -63,7 +60,7 @@ def test_lookup_is_by_id_whatever_the_order(tmp_path, trained_teachers, data):
     teacher_batches = batch.pop("teacher_inputs", {})
     ids = batch.pop("example_ids")
     assert ids == ["ex5", "ex0", "ex17"]
-    fresh = trainer.teacher_signals({k: v for k, v in batch.items()}, teacher_batches)
+    fresh = trainer.query_signals({k: v for k, v in batch.items()}, teacher_batches)
     looked_up = cache.lookup(ids, "deterministic")
     for a, b in zip(looked_up.logits, fresh.logits):
         torch.testing.assert_close(a, b)
@@ -241,3 +238,19 @@ def test_cached_evaluation_works_without_datasets(tmp_path, trained_teachers, da
     rows = [eval_rows[i] for i in range(len(eval_rows))]
     assert "eval_accuracy" in trainer.evaluate(rows)
     assert f"{trainer.signal_fingerprint()}.eval.{trainer.cached_signals.dataset_digest(rows)}.safetensors" in os.listdir(tmp_path / "cache")
+
+
+def test_a_strategy_replaced_after_construction_decides_which_signals_are_cached(tmp_path, trained_teachers, data):
+    """What the cache must hold is derived when the precompute runs, not copied when the trainer is built: a trainer
+    built for vanilla_kd (no certainty) whose strategy is then replaced by muki computes the MC statistics."""
+    from ki_trainer import get_strategy
+
+    trainer = trainer_for(tmp_path, trained_teachers, data, "cached", strategy="vanilla_kd")
+    assert trainer.needs.certainty_source is None and trainer.router is None
+    trainer.strategy = get_strategy("muki")(trainer.label_space, trainer.args.strategy_options())
+    assert trainer.needs.certainty_source == "mc"
+    cache = trainer.precompute_teacher_signals()
+    assert "mc" in cache.tensors
+    ids = [data[i]["id"] for i in range(3)]
+    assert cache.lookup(ids, "mc").certainty.shape == (3, 2)
+    trainer.train()  # the muki loss reads the cached MC certainty

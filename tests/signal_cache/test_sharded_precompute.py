@@ -30,7 +30,7 @@ def _trainer(out: str, cache_dir: str, dataset) -> KnowledgeIntegrationTrainer:
     teachers = [Teacher(tiny_bert(2, len(tok), labels=labels, seed=i, dropout=0.3), name=f"t{i}")
                 for i, labels in enumerate(TEACHER_SPLIT)]
     args = KnowledgeIntegrationConfig(
-        output_dir=out, strategy="muki", router="mc_entropy", teacher_signals="cached", signal_cache_dir=cache_dir, mc_samples=4,
+        output_dir=out, strategy="muki", router="mc_entropy", signal_source="cached", signal_cache_dir=cache_dir, mc_samples=4,
         per_device_eval_batch_size=4, report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no", seed=0,
         max_steps=1,
     )

@@ -20,7 +20,7 @@ def _trainer(tmp_path, dataset, mode: str, name: str, **overrides) -> KnowledgeI
     tok = build_tokenizer()
     teachers = [Teacher(tiny_bert(2, len(tok), labels=labels, seed=i, dropout=0.3), name=f"t{i}")
                 for i, labels in enumerate(TEACHER_SPLIT)]
-    settings = dict(output_dir=str(tmp_path / name), strategy="muki", router="mc_entropy", teacher_signals=mode,
+    settings = dict(output_dir=str(tmp_path / name), strategy="muki", router="mc_entropy", signal_source=mode,
                     signal_cache_dir=str(tmp_path / f"cache_{name}"), mc_samples=4, per_device_eval_batch_size=3,
                     per_device_train_batch_size=4, max_steps=2, learning_rate=1e-3, report_to=[], use_cpu=True,
                     disable_tqdm=True, save_strategy="no", seed=0)

@@ -74,7 +74,7 @@ def test_each_teacher_reads_its_own_encoding(tmp_path, ensemble):
     batch = trainer._prepare_inputs(trainer.data_collator(rows))
     groups = batch["teacher_inputs"]
     assert len(groups) == 3  # three different tokenizers -> three encodings
-    signals = trainer.teacher_signals({k: v for k, v in batch.items() if k != "teacher_inputs"}, groups)
+    signals = trainer.query_signals({k: v for k, v in batch.items() if k != "teacher_inputs"}, groups)
     for teacher, logits in zip(ensemble, signals.logits):
         own = teacher.tokenizer([r["text"] for r in rows], padding=True, truncation=True, max_length=32, return_tensors="pt")
         own = {k: v for k, v in own.items() if k in teacher.accepted_inputs()}

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import TEACHER_SPLIT, make_rows, tiny_bert
+from conftest import TEACHER_SPLIT, ki_config, make_ki_trainer, make_rows, tiny_bert
 from datasets import ClassLabel, Dataset
 from transformers import AutoModelForSequenceClassification, HfArgumentParser, TrainingArguments, pipeline
 
@@ -14,31 +14,12 @@ from ki_trainer import KnowledgeIntegrationConfig, KnowledgeIntegrationTrainer, 
 UNION = [label for labels in TEACHER_SPLIT for label in labels]
 
 
-def config(tmp_path, **kw):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        save_strategy="no",
-        per_device_train_batch_size=8,
-        mc_samples=4,
-        seed=0,
-    )
-    defaults.update(kw)
-    return KnowledgeIntegrationConfig(**defaults)
+def config(tmp_path, **kw):  # this file's runs draw K=4 MC samples
+    return ki_config(tmp_path, **{"mc_samples": 4, **kw})
 
 
 def make_trainer(tmp_path, tok, teachers, train, student=None, **kw):
-    eval_dataset = kw.pop("eval_dataset", None)
-    return KnowledgeIntegrationTrainer(
-        model=student if student is not None else tiny_bert(4, len(tok), seed=3),
-        args=config(tmp_path, **kw),
-        teachers=teachers,
-        train_dataset=train,
-        eval_dataset=eval_dataset,
-        processing_class=tok,
-    )
+    return make_ki_trainer(tmp_path, tok, teachers, train, student, **{"mc_samples": 4, **kw})
 
 
 # ---------------------------------------------------------------- construction and errors
