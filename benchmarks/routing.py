@@ -62,6 +62,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
 ROUTERS = ["max_prob", "energy", "entropy", "mc_entropy", "mc_mutual_information", "mc_variance", "standardized",
            "prototype", "relative_mahalanobis", "consensus", "knn_smoothing", "self_training"]
 PUBLISHED = "mc_entropy"
+# 'muki:ROUTER[key=value]' keys that are KnowledgeIntegrationConfig fields (the others are router_options).
+CONFIG_KEYS = ("share_weighting",)
 
 
 def signals_for(args, cfg) -> tuple[Any, Any, Any, list[list[str]]]:
@@ -171,10 +173,13 @@ def student_job(args, cfg, data, blocks, method: str, seed: int, out: Optional[P
             config = dict(strategy="vanilla_kd")
         else:
             config = dict(strategy="muki", router=router)  # named explicitly: the cached default is not MUKI's
-            if "[" in router:  # 'ROUTER[key=value]' (e.g. relative_mahalanobis[shares=equal]): router_options
-                name, _, options = router.partition("[")
+            if "[" in router:  # 'ROUTER[key=value]' (e.g. relative_mahalanobis[shares=equal]): router_options,
+                name, _, options = router.partition("[")  # except share_weighting (a config field)
                 config["router"] = name
-                config["router_options"] = dict(item.split("=", 1) for item in options.rstrip("]").split(","))
+                options = dict(item.split("=", 1) for item in options.rstrip("]").split(","))
+                config.update({key: options.pop(key) for key in CONFIG_KEYS if key in options})
+                if options:
+                    config["router_options"] = options
         config["student_init"] = init or "pretrained"
         set_seed(seed)  # the trainer builds the student's new head before Trainer seeds anything
         trainer = common.ki_trainer_for(

@@ -132,6 +132,20 @@ class KnowledgeIntegrationConfig(TrainingArguments):
             "accuracy depends on it is measured in docs/routing.md ('Pool size')."
         },
     )
+    share_weighting: str = field(
+        default="balanced",
+        metadata={
+            "help": "For pool routers that estimate the pool's teacher shares (label-free; docs/routing.md, "
+            "'Skewed pools'), when the pool looks skewed: 'balanced' weights each row's loss by the teacher it is "
+            "routed to, so that every teacher's routed rows carry the same total loss weight (counted with their "
+            "margin weights under margin_reweighting; the pool's total is unchanged) and the student does not "
+            "forget a minority teacher's classes; 'pool' lets every row "
+            "count the same, so the student learns the pool's own mix of teachers (right when the text it will "
+            "predict on is mixed like the pool). No effect on a balanced pool, with router_options "
+            "shares='equal', or without a pool router.",
+            "choices": ["balanced", "pool"],
+        },
+    )
     mc_samples: int = field(
         default=16,
         metadata={"help": "Monte-Carlo dropout passes per teacher and example used to score certainty (muki)."},
@@ -261,6 +275,8 @@ class KnowledgeIntegrationConfig(TrainingArguments):
         if self.student_init not in STUDENT_INITS:
             raise ValueError(f"student_init must be one of {list(STUDENT_INITS)}, got {self.student_init!r}.")
         self._validate_router()
+        if self.share_weighting not in ("balanced", "pool"):
+            raise ValueError(f"share_weighting must be 'balanced' or 'pool', got {self.share_weighting!r}.")
         if self.router_fit_rows is not None and self.router_fit_rows < 2:
             raise ValueError(f"router_fit_rows must be >= 2 (or None for every pool row), got {self.router_fit_rows}.")
         if self.mc_samples < 1:

@@ -127,7 +127,7 @@ class KnowledgeIntegrationTrainer(SavingMixin, Trainer):
         self.strategy = get_strategy(args.strategy)(self.label_space, args.strategy_options())
         router_name = args.resolved_router()
         self.scoring = Scoring(build_router(router_name, args.router_kwargs()) if router_name else None,
-                               args.certainty_normalization)
+                               args.certainty_normalization, args.share_weighting, args.margin_reweighting)
         self.signal_cache: Optional[TeacherSignalCache] = None  # the training rows' cached signals
         self._eval_signal_cache: Optional[TeacherSignalCache] = None  # set while evaluating from cached signals
         self._user_compute_metrics = compute_metrics
@@ -295,6 +295,10 @@ class KnowledgeIntegrationTrainer(SavingMixin, Trainer):
                                        self.needs.certainty_source, self.args.router_fit_rows, self.args.seed)
         shares = getattr(self.router, "describe_shares", None)  # the pool's teacher shares, as the router estimated them
         found = f"; {shares([t.name for t in self.teachers])}" if shares is not None else ""
+        weights = getattr(self.router, "describe_share_weights", None)
+        weights = weights([t.name for t in self.teachers], self.args.margin_reweighting) if weights is not None else None
+        if weights and self.args.share_weighting == "balanced":  # the student's loss evens out the teachers' shares
+            found += f"; share_weighting='balanced': {weights} in the student's loss"
         logger.info(f"Router {self.router.name!r} fitted on {rows} unlabeled rows{found}.")
         if self.args.should_save:
             save_router_state(self.router, self.args.output_dir)

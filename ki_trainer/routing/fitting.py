@@ -45,11 +45,24 @@ def signal_needs(strategy, router: Optional[Router]) -> SignalNeeds:
     return SignalNeeds("mc" if "mc" in router.requires else "deterministic", "features" in router.requires)
 
 
-def score(router: Optional[Router], signals: TeacherSignals) -> TeacherSignals:
-    """``signals`` with ``certainty`` replaced by the router's competence scores (unchanged without a router)."""
+SHARE_WEIGHTINGS = ("balanced", "pool")
+
+
+def score(router: Optional[Router], signals: TeacherSignals, share_weighting: str = "pool",
+          margin_weighted: bool = True) -> TeacherSignals:
+    """``signals`` with ``certainty`` replaced by the router's competence scores (unchanged without a router); with
+    ``share_weighting="balanced"`` and a router that uses an estimate of the pool's teacher shares, ``row_weights``
+    too (every teacher's routed rows carry the same total loss weight; ``margin_weighted``: counting each row by its
+    margin, as the strategy's margin re-weighting does)."""
     if router is None:
         return signals
-    return dataclasses.replace(signals, certainty=router.score(signals).to(signals.logits[0].device))
+    if share_weighting not in SHARE_WEIGHTINGS:
+        raise ValueError(f"share_weighting must be one of {SHARE_WEIGHTINGS}, got {share_weighting!r}.")
+    scores = router.score(signals).to(signals.logits[0].device)
+    row_weights = None
+    if share_weighting == "balanced" and hasattr(router, "row_weights"):
+        row_weights = router.row_weights(scores, margin_weighted)
+    return dataclasses.replace(signals, certainty=scores, row_weights=row_weights)
 
 
 def fit_on_pool(router: Router, cache, ids: Sequence[str], certainty_source: Optional[str],
@@ -90,16 +103,21 @@ class Scoring:
     a router is configured), then ``certainty_normalization``. Fitted in the set-up (the router on the unlabeled
     pool, the statistics on the training rows' scores), applied per batch."""
 
-    def __init__(self, router: Optional[Router], normalization: str = "none") -> None:
+    def __init__(self, router: Optional[Router], normalization: str = "none", share_weighting: str = "pool",
+                 margin_weighted: bool = True) -> None:
+        if share_weighting not in SHARE_WEIGHTINGS:
+            raise ValueError(f"share_weighting must be one of {SHARE_WEIGHTINGS}, got {share_weighting!r}.")
         self.router = router
         self.normalization = normalization
+        self.share_weighting = share_weighting
+        self.margin_weighted = margin_weighted  # the strategy weights rows by their margin (balanced by margin mass)
         self.statistics: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # per-teacher mean, std
 
     def __call__(self, signals: TeacherSignals) -> TeacherSignals:
         return self.standardize(self.route(signals))
 
     def route(self, signals: TeacherSignals) -> TeacherSignals:
-        return score(self.router, signals)
+        return score(self.router, signals, self.share_weighting, self.margin_weighted)
 
     def standardize(self, signals: TeacherSignals) -> TeacherSignals:
         return signals if self.normalization == "none" else standardize(signals, self.statistics)

@@ -31,7 +31,10 @@ Skewed pools: none of these assumes that the teachers own equal shares of the po
 (the default) each router estimates the shares label-free (:mod:`ki_trainer.routing.shares`) and, when they are
 clearly unequal, adds their log as the prior; the estimate is kept in the router state (``router.shares``,
 ``router.describe_shares(names)``: "the pool looks 88% teacher A, 12% teacher B"), logged and put on the model card.
-``shares="equal"`` keeps the plain pool z-scores. A pool with fewer than ``min_rows_per_teacher`` (10) rows per
+``shares="equal"`` keeps the plain pool z-scores. With an estimate in use the router also fits loss weights per routed
+teacher (``router.row_weights``; applied by the trainer with ``share_weighting="balanced"``, the default) under which
+every teacher's routed rows carry the same total loss weight, so that the student does not forget a minority
+teacher's classes. A pool with fewer than ``min_rows_per_teacher`` (10) rows per
 teacher is not fitted on: the router warns and routes by ``entropy``, which needs no fit.
 """
 

@@ -13,6 +13,7 @@ from transformers.utils import logging
 
 from ..strategies.base import TeacherSignals
 from .base import Router, build_router
+from ..strategies.certainty import margin_weights
 from .shares import describe_shares, fit_owner_mixture, owner_logits
 
 logger = logging.get_logger(__name__)
@@ -124,7 +125,49 @@ class _TransductiveRouter(Router):
             self._fit(signals)
             self.state["fit_rows"] = rows
         self.fitted = True
+        if not self.fallback:
+            self._fit_share_weights(signals)
         return self
+
+    def _fit_share_weights(self, signals: TeacherSignals) -> None:
+        """With a share estimate in use: per-teacher loss weights under which every teacher's routed pool rows carry
+        the same total loss weight, and the pool's total is unchanged. ``share_weights``: for a strategy that weights
+        each row by its margin (MUKI's default), ``total margin / (teachers x margin of the rows routed to the
+        teacher)``; ``share_weights_rows``: for one that does not, ``rows / (teachers x rows routed to it)``. (A
+        minority teacher's rows also have smaller margins: the prior pulls them towards a tie.)"""
+        if not self.uses_shares:
+            return
+        scores = self.score(signals).float().cpu()
+        routed = _routed(scores)
+        for key, mass in (("share_weights", routed * margin_weights(scores)[:, None]), ("share_weights_rows", routed)):
+            per_teacher = mass.sum(0)
+            owning = per_teacher > 0
+            weights = torch.ones(len(per_teacher))
+            weights[owning] = per_teacher.sum() / (int(owning.sum()) * per_teacher[owning])
+            self.state[key] = weights
+
+    def describe_share_weights(self, names: Optional[Sequence[str]] = None, margin_weighted: bool = True
+                               ) -> Optional[str]:
+        """``"rows routed to teacher A count x0.53, to teacher B count x10.01"`` (the ``share_weighting="balanced"`` loss
+        weights, see :meth:`row_weights`), or ``None`` when no share estimate is in use."""
+        weights = self.state.get("share_weights" if margin_weighted else "share_weights_rows")
+        if weights is None:
+            return None
+        values = torch.as_tensor(weights).tolist()
+        names = list(names) if names is not None else [str(t) for t in range(len(values))]
+        return "rows routed to " + ", to ".join(f"teacher {n} count x{v:.2f}" for n, v in zip(names, values))
+
+    def row_weights(self, scores: torch.Tensor, margin_weighted: bool = True) -> Optional[torch.Tensor]:
+        """``[rows]`` loss weights that make every teacher's domain count alike on a skewed pool: the weight of the
+        teacher each row is routed to (the best of ``scores``, from :meth:`score`; exact ties share). Without margin
+        weighting (``margin_weighted=False``) a teacher's weight is ``rows / (teachers x pool rows routed to it)``, so
+        that a teacher owning 10% of the pool has its rows counted 5 times and one owning 90% 0.56 times; with it
+        (MUKI's margin re-weighting) the same with each row counted by its margin. ``None`` when no share estimate is
+        in use (balanced pool, ``shares="equal"``, no clear owner structure, a fall-back): every row then counts 1."""
+        weights = self.state.get("share_weights" if margin_weighted else "share_weights_rows")
+        if weights is None:
+            return None
+        return _routed(scores.float()) @ torch.as_tensor(weights).to(scores.device, torch.float32)
 
     def _fit(self, signals: TeacherSignals) -> None:
         raise NotImplementedError
@@ -185,6 +228,12 @@ class _TransductiveRouter(Router):
 
     def _log_shares(self) -> None:
         logger.info(f"Router {self.name!r}: {self.describe_shares()}.")
+
+
+def _routed(scores: torch.Tensor) -> torch.Tensor:
+    """``[rows, teachers]`` one-hot of each row's best teacher (exact ties split evenly: no dependence on the order)."""
+    top = (scores == scores.max(1, keepdim=True).values).float()
+    return top / top.sum(1, keepdim=True)
 
 
 def _set_shares(router: _TransductiveRouter, mixture: Optional[dict[str, Any]], note: str = "") -> None:

@@ -29,6 +29,9 @@ class TeacherSignals:
         top_variance: ``[B, N]`` variance over MC passes of the top-class probability, when run.
         features: one ``[B, D_t]`` pooled-feature tensor per teacher (input of its output layer), when
             requested.
+        row_weights: ``[B]`` loss weights from the router's estimate of the pool's teacher shares
+            (``share_weighting="balanced"`` on a skewed pool: each row divided by its routed teacher's share, mean 1
+            over the pool), multiplied into the certainty strategies' per-example loss; ``None``: every row 1.
     """
 
     logits: list[torch.Tensor]
@@ -36,6 +39,7 @@ class TeacherSignals:
     mutual_information: Optional[torch.Tensor] = None
     top_variance: Optional[torch.Tensor] = None
     features: Optional[list[torch.Tensor]] = None
+    row_weights: Optional[torch.Tensor] = None
 
     @property
     def batch_size(self) -> int:
@@ -60,7 +64,8 @@ class IntegrationOutput:
     Attributes:
         loss: scalar fp32 training loss (already weighted and averaged over the batch).
         divergence: ``[B]`` unweighted per-example divergence (for logging).
-        weights: ``[B]`` instance weights actually applied, or ``None``.
+        weights: ``[B]`` margin weights applied, or ``None`` (``signals.row_weights``, when given, multiply the
+            loss as well).
         selected: ``[B]`` index of the most certain teacher, or ``None``.
         target: ``[B, C]`` union-space target distribution, for strategies that build one (else ``None``).
     """

@@ -5,7 +5,8 @@ prediction of the most certain teacher (``selection="hard"``) or the certainty-s
 ``sum_t softmax(s / T_s)_t * pad(p_t)`` (``selection="soft"``). With margin re-weighting, each
 example counts ``w = s_(1) - s_(2) + 1e-6``: examples where teachers disagree about who is
 competent count less. The authors do not renormalise ``w`` (which shrinks the effective learning
-rate by ``mean(w)``); ``normalize_weights=True`` divides by the batch mean instead.
+rate by ``mean(w)``); ``normalize_weights=True`` divides by the batch mean instead. A pool router's share
+weighting (``signals.row_weights``, config ``share_weighting``) multiplies the per-example loss as well.
 
 ``muki`` scores certainty with the mean of K stochastic (dropout-on) passes, because fine-tuned
 teachers are over-confident on out-of-domain text and dropout sampling exposes it; ``entropy`` is
@@ -55,13 +56,15 @@ class CertaintyIntegration(IntegrationStrategy):
         log_probs = torch.log_softmax(student_logits.float() / tau, dim=-1)
         divergence = kl_from_log_probs(target, log_probs) * tau**2
         weights = None
+        weighted = divergence
         if self.options.margin_reweighting:
             weights = margin_weights(certainty)
             if self.options.normalize_weights:
                 weights = weights / weights.mean()
-            loss = (weights * divergence).mean()
-        else:
-            loss = divergence.mean()
+            weighted = weights * divergence
+        if signals.row_weights is not None:  # the router's share weighting (each teacher's domain counts alike)
+            weighted = signals.row_weights.to(weighted.device, torch.float32) * weighted
+        loss = weighted.mean()
         return IntegrationOutput(
             loss=loss, divergence=divergence, weights=weights, selected=certainty.argmax(1), target=target
         )

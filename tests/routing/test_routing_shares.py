@@ -267,9 +267,15 @@ def test_the_trainer_logs_the_estimate_with_teacher_names_and_the_card_shows_it(
         logger.setLevel(level)
     line = next(m for m in records if "fitted on 32 unlabeled rows" in m)
     expected = trainer.router.describe_shares(["A", "B"])
-    assert line.endswith(f"; {expected}.") and ("teacher A" in expected or "not estimated" in expected)
+    weights = trainer.router.describe_share_weights(["A", "B"])  # share_weighting="balanced" (the default)
+    if weights is None:
+        assert line.endswith(f"; {expected}.") and ("teacher A" in expected or "not estimated" in expected)
+    else:
+        assert line.endswith(f"; {expected}; share_weighting='balanced': {weights} in the student's loss.")
+        assert weights.startswith("rows routed to teacher A count x")
     summary = router_fit_summary(trainer)
-    assert summary == f"fitted on 32 unlabeled pool rows; {expected}"
+    assert summary.startswith(f"fitted on 32 unlabeled pool rows; {expected}")
+    assert (weights is None) == (summary == f"fitted on 32 unlabeled pool rows; {expected}")
     trainer.save_model()
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"- router fit: {summary}" in card
@@ -287,3 +293,26 @@ def test_router_fit_rows_2_falls_back_with_a_warning_instead_of_tied_scores(tmp_
     assert float((scores[:, 0] - scores[:, 1]).abs().min()) > 0  # no exact ties: every row has a margin
     trainer.save_model()
     assert "not estimated: 2 pool row(s) seen, 20 needed; routed by 'entropy'" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_share_weighting_reaches_the_trainer_step_only_when_balanced(tmp_path, trained_teachers, pool_rows):
+    """The tiny pool reads skewed (see the log test above): 'balanced' puts row weights on the step's signals, 'pool'
+    none; the card names the weights only when they are applied."""
+    from ki_trainer.model_card import router_fit_summary
+
+    found = {}
+    for weighting in ("balanced", "pool"):
+        trainer = _trainer(tmp_path / weighting, trained_teachers, pool_rows, share_weighting=weighting)
+        trainer.fit_router()
+        signals = trainer.scoring(trainer.signal_cache.lookup([str(i) for i in pool_rows["id"]], None))
+        found[weighting] = (signals.row_weights, router_fit_summary(trainer), trainer.router)
+    weights, summary, router = found["balanced"]
+    assert router.uses_shares, router.describe_shares()
+    torch.testing.assert_close(weights, router.row_weights(router.score(
+        trainer.signal_cache.lookup([str(i) for i in pool_rows["id"]], None))))
+    from ki_trainer.strategies.certainty import margin_weights  # MUKI's margin re-weighting is on: kept in total
+
+    margins = margin_weights(router.score(trainer.signal_cache.lookup([str(i) for i in pool_rows["id"]], None)))
+    assert float((weights * margins).sum()) == pytest.approx(float(margins.sum()), rel=1e-4)
+    assert "in the student's loss" in summary
+    assert found["pool"][0] is None and "in the student's loss" not in found["pool"][1]
