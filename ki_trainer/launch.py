@@ -98,6 +98,29 @@ def check_distributed_type(args, accelerator) -> None:
             )
 
 
+def leave_process_group(synchronize: bool = True) -> bool:
+    """Destroy the torch process group this process joined (``accelerate launch``, ``torchrun``), if any.
+
+    A gloo/NCCL group still alive at interpreter exit can abort a rank after all its work is done
+    ("terminate called without an active exception"), and torch warns that ``destroy_process_group()`` was
+    not called. With ``synchronize`` the ranks first meet at a barrier, so none leaves while another still
+    talks to it (pass False after an error: the other ranks may never get there). Returns whether a group
+    was destroyed. Does not import torch when nothing imported it (``ki-trainer --help``).
+    """
+    import sys
+
+    torch = sys.modules.get("torch")
+    distributed = getattr(torch, "distributed", None) if torch is not None else None
+    if distributed is None or not distributed.is_available() or not distributed.is_initialized():
+        return False
+    try:
+        if synchronize:
+            distributed.barrier()
+    finally:
+        distributed.destroy_process_group()
+    return True
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -85,9 +85,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     from ..errors import UsageError  # RunFileError (a run file's mistakes) is one too
 
+    from ..launch import leave_process_group
+
+    finished = False
     try:
         runner(argv[1:], f"ki-trainer {name}")
+        finished = True
     except UsageError as error:  # the message says what to fix: no traceback
         print(f"ki-trainer {name}: {error}", file=sys.stderr)
         return 2
+    finally:  # under `accelerate launch` / torchrun: every rank leaves the process group (barrier only after success)
+        leave_process_group(synchronize=finished)
     return 0

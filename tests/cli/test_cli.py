@@ -183,7 +183,10 @@ def test_demo_on_a_tiny_model(tmp_path: Path, capsys) -> None:
     students = demo.STUDENTS + [("student: hard MUKI", "muki", {"selection": "hard", "run_name": "muki_hard"})]
     rows = demo.demo_rows(args, teachers, unlabeled, test, students=students, train_student=one_student)
     assert calls == [strategy for _, strategy, _ in demo.STUDENTS] + ["muki"]
-    assert list(rows)[2:] == [name.format(mc_samples=2) for name, _, _ in demo.STUDENTS] + ["student: hard MUKI", demo.ORACLE]
+    assert list(rows)[2:] == [name.format(mc_samples=2, mc_layers="top 1 layer") for name, _, _ in demo.STUDENTS] + [
+        "student: hard MUKI", demo.ORACLE]
+    assert "student: MUKI (soft, MC K=2, top 1 layer)" in rows  # as published, dropout sampled in the top layer only
+    assert demo.mc_layers(demo.DemoArguments(mc_top_layers=0)) == "all layers"  # --mc_top_layers 0: full MC dropout
     assert "student: MUKI + relative_mahalanobis router" in rows  # the recommended router beside MUKI as published
     assert all(0.0 <= row["accuracy"] <= 1.0 for row in rows.values())
     assert "teacher_selection_accuracy" in rows["student: hard MUKI"]

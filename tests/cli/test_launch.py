@@ -244,3 +244,38 @@ def test_training_progress_is_counted_in_rows(tmp_path: Path, capfd) -> None:
     trainer.train()
     err = capfd.readouterr().err
     assert "16/16" in err and "rows/s" in err  # 2 steps x 4 rows x 2 accumulation steps
+
+
+# ------------------------------------------------------------------------------- leaving the process group
+def _join_group(tmp_path: Path) -> None:
+    """What `accelerate launch` leaves a rank with: a joined gloo process group (here a group of one)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_console_command_leaves_the_process_group(tmp_path: Path, monkeypatch, fails: bool) -> None:
+    """`ki-trainer integrate` under `accelerate launch` destroys the process group before the interpreter exits (a
+    group alive at exit can abort a rank after its work), also when the command stops with a usage error."""
+    import torch.distributed as dist
+
+    import ki_trainer.cli as cli
+    from ki_trainer.errors import UsageError
+
+    seen = {}
+
+    def runner(argv, prog):
+        _join_group(tmp_path)
+        seen["joined"] = dist.is_initialized()
+        if fails:
+            raise UsageError("a mistake the message names")
+
+    monkeypatch.setattr(cli, "commands", lambda: {"integrate": (runner, "merge")})
+    try:
+        assert cli.main(["integrate"]) == (2 if fails else 0)
+        assert seen["joined"] is True
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
