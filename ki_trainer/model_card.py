@@ -368,12 +368,10 @@ def router_fit_summary(trainer) -> Optional[str]:
         return None
     rows = router.state.get("fit_rows")
     seen = f"fitted on {rows:,} unlabeled pool rows; " if rows is not None else ""
-    names = [teacher.name for teacher in trainer.teachers]
-    line = seen + router.describe_shares(names)
-    margin = getattr(trainer.args, "margin_reweighting", True)
-    weights = router.describe_share_weights(names, margin) if hasattr(router, "describe_share_weights") else None
-    if weights and getattr(trainer.args, "share_weighting", "pool") == "balanced":
-        line += f"; so that every teacher's domain counts alike, {weights} in the student's loss"
+    shares, weights = trainer.scoring.share_notes([teacher.name for teacher in trainer.teachers])
+    line = seen + shares
+    if weights:
+        line += f"; so that every teacher's domain counts alike, {weights}"
     return line
 
 

@@ -293,12 +293,8 @@ class KnowledgeIntegrationTrainer(SavingMixin, Trainer):
             self.signal_cache = self.cached_signals.load(dataset, needs=self.needs)
         rows = self.scoring.fit_router(self.signal_cache, self.cached_signals.dataset_ids(dataset),
                                        self.needs.certainty_source, self.args.router_fit_rows, self.args.seed)
-        shares = getattr(self.router, "describe_shares", None)  # the pool's teacher shares, as the router estimated them
-        found = f"; {shares([t.name for t in self.teachers])}" if shares is not None else ""
-        weights = getattr(self.router, "describe_share_weights", None)
-        weights = weights([t.name for t in self.teachers], self.args.margin_reweighting) if weights is not None else None
-        if weights and self.args.share_weighting == "balanced":  # the student's loss evens out the teachers' shares
-            found += f"; share_weighting='balanced': {weights} in the student's loss"
+        shares, weights = self.scoring.share_notes([t.name for t in self.teachers])
+        found = (f"; {shares}" if shares else "") + (f"; share_weighting='balanced': {weights}" if weights else "")
         logger.info(f"Router {self.router.name!r} fitted on {rows} unlabeled rows{found}.")
         if self.args.should_save:
             save_router_state(self.router, self.args.output_dir)

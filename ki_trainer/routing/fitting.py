@@ -122,6 +122,18 @@ class Scoring:
     def standardize(self, signals: TeacherSignals) -> TeacherSignals:
         return signals if self.normalization == "none" else standardize(signals, self.statistics)
 
+    def share_notes(self, names: Sequence[str]) -> tuple[Optional[str], Optional[str]]:
+        """What the fitted router found in the pool, in words, for the log and the model card: its estimate of the
+        teachers' shares (``"the pool looks 88% teacher A, 12% teacher B"``; ``None`` for a router without one) and,
+        where ``share_weighting="balanced"`` applies, the loss weights per routed teacher (``"rows routed to teacher A
+        count x0.53, to teacher B count x10.01 in the student's loss"``; else ``None``)."""
+        router = self.router
+        shares = router.describe_shares(names) if hasattr(router, "describe_shares") else None
+        weights = None
+        if self.share_weighting == "balanced" and hasattr(router, "describe_share_weights"):
+            weights = router.describe_share_weights(names, self.margin_weighted)
+        return shares, f"{weights} in the student's loss" if weights else None
+
     @property
     def router_unfitted(self) -> bool:
         return self.router is not None and self.router.needs_fit and not self.router.fitted
