@@ -1,7 +1,7 @@
 """``ki-trainer demo``: the main job end to end on a laptop CPU, two teachers -> one label-free student.
 
 1. Fine-tunes two paraphrase-MiniLM-L3-v2 teachers on debian_sections20 (shipped with the package),
-   one on the first 10 sections (sorted names), one on the other 10, 20 labelled rows per class, 32
+   one on the first 10 sections (sorted names), one on the other 10, 30 labelled rows per class, 48
    tokens, with ``ki-trainer train-teachers``. They are cached in <output_dir>/teachers: a second run
    reuses them.
 2. Integrates them WITHOUT labels into a paraphrase-MiniLM-L3-v2 student over all 20 sections: with
