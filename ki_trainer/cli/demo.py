@@ -82,6 +82,13 @@ class DemoArguments:
     seed: int = field(default=0, metadata={"help": "Seed for data subsets, teachers and students."})
     disable_tqdm: bool = field(default=True, metadata={"help": "Hide the progress bars (phase banners stay)."})
 
+    def __post_init__(self) -> None:  # named before minutes of teacher training, not after
+        from ..errors import UsageError
+
+        if self.mc_top_layers < 0:
+            raise UsageError(f"--mc_top_layers {self.mc_top_layers}: give the number of top layers to sample "
+                             "dropout in (>= 1), or 0 for every layer.")
+
 
 def _common(demo: DemoArguments) -> dict[str, Any]:
     return dict(per_device_train_batch_size=demo.per_device_train_batch_size, learning_rate=demo.learning_rate,

@@ -194,3 +194,10 @@ def test_demo_on_a_tiny_model(tmp_path: Path, capsys) -> None:
     oracle = json.loads((tmp_path / "demo" / "oracle" / "teachers.json").read_text())["teachers"]
     assert len(oracle) == 1 and len(oracle[0]["labels"]) == 20  # one model over every class, trained with labels
     assert f"==> training student {len(students)}/{len(students)}: hard MUKI ... " in capsys.readouterr().out
+
+
+def test_demo_names_a_negative_mc_top_layers_before_training(capsys) -> None:
+    from ki_trainer.cli import main
+
+    assert main(["demo", "--mc_top_layers", "-1"]) == 2  # a usage error, before any teacher is trained
+    assert "--mc_top_layers -1" in capsys.readouterr().err
