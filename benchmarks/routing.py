@@ -63,7 +63,7 @@ ROUTERS = ["max_prob", "energy", "entropy", "mc_entropy", "mc_mutual_information
            "prototype", "relative_mahalanobis", "consensus", "knn_smoothing", "self_training"]
 PUBLISHED = "mc_entropy"
 # 'muki:ROUTER[key=value]' keys that are KnowledgeIntegrationConfig fields (the others are router_options).
-CONFIG_KEYS = ("share_weighting",)
+CONFIG_KEYS = ("share_weighting", "within_teacher_kd")
 
 
 def signals_for(args, cfg) -> tuple[Any, Any, Any, list[list[str]]]:
@@ -178,6 +178,8 @@ def student_job(args, cfg, data, blocks, method: str, seed: int, out: Optional[P
                 config["router"] = name
                 options = dict(item.split("=", 1) for item in options.rstrip("]").split(","))
                 config.update({key: options.pop(key) for key in CONFIG_KEYS if key in options})
+                if "within_teacher_kd" in config:
+                    config["within_teacher_kd"] = float(config["within_teacher_kd"])
                 if options:
                     config["router_options"] = options
         config["student_init"] = init or "pretrained"

@@ -146,6 +146,17 @@ class KnowledgeIntegrationConfig(TrainingArguments):
             "choices": ["balanced", "pool"],
         },
     )
+    within_teacher_kd: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "For the certainty-based strategies (muki, entropy): add this multiple of UHC's loss, in which "
+            "the student, renormalised inside each teacher's classes, matches that teacher on every row (whichever "
+            "teacher the row is routed to). Each teacher's ranking of its own classes is then learned from the whole "
+            "pool, not only from the rows routed to it; a teacher that owns few pool rows (a skewed pool) gains most. "
+            "None (default): 1.0 where share_weighting='balanced' applies (a pool router found the pool skewed), "
+            "else 0 (MUKI's loss alone). See docs/routing.md, 'Skewed pools'."
+        },
+    )
     mc_samples: int = field(
         default=16,
         metadata={"help": "Monte-Carlo dropout passes per teacher and example used to score certainty (muki)."},
@@ -279,6 +290,11 @@ class KnowledgeIntegrationConfig(TrainingArguments):
             raise ValueError(f"share_weighting must be 'balanced' or 'pool', got {self.share_weighting!r}.")
         if self.router_fit_rows is not None and self.router_fit_rows < 2:
             raise ValueError(f"router_fit_rows must be >= 2 (or None for every pool row), got {self.router_fit_rows}.")
+        if self.within_teacher_kd is not None and not self.within_teacher_kd >= 0:
+            raise ValueError(f"within_teacher_kd must be >= 0 (or None), got {self.within_teacher_kd}.")
+        if self.within_teacher_kd and not getattr(strategy, "certainty_source", None):
+            raise ValueError(f"within_teacher_kd adds UHC's loss to a certainty-based strategy (muki, entropy); "
+                             f"strategy {self.strategy!r} does not take it (use strategy='uhc' for UHC alone).")
         if self.mc_samples < 1:
             raise ValueError(f"mc_samples must be >= 1, got {self.mc_samples}.")
         if self.kd_temperature <= 0:
@@ -371,6 +387,7 @@ class KnowledgeIntegrationConfig(TrainingArguments):
             score_temperature=self.teacher_score_temperature,
             margin_reweighting=self.margin_reweighting,
             normalize_weights=self.normalize_margin_weights,
+            within_teacher_weight=float(self.within_teacher_kd or 0.0),
         )
 
     def resolved_teacher_dtype(self) -> torch.dtype:

@@ -37,6 +37,7 @@ STRATEGY_FIELDS = (
     "teacher_score_temperature",
     "margin_reweighting",
     "normalize_margin_weights",
+    "within_teacher_kd",
     "certainty_normalization",
     "signal_source",
     "student_init",
@@ -292,6 +293,7 @@ def integration_section(teachers: Sequence[Teacher], args) -> str:
         "teacher_score_temperature": args.teacher_score_temperature,
         "margin_reweighting": args.margin_reweighting,
         "normalize_margin_weights": args.normalize_margin_weights,
+        "within_teacher_kd": args.within_teacher_kd,
         "certainty_normalization": args.certainty_normalization,
         "signal_source": args.signal_source,
     }

@@ -48,21 +48,40 @@ def signal_needs(strategy, router: Optional[Router]) -> SignalNeeds:
 SHARE_WEIGHTINGS = ("balanced", "pool")
 
 
+# within_teacher_kd=None: this multiple of UHC's loss where share_weighting="balanced" applies (a pool router that
+# found the pool skewed), none elsewhere (docs/routing.md, 'Skewed pools').
+AUTO_WITHIN_TEACHER_KD = 1.0
+
+
+def within_teacher_weight(router: Optional[Router], share_weighting: str, within_teacher_kd: Optional[float]
+                          ) -> Optional[float]:
+    """The resolved ``within_teacher_kd``: as given, or (``None``) ``AUTO_WITHIN_TEACHER_KD`` where the balanced share
+    weighting applies (a fitted pool router that routes by an estimate of the pool's teacher shares) and 0 elsewhere."""
+    if within_teacher_kd is not None:
+        return float(within_teacher_kd)
+    skewed = share_weighting == "balanced" and bool(getattr(router, "uses_shares", False))
+    return AUTO_WITHIN_TEACHER_KD if skewed else 0.0
+
+
 def score(router: Optional[Router], signals: TeacherSignals, share_weighting: str = "pool",
-          margin_weighted: bool = True) -> TeacherSignals:
+          margin_weighted: bool = True, within_teacher_kd: Optional[float] = 0.0) -> TeacherSignals:
     """``signals`` with ``certainty`` replaced by the router's competence scores (unchanged without a router); with
     ``share_weighting="balanced"`` and a router that uses an estimate of the pool's teacher shares, ``row_weights``
     too (every teacher's routed rows carry the same total loss weight; ``margin_weighted``: counting each row by its
-    margin, as the strategy's margin re-weighting does)."""
+    margin, as the strategy's margin re-weighting does). ``within_teacher_weight`` is set to the resolved
+    ``within_teacher_kd`` (see :func:`within_teacher_weight`)."""
     if router is None:
-        return signals
+        if within_teacher_kd is None:
+            return signals
+        return dataclasses.replace(signals, within_teacher_weight=float(within_teacher_kd))
     if share_weighting not in SHARE_WEIGHTINGS:
         raise ValueError(f"share_weighting must be one of {SHARE_WEIGHTINGS}, got {share_weighting!r}.")
     scores = router.score(signals).to(signals.logits[0].device)
     row_weights = None
     if share_weighting == "balanced" and hasattr(router, "row_weights"):
         row_weights = router.row_weights(scores, margin_weighted)
-    return dataclasses.replace(signals, certainty=scores, row_weights=row_weights)
+    return dataclasses.replace(signals, certainty=scores, row_weights=row_weights,
+                               within_teacher_weight=within_teacher_weight(router, share_weighting, within_teacher_kd))
 
 
 def fit_on_pool(router: Router, cache, ids: Sequence[str], certainty_source: Optional[str],
@@ -104,20 +123,21 @@ class Scoring:
     pool, the statistics on the training rows' scores), applied per batch."""
 
     def __init__(self, router: Optional[Router], normalization: str = "none", share_weighting: str = "pool",
-                 margin_weighted: bool = True) -> None:
+                 margin_weighted: bool = True, within_teacher_kd: Optional[float] = 0.0) -> None:
         if share_weighting not in SHARE_WEIGHTINGS:
             raise ValueError(f"share_weighting must be one of {SHARE_WEIGHTINGS}, got {share_weighting!r}.")
         self.router = router
         self.normalization = normalization
         self.share_weighting = share_weighting
         self.margin_weighted = margin_weighted  # the strategy weights rows by their margin (balanced by margin mass)
+        self.within_teacher_kd = within_teacher_kd  # None: resolved from the fitted router (within_teacher_weight)
         self.statistics: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # per-teacher mean, std
 
     def __call__(self, signals: TeacherSignals) -> TeacherSignals:
         return self.standardize(self.route(signals))
 
     def route(self, signals: TeacherSignals) -> TeacherSignals:
-        return score(self.router, signals, self.share_weighting, self.margin_weighted)
+        return score(self.router, signals, self.share_weighting, self.margin_weighted, self.within_teacher_kd)
 
     def standardize(self, signals: TeacherSignals) -> TeacherSignals:
         return signals if self.normalization == "none" else standardize(signals, self.statistics)
@@ -132,7 +152,12 @@ class Scoring:
         weights = None
         if self.share_weighting == "balanced" and hasattr(router, "describe_share_weights"):
             weights = router.describe_share_weights(names, self.margin_weighted)
-        return shares, f"{weights} in the student's loss" if weights else None
+        within = within_teacher_weight(router, self.share_weighting, self.within_teacher_kd)
+        if weights and within > 0:
+            weights += f" in the student's loss, plus {within:g} x each teacher matched inside its own classes on every row"
+        elif weights:
+            weights += " in the student's loss"
+        return shares, weights
 
     @property
     def router_unfitted(self) -> bool:

@@ -22,7 +22,11 @@ logger = logging.get_logger(__name__)
 MIN_ROWS_PER_TEACHER = 10
 # The fallback needs no fit and reads only the deterministic logits (present in every signal mode).
 FALLBACK_ROUTER = "entropy"
-SHARES = ("estimate", "equal")
+SHARES = ("auto", "estimate", "equal")
+# shares="auto" (the default) estimates the shares for at most this many teachers. With four teachers on a real pool
+# (debian_sections20 4x5, CPU configuration) the estimate was wrong: it read the balanced pool as 41:13:35:11 and
+# routed 57.4% of its rows right where the equal-shares z-scores route 71.9% (docs/routing.md, 'Skewed pools').
+AUTO_MAX_TEACHERS = 2
 # An estimate whose every share lies within MIN_SKEW of 1/teachers routes as equal shares: on the balanced 2x10 pool
 # of debian_sections20 the estimate reads 60:40 (docs/routing.md), and a prior that small costs more than it gains.
 MIN_SKEW = 0.1
@@ -83,7 +87,7 @@ def _pseudo_label_mask(probs: torch.Tensor, share: float) -> tuple[torch.Tensor,
 
 
 # Options every pool router takes (see _TransductiveRouter).
-_POOL_DEFAULTS: dict[str, Any] = {"shares": "estimate", "min_skew": MIN_SKEW, "min_rows_per_teacher": MIN_ROWS_PER_TEACHER}
+_POOL_DEFAULTS: dict[str, Any] = {"shares": "auto", "min_skew": MIN_SKEW, "min_rows_per_teacher": MIN_ROWS_PER_TEACHER}
 
 
 class _TransductiveRouter(Router):
@@ -100,7 +104,7 @@ class _TransductiveRouter(Router):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        if self.options.get("shares", "estimate") not in SHARES:
+        if self.options.get("shares", "auto") not in SHARES:
             raise ValueError(f"Router {self.name!r}: shares must be one of {SHARES}, got {self.options['shares']!r}.")
         if not 0.0 <= float(self.options["min_skew"]) < 1.0:
             raise ValueError(f"Router {self.name!r}: min_skew must be in [0, 1).")
@@ -248,10 +252,11 @@ def _set_shares(router: _TransductiveRouter, mixture: Optional[dict[str, Any]], 
 class _ZScoredRouter(_TransductiveRouter):
     """Base for pool routers with one raw score per teacher, calibrated on the pool and softmaxed.
 
-    ``shares="estimate"`` (default): the pool is modelled as a mixture of owners (:mod:`ki_trainer.routing.shares`);
+    ``shares="estimate"``: the pool is modelled as a mixture of owners (:mod:`ki_trainer.routing.shares`);
     each teacher's raw score is calibrated against its own in- and out-of-domain rows and the estimated shares
     are the prior. ``shares="equal"``: each teacher's raw score z-scored over the whole pool (assumes every
-    teacher owns the same share of the pool; the behaviour before the estimate existed).
+    teacher owns the same share of the pool; the behaviour before the estimate existed). ``shares="auto"``
+    (default): ``"estimate"`` for two teachers, ``"equal"`` for more (where the estimate was measured wrong).
     """
 
     def raw_fit(self, signals: TeacherSignals) -> None:  # fit what raw_score needs
@@ -264,7 +269,12 @@ class _ZScoredRouter(_TransductiveRouter):
         self.raw_fit(signals)
         raw = self.raw_score(signals)
         self.state["zscore"] = _zscore_fit(raw)
-        if self.options.get("shares", "estimate") == "estimate":
+        mode = self.options.get("shares", "auto")
+        if mode == "auto" and raw.shape[1] > AUTO_MAX_TEACHERS:
+            _set_shares(self, None, f"estimated for up to {AUTO_MAX_TEACHERS} teachers by default; with "
+                        f"{raw.shape[1]} the estimate misread a balanced real pool, so equal shares are assumed "
+                        "(router_options shares='estimate' estimates anyway)")
+        elif mode in ("auto", "estimate"):
             _set_shares(self, fit_owner_mixture(_zscore(raw, self.state["zscore"])))
         else:
             _set_shares(self, None, "shares='equal'")

@@ -32,6 +32,9 @@ class TeacherSignals:
         row_weights: ``[B]`` loss weights from the router's estimate of the pool's teacher shares
             (``share_weighting="balanced"`` on a skewed pool: each row divided by its routed teacher's share, mean 1
             over the pool), multiplied into the certainty strategies' per-example loss; ``None``: every row 1.
+        within_teacher_weight: the multiple of UHC's loss (each teacher matched inside its own classes on every row)
+            the certainty strategies add, as resolved for this pool (config ``within_teacher_kd``); ``None``: the
+            strategy's own ``StrategyOptions.within_teacher_weight``.
     """
 
     logits: list[torch.Tensor]
@@ -40,6 +43,7 @@ class TeacherSignals:
     top_variance: Optional[torch.Tensor] = None
     features: Optional[list[torch.Tensor]] = None
     row_weights: Optional[torch.Tensor] = None
+    within_teacher_weight: Optional[float] = None
 
     @property
     def batch_size(self) -> int:
@@ -55,6 +59,7 @@ class StrategyOptions:
     score_temperature: float = 0.2
     margin_reweighting: bool = True
     normalize_weights: bool = False
+    within_teacher_weight: float = 0.0
 
 
 @dataclass

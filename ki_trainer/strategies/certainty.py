@@ -7,6 +7,9 @@ example counts ``w = s_(1) - s_(2) + 1e-6``: examples where teachers disagree ab
 competent count less. The authors do not renormalise ``w`` (which shrinks the effective learning
 rate by ``mean(w)``); ``normalize_weights=True`` divides by the batch mean instead. A pool router's share
 weighting (``signals.row_weights``, config ``share_weighting``) multiplies the per-example loss as well.
+``within_teacher_weight`` > 0 (``signals.within_teacher_weight`` when set, as resolved for the pool) adds that multiple of UHC's loss (each teacher matched inside its own classes, on every
+row, unweighted): every teacher's ranking of its own classes is then learned on every pool row, not only on the rows
+routed to it, which is what a teacher that owns few pool rows needs.
 
 ``muki`` scores certainty with the mean of K stochastic (dropout-on) passes, because fine-tuned
 teachers are over-confident on out-of-domain text and dropout sampling exposes it; ``entropy`` is
@@ -18,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from ..numerics import kl_from_log_probs
+from .uhc import within_teacher_divergence
 from .base import IntegrationOutput, IntegrationStrategy, TeacherSignals, register_strategy
 
 MARGIN_EPSILON = 1e-6
@@ -65,6 +69,12 @@ class CertaintyIntegration(IntegrationStrategy):
         if signals.row_weights is not None:  # the router's share weighting (each teacher's domain counts alike)
             weighted = signals.row_weights.to(weighted.device, torch.float32) * weighted
         loss = weighted.mean()
+        within_weight = signals.within_teacher_weight
+        if within_weight is None:
+            within_weight = self.options.within_teacher_weight
+        if within_weight > 0:
+            within = within_teacher_divergence(student_logits, signals.logits, self.label_space, tau)
+            loss = loss + within_weight * within.mean()
         return IntegrationOutput(
             loss=loss, divergence=divergence, weights=weights, selected=certainty.argmax(1), target=target
         )

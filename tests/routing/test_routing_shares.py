@@ -59,6 +59,8 @@ def permuted(signals, order):
 
 
 SKEWED = [(360, 40), (380, 20), (40, 360), (340, 40, 20)]
+# The default (shares="auto") estimates for two teachers only; these synthetic pools test the estimate itself.
+ESTIMATE = {"shares": "estimate"}
 
 
 # ---------------------------------------------------------------------- the failure, reproduced
@@ -85,7 +87,7 @@ def test_share_aware_routers_beat_the_majority_and_mc_entropy_on_skewed_pools(na
     pool, owners = owned_pool(counts)
     test, test_owners = owned_pool(counts, seed=1)
     majority = max(counts) / sum(counts)
-    router = build_router(name).fit(pool)
+    router = build_router(name, ESTIMATE).fit(pool)
     mc = accuracy(build_router("mc_entropy"), pool, owners)
     assert accuracy(router, pool, owners) >= max(majority, mc) + 0.02, name
     assert accuracy(router, test, test_owners) >= majority - 0.01, name  # unseen rows of the same mixture
@@ -99,7 +101,7 @@ def test_share_estimation_keeps_balanced_and_mildly_skewed_pools_routed(name, co
     mildly skewed pool of four teachers loses at most 2 points to the z-scores that happen to suit it."""
     pool, owners = owned_pool(counts)
     equal = build_router(name, {"shares": "equal"}).fit(pool)
-    estimate = build_router(name).fit(pool)
+    estimate = build_router(name, ESTIMATE).fit(pool)
     if len(set(counts)) == 1:
         assert not estimate.uses_shares
         torch.testing.assert_close(estimate.score(pool), equal.score(pool))
@@ -112,7 +114,7 @@ def test_estimated_shares_match_the_true_owner_shares(counts):
     pool, _ = owned_pool(counts)
     truth = torch.tensor(counts, dtype=torch.float) / sum(counts)
     for name in ("relative_mahalanobis", "knn_smoothing", "consensus", "self_training"):
-        router = build_router(name).fit(pool)
+        router = build_router(name, ESTIMATE).fit(pool)
         assert router.shares is not None, (name, router.shares_note)
         assert float(router.shares.sum()) == pytest.approx(1.0, abs=1e-5)
         assert float((router.shares - truth).abs().max()) < 0.03, (name, router.shares.tolist(), truth.tolist())
@@ -271,7 +273,8 @@ def test_the_trainer_logs_the_estimate_with_teacher_names_and_the_card_shows_it(
     if weights is None:
         assert line.endswith(f"; {expected}.") and ("teacher A" in expected or "not estimated" in expected)
     else:
-        assert line.endswith(f"; {expected}; share_weighting='balanced': {weights} in the student's loss.")
+        assert line.endswith(f"; {expected}; share_weighting='balanced': {weights} in the student's loss, plus 1 x "
+                             "each teacher matched inside its own classes on every row.")  # within_teacher_kd=None
         assert weights.startswith("rows routed to teacher A count x")
     summary = router_fit_summary(trainer)
     assert summary.startswith(f"fitted on 32 unlabeled pool rows; {expected}")
@@ -316,3 +319,23 @@ def test_share_weighting_reaches_the_trainer_step_only_when_balanced(tmp_path, t
     assert float((weights * margins).sum()) == pytest.approx(float(margins.sum()), rel=1e-4)
     assert "in the student's loss" in summary
     assert found["pool"][0] is None and "in the student's loss" not in found["pool"][1]
+
+
+@pytest.mark.parametrize("counts", [(340, 40, 20), (150, 150, 50, 50), (100, 100, 100)])
+def test_the_default_assumes_equal_shares_for_more_than_two_teachers_and_says_why(counts):
+    """``shares="auto"`` (the default) estimates for two teachers only: with four teachers on a real pool the estimate
+    misread a balanced pool (docs/routing.md). More teachers route exactly as ``shares="equal"``; the note says why and
+    how to estimate anyway."""
+    pool, _ = owned_pool(counts)
+    router = build_router("relative_mahalanobis").fit(pool)
+    assert router.shares is None and not router.uses_shares
+    assert "shares='estimate' estimates anyway" in router.describe_shares()
+    torch.testing.assert_close(router.score(pool), build_router("relative_mahalanobis", {"shares": "equal"}).fit(pool).score(pool))
+    assert build_router("relative_mahalanobis", {"shares": "estimate"}).fit(pool).shares is not None
+
+
+def test_the_default_estimates_the_shares_of_two_teachers():
+    pool, _ = owned_pool((360, 40))
+    router = build_router("relative_mahalanobis").fit(pool)
+    assert router.options["shares"] == "auto" and router.uses_shares
+    assert float(router.shares[0]) == pytest.approx(0.9, abs=0.03)

@@ -37,7 +37,7 @@ def teacher_mass(router, signals, owners, weighted, margin_weighted=True):
 @pytest.mark.parametrize("margin_weighted", [True, False])
 def test_balanced_weighting_gives_every_teacher_about_the_same_weight(name, counts, margin_weighted):
     pool, owners = owned_pool(counts)
-    router = build_router(name).fit(pool)
+    router = build_router(name, {"shares": "estimate"}).fit(pool)
     assert router.uses_shares, (name, router.describe_shares())
     teachers = len(counts)
     plain, plain_weights = teacher_mass(router, pool, owners, False, margin_weighted)
@@ -58,7 +58,7 @@ def test_balanced_weighting_gives_every_teacher_about_the_same_weight(name, coun
 @pytest.mark.parametrize("name", FEATURE_ROUTERS + ["standardized"])
 def test_balanced_pools_get_no_weights(name, counts):
     pool, _ = owned_pool(counts)
-    router = build_router(name).fit(pool)
+    router = build_router(name, {"shares": "estimate"}).fit(pool)
     assert router.row_weights(router.score(pool)) is None
     assert router.describe_share_weights() is None
     balanced, plain = score(router, pool, "balanced"), score(router, pool, "pool")
@@ -116,3 +116,44 @@ def test_share_weighting_is_checked_and_documented():
     field = next(f for f in dataclasses.fields(KnowledgeIntegrationConfig) if f.name == "share_weighting")
     assert field.default == "balanced" and field.metadata["choices"] == ["balanced", "pool"]
     assert "the same total loss weight" in field.metadata["help"]
+
+
+def test_within_teacher_kd_is_checked():
+    assert KnowledgeIntegrationConfig(output_dir="unused").within_teacher_kd is None  # resolved per pool
+    assert KnowledgeIntegrationConfig(output_dir="unused").strategy_options().within_teacher_weight == 0.0
+    assert KnowledgeIntegrationConfig(output_dir="unused", within_teacher_kd=0.5).strategy_options(
+    ).within_teacher_weight == 0.5
+    with pytest.raises(ValueError, match="within_teacher_kd must be >= 0"):
+        KnowledgeIntegrationConfig(output_dir="unused", within_teacher_kd=-1.0)
+    with pytest.raises(ValueError, match="strategy 'vanilla_kd' does not take it"):
+        KnowledgeIntegrationConfig(output_dir="unused", strategy="vanilla_kd", within_teacher_kd=1.0)
+
+
+@pytest.mark.parametrize("counts,share_weighting,within_teacher_kd,expected", [
+    ((360, 40), "balanced", None, 1.0),   # a skewed pool under the balanced weighting: on by default
+    ((200, 200), "balanced", None, 0.0),  # a balanced pool trains as before
+    ((360, 40), "pool", None, 0.0),       # the pool's own mix: as before
+    ((360, 40), "balanced", 0.0, 0.0),    # explicitly off
+    ((200, 200), "pool", 0.5, 0.5),       # explicitly on, whatever the pool
+])
+def test_within_teacher_kd_defaults_on_only_where_the_pool_is_skewed(counts, share_weighting, within_teacher_kd,
+                                                                     expected):
+    pool, _ = owned_pool(counts)
+    router = build_router("relative_mahalanobis").fit(pool)
+    scoring = Scoring(router, "none", share_weighting, True, within_teacher_kd)
+    assert scoring(pool).within_teacher_weight == expected
+    weights = scoring.share_notes(["A", "B"])[1]
+    assert (weights is not None and "matched inside its own classes" in weights) == (expected > 0 and router.uses_shares
+                                                                                    and share_weighting == "balanced")
+
+
+def test_the_resolved_within_teacher_weight_reaches_the_loss():
+    pool, _ = owned_pool((360, 40))
+    space = LabelSpace([["a", "b", "c"], ["d", "e", "f"]], ["A", "B"])
+    student = torch.randn(len(pool.logits[0]), 6)
+    router = build_router("relative_mahalanobis").fit(pool)
+    strategy = get_strategy("muki")(space)
+    on = strategy.compute(student, Scoring(router, "none", "balanced", True, None)(pool)).loss
+    off = strategy.compute(student, Scoring(router, "none", "balanced", True, 0.0)(pool)).loss
+    uhc = get_strategy("uhc")(space).compute(student, pool).loss
+    torch.testing.assert_close(on, off + uhc)

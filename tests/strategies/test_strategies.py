@@ -118,6 +118,22 @@ def test_soft_selection_with_margin(ts):
     assert out.loss.item() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("weight", [0.5, 2.0])
+def test_within_teacher_kd_adds_that_multiple_of_uhc_to_mukis_loss(weight):
+    muki = run("muki", cert=CERT, selection="soft").loss.item()
+    uhc = run("uhc").loss.item()
+    out = run("muki", cert=CERT, selection="soft", within_teacher_weight=weight)
+    assert out.loss.item() == pytest.approx(muki + weight * uhc, rel=1e-5)
+    assert run("muki", cert=CERT, selection="soft", within_teacher_weight=0.0).loss.item() == pytest.approx(muki)
+
+
+def test_within_teacher_kd_is_not_weighted_by_the_router():
+    """The UHC term counts every row alike: a row whose margin is ~0 (no margin weight) still teaches each teacher's
+    ranking of its classes."""
+    tied = run("muki", cert=[0.5, 0.5], selection="soft", within_teacher_weight=1.0).loss.item()
+    assert tied == pytest.approx(run("uhc").loss.item(), rel=1e-4)
+
+
 def test_normalized_margin_weights_average_to_one():
     strategy = get_strategy("muki")(SPACE, StrategyOptions(normalize_weights=True))
     sig = TeacherSignals(
