@@ -89,6 +89,8 @@ def _strategy_settings(args) -> dict[str, Any]:
     source = _certainty_source(args)
     names = PLAIN_KD_FIELDS if source is None else [n for n in STRATEGY_FIELDS if source == "mc" or n not in MC_FIELDS]
     settings = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    if settings.get("within_teacher_kd", 0.0) is None:
+        settings["within_teacher_kd"] = "None (auto: 1.0 only where the router found the pool skewed; see the router fit)"
     if source is not None:
         for name in sorted(vars(args)):
             if name.startswith(ROUTER_PREFIXES) and name != "router":
@@ -293,7 +295,7 @@ def integration_section(teachers: Sequence[Teacher], args) -> str:
         "teacher_score_temperature": args.teacher_score_temperature,
         "margin_reweighting": args.margin_reweighting,
         "normalize_margin_weights": args.normalize_margin_weights,
-        "within_teacher_kd": args.within_teacher_kd,
+        "within_teacher_kd": "None (auto)" if args.within_teacher_kd is None else args.within_teacher_kd,
         "certainty_normalization": args.certainty_normalization,
         "signal_source": args.signal_source,
     }

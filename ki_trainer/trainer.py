@@ -177,6 +177,9 @@ class KnowledgeIntegrationTrainer(SavingMixin, Trainer):
         super()._hp_search_setup(trial)
         self.strategy = get_strategy(self.args.strategy)(self.label_space, self.args.strategy_options())
         self.scoring.normalization = self.args.certainty_normalization
+        self.scoring.share_weighting = self.args.share_weighting
+        self.scoring.margin_weighted = self.args.margin_reweighting
+        self.scoring.within_teacher_kd = self.args.within_teacher_kd
 
     def _set_signature_columns_if_needed(self) -> None:
         # Keep raw text, gold labels, ids and lengths: the collator and the length-grouped sampler need

@@ -64,24 +64,24 @@ def within_teacher_weight(router: Optional[Router], share_weighting: str, within
 
 
 def score(router: Optional[Router], signals: TeacherSignals, share_weighting: str = "pool",
-          margin_weighted: bool = True, within_teacher_kd: Optional[float] = 0.0) -> TeacherSignals:
+          margin_weighted: bool = True, within_teacher_kd: Optional[float] = None) -> TeacherSignals:
     """``signals`` with ``certainty`` replaced by the router's competence scores (unchanged without a router); with
     ``share_weighting="balanced"`` and a router that uses an estimate of the pool's teacher shares, ``row_weights``
     too (every teacher's routed rows carry the same total loss weight; ``margin_weighted``: counting each row by its
-    margin, as the strategy's margin re-weighting does). ``within_teacher_weight`` is set to the resolved
-    ``within_teacher_kd`` (see :func:`within_teacher_weight`)."""
+    margin, as the strategy's margin re-weighting does). With ``within_teacher_kd=None`` (the config's default) and
+    the balanced weighting in use, ``within_teacher_weight`` is set to ``AUTO_WITHIN_TEACHER_KD``; otherwise it stays
+    ``None`` and the strategy's own ``StrategyOptions.within_teacher_weight`` (the config's explicit value) applies."""
     if router is None:
-        if within_teacher_kd is None:
-            return signals
-        return dataclasses.replace(signals, within_teacher_weight=float(within_teacher_kd))
+        return signals
     if share_weighting not in SHARE_WEIGHTINGS:
         raise ValueError(f"share_weighting must be one of {SHARE_WEIGHTINGS}, got {share_weighting!r}.")
     scores = router.score(signals).to(signals.logits[0].device)
     row_weights = None
     if share_weighting == "balanced" and hasattr(router, "row_weights"):
         row_weights = router.row_weights(scores, margin_weighted)
+    auto = within_teacher_kd is None and within_teacher_weight(router, share_weighting, None) > 0
     return dataclasses.replace(signals, certainty=scores, row_weights=row_weights,
-                               within_teacher_weight=within_teacher_weight(router, share_weighting, within_teacher_kd))
+                               within_teacher_weight=AUTO_WITHIN_TEACHER_KD if auto else None)
 
 
 def fit_on_pool(router: Router, cache, ids: Sequence[str], certainty_source: Optional[str],
@@ -123,7 +123,7 @@ class Scoring:
     pool, the statistics on the training rows' scores), applied per batch."""
 
     def __init__(self, router: Optional[Router], normalization: str = "none", share_weighting: str = "pool",
-                 margin_weighted: bool = True, within_teacher_kd: Optional[float] = 0.0) -> None:
+                 margin_weighted: bool = True, within_teacher_kd: Optional[float] = None) -> None:
         if share_weighting not in SHARE_WEIGHTINGS:
             raise ValueError(f"share_weighting must be one of {SHARE_WEIGHTINGS}, got {share_weighting!r}.")
         self.router = router

@@ -138,11 +138,20 @@ def test_within_teacher_kd_is_checked():
 ])
 def test_within_teacher_kd_defaults_on_only_where_the_pool_is_skewed(counts, share_weighting, within_teacher_kd,
                                                                      expected):
+    """The loss the trainer's strategy computes (options from the config, signals through the fitted router's
+    scoring) is MUKI's plus ``expected`` x UHC's."""
     pool, _ = owned_pool(counts)
+    space = LabelSpace([["a", "b", "c"], ["d", "e", "f"]], ["A", "B"])
+    student = torch.randn(len(pool.logits[0]), 6, generator=torch.Generator().manual_seed(0))
     router = build_router("relative_mahalanobis").fit(pool)
-    scoring = Scoring(router, "none", share_weighting, True, within_teacher_kd)
-    assert scoring(pool).within_teacher_weight == expected
-    weights = scoring.share_notes(["A", "B"])[1]
+    args = KnowledgeIntegrationConfig(output_dir="unused", share_weighting=share_weighting,
+                                      within_teacher_kd=within_teacher_kd)
+    scored = Scoring(router, "none", share_weighting, True, within_teacher_kd)(pool)
+    loss = get_strategy("muki")(space, args.strategy_options()).compute(student, scored).loss
+    muki = get_strategy("muki")(space).compute(student, dataclasses.replace(scored, within_teacher_weight=0.0)).loss
+    uhc = get_strategy("uhc")(space).compute(student, pool).loss
+    torch.testing.assert_close(loss, muki + expected * uhc)
+    weights = Scoring(router, "none", share_weighting, True, within_teacher_kd).share_notes(["A", "B"])[1]
     assert (weights is not None and "matched inside its own classes" in weights) == (expected > 0 and router.uses_shares
                                                                                     and share_weighting == "balanced")
 

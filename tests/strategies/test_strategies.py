@@ -128,10 +128,14 @@ def test_within_teacher_kd_adds_that_multiple_of_uhc_to_mukis_loss(weight):
 
 
 def test_within_teacher_kd_is_not_weighted_by_the_router():
-    """The UHC term counts every row alike: a row whose margin is ~0 (no margin weight) still teaches each teacher's
-    ranking of its classes."""
+    """The UHC term counts every row alike: a row whose margin is ~0 (no margin weight) or whose share weight is 0
+    still teaches each teacher's ranking of its classes."""
     tied = run("muki", cert=[0.5, 0.5], selection="soft", within_teacher_weight=1.0).loss.item()
     assert tied == pytest.approx(run("uhc").loss.item(), rel=1e-4)
+    strategy = get_strategy("muki")(SPACE, StrategyOptions(within_teacher_weight=1.0))
+    unweighted = TeacherSignals(logits=signals().logits, certainty=torch.tensor([CERT]), row_weights=torch.zeros(1))
+    assert strategy.compute(torch.tensor([STUDENT]), unweighted).loss.item() == pytest.approx(run("uhc").loss.item(),
+                                                                                              rel=1e-5)
 
 
 def test_normalized_margin_weights_average_to_one():

@@ -152,14 +152,17 @@ def test_model_init_and_optuna_search_rebuild_the_student_and_keep_teachers(tmp_
     trainer = trainer_for(tmp_path, tok, teachers, unlabeled_train, model_init=model_init, max_steps=2,
                           eval_dataset=labeled_eval, strategy="entropy")
     assert len(built) == 1  # one student at construction (fixes the labels), not two
-    seen = []
+    seen, within = [], []
 
     def hp_space(trial):
         return {"kd_temperature": trial.suggest_float("kd_temperature", 0.5, 4.0),
-                "learning_rate": trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True)}
+                "learning_rate": trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True),
+                "within_teacher_kd": trial.suggest_float("within_teacher_kd", 0.1, 2.0)}
 
     def objective(metrics):
         seen.append((trainer.args.kd_temperature, trainer.strategy.options.temperature, id(trainer.model)))
+        within.append((trainer.args.within_teacher_kd, trainer.strategy.options.within_teacher_weight,
+                       trainer.scoring.within_teacher_kd))
         return metrics["eval_loss"]
 
     best = trainer.hyperparameter_search(hp_space=hp_space, backend="optuna", n_trials=2, direction="minimize",
@@ -167,7 +170,8 @@ def test_model_init_and_optuna_search_rebuild_the_student_and_keep_teachers(tmp_
     assert len(built) == 3 and all(trial is not None for trial in built[1:])  # a fresh student per trial
     assert len(seen) == 2 and all(args_t == strategy_t for args_t, strategy_t, _ in seen)  # strategy follows the trial
     assert seen[0][0] != seen[1][0] and seen[0][2] != seen[1][2]
-    assert set(best.hyperparameters) == {"kd_temperature", "learning_rate"}
+    assert all(a == b == c for a, b, c in within)  # the trial's within_teacher_kd reaches the loss and the scoring
+    assert set(best.hyperparameters) == {"kd_temperature", "learning_rate", "within_teacher_kd"}
     for teacher, before in zip(teachers, teacher_weights):
         torch.testing.assert_close(torch.cat([p.flatten() for p in teacher.model.parameters()]), before)
 
