@@ -292,9 +292,6 @@ class KnowledgeIntegrationConfig(TrainingArguments):
             raise ValueError(f"router_fit_rows must be >= 2 (or None for every pool row), got {self.router_fit_rows}.")
         if self.within_teacher_kd is not None and not self.within_teacher_kd >= 0:
             raise ValueError(f"within_teacher_kd must be >= 0 (or None), got {self.within_teacher_kd}.")
-        if self.within_teacher_kd and not getattr(strategy, "certainty_source", None):
-            raise ValueError(f"within_teacher_kd adds UHC's loss to a certainty-based strategy (muki, entropy); "
-                             f"strategy {self.strategy!r} does not take it (use strategy='uhc' for UHC alone).")
         if self.mc_samples < 1:
             raise ValueError(f"mc_samples must be >= 1, got {self.mc_samples}.")
         if self.kd_temperature <= 0:
@@ -324,6 +321,9 @@ class KnowledgeIntegrationConfig(TrainingArguments):
                 f"{self.strategy!r} uses none; set certainty_normalization='none' or a certainty strategy "
                 "(muki, entropy)."
             )
+        if self.within_teacher_kd and strategy.certainty_source is None:
+            raise ValueError(f"within_teacher_kd adds UHC's loss to a certainty-based strategy (muki, entropy); "
+                             f"strategy {self.strategy!r} does not take it (use strategy='uhc' for UHC alone).")
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}.")
 

@@ -126,9 +126,7 @@ class KnowledgeIntegrationTrainer(SavingMixin, Trainer):
 
         self.strategy = get_strategy(args.strategy)(self.label_space, args.strategy_options())
         router_name = args.resolved_router()
-        self.scoring = Scoring(build_router(router_name, args.router_kwargs()) if router_name else None,
-                               args.certainty_normalization, args.share_weighting, args.margin_reweighting,
-                               args.within_teacher_kd)
+        self.scoring = Scoring.from_args(build_router(router_name, args.router_kwargs()) if router_name else None, args)
         self.signal_cache: Optional[TeacherSignalCache] = None  # the training rows' cached signals
         self._eval_signal_cache: Optional[TeacherSignalCache] = None  # set while evaluating from cached signals
         self._user_compute_metrics = compute_metrics
@@ -176,10 +174,7 @@ class KnowledgeIntegrationTrainer(SavingMixin, Trainer):
         # A trial sets fields on self.args (e.g. kd_temperature): rebuild the strategy from them.
         super()._hp_search_setup(trial)
         self.strategy = get_strategy(self.args.strategy)(self.label_space, self.args.strategy_options())
-        self.scoring.normalization = self.args.certainty_normalization
-        self.scoring.share_weighting = self.args.share_weighting
-        self.scoring.margin_weighted = self.args.margin_reweighting
-        self.scoring.within_teacher_kd = self.args.within_teacher_kd
+        self.scoring.follow(self.args)
 
     def _set_signature_columns_if_needed(self) -> None:
         # Keep raw text, gold labels, ids and lengths: the collator and the length-grouped sampler need

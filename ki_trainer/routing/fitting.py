@@ -48,13 +48,19 @@ def signal_needs(strategy, router: Optional[Router]) -> SignalNeeds:
 SHARE_WEIGHTINGS = ("balanced", "pool")
 
 
+def _checked_share_weighting(share_weighting: str) -> str:
+    if share_weighting not in SHARE_WEIGHTINGS:
+        raise ValueError(f"share_weighting must be one of {SHARE_WEIGHTINGS}, got {share_weighting!r}.")
+    return share_weighting
+
+
 # within_teacher_kd=None: this multiple of UHC's loss where share_weighting="balanced" applies (a pool router that
 # found the pool skewed), none elsewhere (docs/routing.md, 'Skewed pools').
 AUTO_WITHIN_TEACHER_KD = 1.0
 
 
 def within_teacher_weight(router: Optional[Router], share_weighting: str, within_teacher_kd: Optional[float]
-                          ) -> Optional[float]:
+                          ) -> float:
     """The resolved ``within_teacher_kd``: as given, or (``None``) ``AUTO_WITHIN_TEACHER_KD`` where the balanced share
     weighting applies (a fitted pool router that routes by an estimate of the pool's teacher shares) and 0 elsewhere."""
     if within_teacher_kd is not None:
@@ -73,8 +79,7 @@ def score(router: Optional[Router], signals: TeacherSignals, share_weighting: st
     ``None`` and the strategy's own ``StrategyOptions.within_teacher_weight`` (the config's explicit value) applies."""
     if router is None:
         return signals
-    if share_weighting not in SHARE_WEIGHTINGS:
-        raise ValueError(f"share_weighting must be one of {SHARE_WEIGHTINGS}, got {share_weighting!r}.")
+    _checked_share_weighting(share_weighting)
     scores = router.score(signals).to(signals.logits[0].device)
     row_weights = None
     if share_weighting == "balanced" and hasattr(router, "row_weights"):
@@ -124,14 +129,26 @@ class Scoring:
 
     def __init__(self, router: Optional[Router], normalization: str = "none", share_weighting: str = "pool",
                  margin_weighted: bool = True, within_teacher_kd: Optional[float] = None) -> None:
-        if share_weighting not in SHARE_WEIGHTINGS:
-            raise ValueError(f"share_weighting must be one of {SHARE_WEIGHTINGS}, got {share_weighting!r}.")
         self.router = router
         self.normalization = normalization
-        self.share_weighting = share_weighting
+        self.share_weighting = _checked_share_weighting(share_weighting)
         self.margin_weighted = margin_weighted  # the strategy weights rows by their margin (balanced by margin mass)
         self.within_teacher_kd = within_teacher_kd  # None: resolved from the fitted router (within_teacher_weight)
         self.statistics: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # per-teacher mean, std
+
+    @classmethod
+    def from_args(cls, router: Optional[Router], args) -> "Scoring":
+        """The scoring a ``KnowledgeIntegrationConfig`` asks for, around ``router``."""
+        return cls(router).follow(args)
+
+    def follow(self, args) -> "Scoring":
+        """Take the config's scoring fields (again: a hyper-parameter trial may have set them); the fitted router and
+        statistics stay."""
+        self.normalization = args.certainty_normalization
+        self.share_weighting = _checked_share_weighting(args.share_weighting)
+        self.margin_weighted = args.margin_reweighting
+        self.within_teacher_kd = args.within_teacher_kd
+        return self
 
     def __call__(self, signals: TeacherSignals) -> TeacherSignals:
         return self.standardize(self.route(signals))
@@ -154,7 +171,8 @@ class Scoring:
             weights = router.describe_share_weights(names, self.margin_weighted)
         within = within_teacher_weight(router, self.share_weighting, self.within_teacher_kd)
         if weights and within > 0:
-            weights += f" in the student's loss, plus {within:g} x each teacher matched inside its own classes on every row"
+            weights += (f" in the student's loss, plus {within:g} x each teacher matched inside its own classes on "
+                        "every row")
         elif weights:
             weights += " in the student's loss"
         return shares, weights

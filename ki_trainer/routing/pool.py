@@ -29,7 +29,8 @@ re-weighting read it the same way.
 
 Skewed pools: with ``shares="estimate"`` (what the default ``shares="auto"`` does for two teachers; for more it
 assumes equal shares, because the estimate misread a balanced real pool of four teachers) each router estimates the
-shares label-free (:mod:`ki_trainer.routing.shares`) and, when they are clearly unequal, adds their log as the prior; the estimate is kept in the router state (``router.shares``,
+shares label-free (:mod:`ki_trainer.routing.shares`) and, when they are clearly unequal, adds their log as the
+prior; the estimate is kept in the router state (``router.shares``,
 ``router.describe_shares(names)``: "the pool looks 88% teacher A, 12% teacher B"), logged and put on the model card.
 ``shares="equal"`` keeps the plain pool z-scores. With an estimate in use the router also fits loss weights per routed
 teacher (``router.row_weights``; applied by the trainer with ``share_weighting="balanced"``, the default) under which

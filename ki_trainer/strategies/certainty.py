@@ -7,8 +7,8 @@ example counts ``w = s_(1) - s_(2) + 1e-6``: examples where teachers disagree ab
 competent count less. The authors do not renormalise ``w`` (which shrinks the effective learning
 rate by ``mean(w)``); ``normalize_weights=True`` divides by the batch mean instead. A pool router's share
 weighting (``signals.row_weights``, config ``share_weighting``) multiplies the per-example loss as well.
-``within_teacher_weight`` > 0 (``signals.within_teacher_weight`` when set, as resolved for the pool) adds that multiple of UHC's loss (each teacher matched inside its own classes, on every
-row, unweighted): every teacher's ranking of its own classes is then learned on every pool row, not only on the rows
+``within_teacher_weight`` > 0 (``signals.within_teacher_weight`` when set, as resolved for the pool) adds that
+multiple of UHC's loss (each teacher matched inside its own classes, on every row, unweighted): every teacher's ranking of its own classes is then learned on every pool row, not only on the rows
 routed to it, which is what a teacher that owns few pool rows needs.
 
 ``muki`` scores certainty with the mean of K stochastic (dropout-on) passes, because fine-tuned
