@@ -182,6 +182,15 @@ def student_job(args, cfg, data, blocks, method: str, seed: int, out: Optional[P
                     config["within_teacher_kd"] = float(config["within_teacher_kd"])
                 if options:
                     config["router_options"] = options
+        if router == "gold_owner":  # USES LABELS: every pool row's targets from its gold owner (a ceiling)
+            from ki_trainer.routing import ROUTERS, register_router
+
+            if "gold_owner" not in ROUTERS:
+                register_router(routing_eval.GoldOwnerRouter)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            _, pool_signals, _, _ = signals_for(args, cfg)
+            table = routing_eval.gold_owner_table(pool_signals, data["train"]["label"], blocks, run_dir / "gold.pt")
+            config.update(router_options={"table": table}, selection="hard")
         config["student_init"] = init or "pretrained"
         set_seed(seed)  # the trainer builds the student's new head before Trainer seeds anything
         trainer = common.ki_trainer_for(
@@ -239,10 +248,12 @@ def student_level(args, cfg, data, blocks, routing_rows, out: Optional[Path] = N
         accuracies = np.array([r["accuracy"] for r in results])
         base, router, init = parse_method(method)
         name = {"oracle": "oracle (student trained WITH all labels)", "vanilla_kd": "student: vanilla KD"}.get(
-            base, f"student: MUKI + {router}" + (" (as published)" if router == PUBLISHED and not init else ""))
+            base, f"student: MUKI + {router}" + (" (as published)" if router == PUBLISHED and not init else "")
+            + (" (USES LABELS: every pool row routed to its gold owner, a ceiling)" if router == "gold_owner" else ""))
         name += f", student_init={init}" if init else ""
         rows.append({
-            "method": name, "kind": "oracle" if method == "oracle" else "student", "router": router,
+            "method": name, "router": router,
+            "kind": "oracle" if method == "oracle" else "ceiling" if router == "gold_owner" else "student",
             "accuracy": float(accuracies.mean()), "accuracy_std": float(accuracies.std(ddof=1)) if len(accuracies) > 1 else 0.0,
             "student_init": init or "pretrained",
             "routing_accuracy": routing_of.get(router, {}).get("routing_accuracy") if router else None,

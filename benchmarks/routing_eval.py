@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from ki_trainer.routing import build_router
+from ki_trainer.routing import Router, build_router
 from ki_trainer.strategies import TeacherSignals
 
 
@@ -176,3 +176,36 @@ def teacher_rows(test: TeacherSignals, blocks, test_labels) -> list[dict[str, An
                      "accuracy": float(np.mean(predicted[mine] == gold[mine])), "accuracy_std": 0.0,
                      "routing_accuracy": None, "n_seeds": 1})
     return rows
+
+
+class GoldOwnerRouter(Router):
+    """The gold owner of each pool row as a router (USES LABELS: the perfect-routing ceiling of a STUDENT, as
+    :func:`ceiling` is the ensemble's; benchmark only, never registered by the library). Option ``table``: a ``.pt``
+    file ``{"keys": [rows, sum C_t] every teacher's deterministic logits of each pool row, "owners": [rows]}``
+    (:func:`gold_owner_table`); a batch's rows are found in it by their logits (exact up to ``1e-3``, else an
+    error naming the rows: a row the table does not know is never routed silently)."""
+
+    name = "gold_owner"
+    requires = frozenset({"logits"})
+    defaults = {"table": None}
+
+    def score(self, signals: TeacherSignals) -> torch.Tensor:
+        if "keys" not in self.state:
+            table = torch.load(self.options["table"])
+            self.state = {"keys": table["keys"].float(), "owners": table["owners"].long()}
+        query = torch.cat([logits.float().cpu() for logits in signals.logits], 1)
+        distance, index = torch.cdist(query, self.state["keys"]).min(1)
+        unknown = (distance > 1e-3).nonzero().flatten().tolist()
+        if unknown:
+            raise ValueError(f"gold_owner: batch row(s) {unknown[:5]} are not pool rows of the table "
+                             f"(nearest logits {float(distance.max()):.3g} away).")
+        owners = self.state["owners"][index]
+        return torch.nn.functional.one_hot(owners, len(signals.logits)).float().to(signals.logits[0].device)
+
+
+def gold_owner_table(pool: TeacherSignals, pool_labels: Sequence[str], blocks, path) -> str:
+    """Write :class:`GoldOwnerRouter`'s table for ``pool`` (USES LABELS) and return its path."""
+    owners, _ = owners_and_gold(pool_labels, blocks)
+    torch.save({"keys": torch.cat([logits.float() for logits in pool.logits], 1), "owners": torch.as_tensor(owners)},
+               str(path))
+    return str(path)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import build_tiny_base_model
 from ki_trainer.data import load_debian_sections
@@ -133,3 +134,28 @@ def test_pool_shares_subsample_the_pool_by_owner_and_report_the_majority_baselin
     assert equal["options"]["shares"] == "equal" and equal["estimated_shares"] is None
     with pytest.raises(ValueError, match="must be 2 positive numbers"):
         _run(routing, data_file, tmp_path / "out2", tmp_path / "cache", "--split", "2x3", "--pool_shares", "0.5,0.3,0.2")
+
+
+def test_gold_routed_student_is_a_ceiling_row_and_unknown_rows_are_refused(routing, data_file: Path,
+                                                                          tmp_path: Path) -> None:
+    """muki:gold_owner trains MUKI's student on targets routed by each pool row's GOLD owner (uses labels: a ceiling
+    row); its router finds every batch row in the pool's table and refuses a row the table does not hold."""
+    args = ("--split", "2x3", "--level", "students", "--seeds", "0", "--student_routers", "gold_owner",
+            "--only", "muki:gold_owner")
+    result = _run(routing, data_file, tmp_path / "out", tmp_path / "cache", *args)
+    gold = [row for row in result["rows"] if row.get("router") == "gold_owner"]
+    assert len(gold) == 1 and gold[0]["kind"] == "ceiling" and "USES LABELS" in gold[0]["method"]
+    assert 0.0 <= gold[0]["accuracy"] <= 1.0
+
+    from ki_trainer.strategies import TeacherSignals
+
+    eval_module = sys.modules["routing_eval"]
+    pool = TeacherSignals(logits=[torch.randn(6, 3), torch.randn(6, 3)])
+    labels = ["a", "d", "b", "e", "c", "f"]
+    table = eval_module.gold_owner_table(pool, labels, [["a", "b", "c"], ["d", "e", "f"]], tmp_path / "gold.pt")
+    router = eval_module.GoldOwnerRouter(table=table)
+    batch = TeacherSignals(logits=[pool.logits[0][[3, 0]], pool.logits[1][[3, 0]]])
+    assert router.score(batch).tolist() == [[0.0, 1.0], [1.0, 0.0]]
+    stranger = TeacherSignals(logits=[pool.logits[0][:1] + 1.0, pool.logits[1][:1]])
+    with pytest.raises(ValueError, match=r"row\(s\) \[0\] are not pool rows"):
+        router.score(stranger)
