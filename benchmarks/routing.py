@@ -87,19 +87,25 @@ def signals_for(args, cfg) -> tuple[Any, Any, Any, list[list[str]]]:
 
 
 def routing_rows(routers, cfg, pool_signals, test_signals, blocks, pool_labels, test_labels,
-                 compare_equal_shares: bool = False) -> list[dict[str, Any]]:
+                 compare_equal_shares: bool = False, compare_given_shares: bool = False) -> list[dict[str, Any]]:
     """Teachers, the three labelled references (perfect router, supervised router, majority teacher) and every router
     (fitted on the pool, label-free) on the pool and the test rows; with ``compare_equal_shares`` every pool router
-    also with ``shares="equal"`` (the pool z-scores without a share estimate), as ``ROUTER[shares=equal]``."""
+    also with ``shares="equal"`` (the pool z-scores without a share estimate), as ``ROUTER[shares=equal]``; with
+    ``compare_given_shares`` also with the pool's owner shares given (``ROUTER[shares=given]``: a user who knows how
+    many rows of each teacher's domain went into the pool; the gold owners are counted, never passed per row)."""
     rows = routing_eval.teacher_rows(test_signals, blocks, test_labels)
     rows.append(routing_eval.ceiling(pool_signals, test_signals, blocks, pool_labels, test_labels))
     rows.append(routing_eval.supervised_bound(pool_signals, test_signals, blocks, pool_labels, test_labels))
     rows.append(routing_eval.majority_baseline(pool_signals, test_signals, blocks, pool_labels, test_labels))
     runs = [(name, None) for name in routers]
+    pool_routers = [name for name in routers if "shares" in get_router(name).defaults]
     if compare_equal_shares:
-        runs += [(name, {"shares": "equal"}) for name in routers if "shares" in get_router(name).defaults]
+        runs += [(name, {"shares": "equal"}) for name in pool_routers]
+    if compare_given_shares:
+        given = pool_owner_shares(pool_labels, blocks)
+        runs += [(name, {"shares": given}) for name in pool_routers]
     for router, options in runs:
-        name = router + ("[shares=equal]" if options else "")
+        name = router + ("" if not options else "[shares=equal]" if options["shares"] == "equal" else "[shares=given]")
         record = routing_eval.evaluate_router(
             router, options, pool_signals, test_signals, blocks, pool_labels, test_labels,
             cfg["mc_samples"], cfg.get("mc_top_layers"),
@@ -180,6 +186,8 @@ def student_job(args, cfg, data, blocks, method: str, seed: int, out: Optional[P
                 config.update({key: options.pop(key) for key in CONFIG_KEYS if key in options})
                 if "within_teacher_kd" in config:
                     config["within_teacher_kd"] = float(config["within_teacher_kd"])
+                if options.get("shares") == "given":  # the pool's owner shares, as a user who built it knows them
+                    options["shares"] = pool_owner_shares(data["train"]["label"], blocks)
                 if options:
                     config["router_options"] = options
         if router == "gold_owner":  # USES LABELS: every pool row's targets from its gold owner (a ceiling)
@@ -307,6 +315,13 @@ def chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def pool_owner_shares(pool_labels, blocks) -> list[float]:
+    """The pool's share of rows per teacher (USES LABELS, counted over the whole pool: what a user who assembled the pool
+    from each teacher's domain knows; a router given it never sees a row's owner)."""
+    owners, _ = routing_eval.owners_and_gold(pool_labels, blocks)
+    return (np.bincount(owners, minlength=len(blocks)) / len(owners)).round(4).tolist()
+
+
 def parse_shares(text: str) -> list[float]:
     """'0.9,0.1' -> [0.9, 0.1] (validated against the teachers later)."""
     try:
@@ -336,7 +351,7 @@ def run_level(args, cfg, data, pool_signals, test_signals, blocks, out: Path, st
         print(f"[{time.strftime('%H:%M:%S')}] pool subsampled to shares {shares} by gold owner (to BUILD the pool "
               f"only): {counts.tolist()} rows", flush=True)
     rows = routing_rows(args.routers, cfg, pool_signals, test_signals, blocks, pool_labels, data["test"]["label"],
-                        args.compare_equal_shares)
+                        args.compare_equal_shares, args.compare_given_shares)
     if args.level == "students":
         rows += student_level(args, cfg, data, blocks, rows, out)
     settings = {"data": common.data_name(args.data), "split": args.split, "split_seed": args.split_seed,
@@ -378,6 +393,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--pool_seed", type=int, default=0, help="seed of the --pool_shares subsample")
     parser.add_argument("--compare_equal_shares", action="store_true",
                         help="also report every pool router with shares='equal' (no share estimate) as ROUTER[shares=equal]")
+    parser.add_argument("--compare_given_shares", action="store_true",
+                        help="also report every pool router given the pool's owner shares (router_options shares=[...], "
+                             "what a user who assembled the pool knows; counted from the gold owners of the whole pool, "
+                             "never per row) as ROUTER[shares=given]")
     parser.add_argument("--cache_root", default="outputs/routing", help="where teachers and signal caches are kept")
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else sys.argv[1:]

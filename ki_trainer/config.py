@@ -122,7 +122,10 @@ class KnowledgeIntegrationConfig(TrainingArguments):
     )
     router_options: Optional[Union[dict, str]] = field(
         default=None,
-        metadata={"help": "Router hyper-parameters as a dict or JSON text, e.g. '{\"neighbours\": 10}'."},
+        metadata={"help": "Router hyper-parameters as a dict or JSON text, e.g. '{\"neighbours\": 10}'. Pool routers "
+                  "take 'shares': 'auto' (default: estimated for two teachers, equal for more), 'estimate', 'equal', "
+                  "or the pool's teacher shares when you know them (one number per teacher, e.g. [0.7, 0.3] or row "
+                  "counts), used as the routing prior."},
     )
     router_fit_rows: Optional[int] = field(
         default=None,
@@ -136,7 +139,7 @@ class KnowledgeIntegrationConfig(TrainingArguments):
         default="balanced",
         metadata={
             "help": "For pool routers that estimate the pool's teacher shares (label-free; docs/routing.md, "
-            "'Skewed pools'), when the pool looks skewed: 'balanced' weights each row's loss by the teacher it is "
+            "'Skewed pools') or are given them (router_options shares), when the pool looks skewed: 'balanced' weights each row's loss by the teacher it is "
             "routed to, so that every teacher's routed rows carry the same total loss weight (counted with their "
             "margin weights under margin_reweighting; the pool's total is unchanged) and the student does not "
             "forget a minority teacher's classes; 'pool' lets every row "

@@ -5,6 +5,7 @@ z-scored routers' scoring. The routers themselves are in :mod:`ki_trainer.routin
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Optional, Sequence
 
@@ -30,6 +31,26 @@ AUTO_MAX_TEACHERS = 2
 # An estimate whose every share lies within MIN_SKEW of 1/teachers routes as equal shares: on the balanced 2x10 pool
 # of debian_sections20 the estimate reads 60:40 (docs/routing.md), and a prior that small costs more than it gains.
 MIN_SKEW = 0.1
+
+
+def given_shares(router: str, shares: Any) -> Any:
+    """Check a pool router's ``shares`` option: one of :data:`SHARES`, or the pool's teacher shares as the user knows
+    them (one positive number per teacher, in the teachers' order; e.g. ``[0.7, 0.2, 0.1]`` or row counts
+    ``[7000, 2000, 1000]``), returned as a list of floats that sum to 1."""
+    if isinstance(shares, str):
+        if shares not in SHARES:
+            raise ValueError(f"Router {router!r}: shares must be one of {SHARES} or one positive number per teacher "
+                             f"(the pool's known shares, e.g. [0.7, 0.3]), got {shares!r}.")
+        return shares
+    try:
+        values = [float(v) for v in shares]
+    except (TypeError, ValueError):
+        raise ValueError(f"Router {router!r}: shares must be one of {SHARES} or a list of numbers (one per teacher), "
+                         f"got {shares!r}.") from None
+    if len(values) < 2 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"Router {router!r}: given shares must be at least 2 finite positive numbers (one per "
+                         f"teacher), got {shares!r}.")
+    return [v / sum(values) for v in values]
 
 
 # ---------------------------------------------------------------------- shared building blocks
@@ -104,8 +125,7 @@ class _TransductiveRouter(Router):
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
-        if self.options.get("shares", "auto") not in SHARES:
-            raise ValueError(f"Router {self.name!r}: shares must be one of {SHARES}, got {self.options['shares']!r}.")
+        self.options["shares"] = given_shares(self.name, self.options.get("shares", "auto"))
         if not 0.0 <= float(self.options["min_skew"]) < 1.0:
             raise ValueError(f"Router {self.name!r}: min_skew must be in [0, 1).")
         if int(self.options["min_rows_per_teacher"]) < 1:
@@ -215,6 +235,8 @@ class _TransductiveRouter(Router):
         if self.fallback:
             return (f"not estimated: {self.state['fit_rows']} pool row(s) seen, {self.state['min_rows']} needed; "
                     f"routed by {self.fallback!r}")
+        if self.state.get("shares_given"):
+            return describe_shares(self.shares.tolist(), names).replace("looks", "is", 1) + " (as given: router_options shares)"
         if self.shares is not None:
             line = describe_shares(self.shares.tolist(), names)
             if not self.uses_shares:
@@ -224,10 +246,13 @@ class _TransductiveRouter(Router):
 
     @property
     def uses_shares(self) -> bool:
-        """Whether the estimated shares are the routing prior (an estimate far enough from equal shares)."""
+        """Whether the pool's shares are the routing prior: shares given by the user always; an estimate when it lies
+        far enough (``min_skew``) from equal shares."""
         shares = self.shares
         if shares is None:
             return False
+        if self.state.get("shares_given"):
+            return True
         return bool((shares - 1.0 / len(shares)).abs().max() >= float(self.options.get("min_skew", MIN_SKEW)))
 
     def _log_shares(self) -> None:
@@ -249,6 +274,16 @@ def _set_shares(router: _TransductiveRouter, mixture: Optional[dict[str, Any]], 
     router._log_shares()
 
 
+def _set_given_shares(router: _TransductiveRouter, shares: Sequence[float], teachers: int) -> None:
+    """Record the shares the user gave (``router_options={"shares": [...]}``) as the routing prior."""
+    if len(shares) != teachers:
+        raise ValueError(f"Router {router.name!r}: {len(shares)} shares given for {teachers} teachers; give one per "
+                         "teacher, in the teachers' order.")
+    router.state["shares"] = torch.tensor(shares, dtype=torch.float32)
+    router.state["shares_given"] = True
+    router._log_shares()
+
+
 class _ZScoredRouter(_TransductiveRouter):
     """Base for pool routers with one raw score per teacher, calibrated on the pool and softmaxed.
 
@@ -257,6 +292,8 @@ class _ZScoredRouter(_TransductiveRouter):
     are the prior. ``shares="equal"``: each teacher's raw score z-scored over the whole pool (assumes every
     teacher owns the same share of the pool; the behaviour before the estimate existed). ``shares="auto"``
     (default): ``"estimate"`` for two teachers, ``"equal"`` for more (where the estimate was measured wrong).
+    A list of numbers (``[0.7, 0.2, 0.1]``, or row counts): the pool's shares as the user knows them (e.g. how many
+    rows of each teacher's domain went into the pool), used as the prior instead of an estimate.
     """
 
     def raw_fit(self, signals: TeacherSignals) -> None:  # fit what raw_score needs
@@ -270,7 +307,9 @@ class _ZScoredRouter(_TransductiveRouter):
         raw = self.raw_score(signals)
         self.state["zscore"] = _zscore_fit(raw)
         mode = self.options.get("shares", "auto")
-        if mode == "auto" and raw.shape[1] > AUTO_MAX_TEACHERS:
+        if not isinstance(mode, str):
+            _set_given_shares(self, mode, raw.shape[1])
+        elif mode == "auto" and raw.shape[1] > AUTO_MAX_TEACHERS:
             _set_shares(self, None, f"estimated for up to {AUTO_MAX_TEACHERS} teachers by default; with "
                         f"{raw.shape[1]} the estimate misread a balanced real pool, so equal shares are assumed "
                         "(router_options shares='estimate' estimates anyway)")

@@ -116,7 +116,7 @@ def test_pool_shares_subsample_the_pool_by_owner_and_report_the_majority_baselin
     """--pool_shares 0.75,0.25: 36 + 12 of the 72 pool rows (the gold owner builds the pool, nothing else), the test
     rows unchanged; the majority-teacher row routes 75% of that pool; every router reports its share estimate."""
     result = _run(routing, data_file, tmp_path / "out", tmp_path / "cache", "--split", "2x3",
-                  "--pool_shares", "0.75,0.25", "0.5,0.5", "--compare_equal_shares")
+                  "--pool_shares", "0.75,0.25", "0.5,0.5", "--compare_equal_shares", "--compare_given_shares")
     assert set(result) == {"shares-0.75-0.25", "shares-0.5-0.5"}
     skewed = result["shares-0.75-0.25"]
     assert skewed == json.loads((tmp_path / "out" / "shares-0.75-0.25" / "results.json").read_text())
@@ -129,9 +129,12 @@ def test_pool_shares_subsample_the_pool_by_owner_and_report_the_majority_baselin
     mahalanobis = next(row for row in skewed["rows"] if row.get("router") == "relative_mahalanobis")
     assert "estimated_shares" in mahalanobis and mahalanobis["shares_estimate"]
     routers = [row["router"] for row in skewed["rows"] if row["kind"] == "router"]
-    assert routers == ROUTERS + ["relative_mahalanobis[shares=equal]"]  # the pool router again, without an estimate
+    # the pool router again, without an estimate and given the pool's owner shares (counted, as its builder knows them)
+    assert routers == ROUTERS + ["relative_mahalanobis[shares=equal]", "relative_mahalanobis[shares=given]"]
     equal = next(row for row in skewed["rows"] if row.get("router") == "relative_mahalanobis[shares=equal]")
     assert equal["options"]["shares"] == "equal" and equal["estimated_shares"] is None
+    given = next(row for row in skewed["rows"] if row.get("router") == "relative_mahalanobis[shares=given]")
+    assert given["options"]["shares"] == [0.75, 0.25] and given["estimated_shares"] == [0.75, 0.25]
     with pytest.raises(ValueError, match="must be 2 positive numbers"):
         _run(routing, data_file, tmp_path / "out2", tmp_path / "cache", "--split", "2x3", "--pool_shares", "0.5,0.3,0.2")
 

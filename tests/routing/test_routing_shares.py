@@ -232,7 +232,7 @@ def _trainer(tmp_path, trained_teachers, rows, **kw):
     tok = build_tokenizer()
     teachers = [Teacher(model, tokenizer=own, name=name) for (model, own), name in zip(trained_teachers, ["A", "B"])]
     args = KnowledgeIntegrationConfig(
-        output_dir=str(tmp_path / "out"), strategy="muki", teacher_signals="cached", signal_cache_dir=str(tmp_path / "c"),
+        output_dir=str(tmp_path / "out"), strategy="muki", signal_source="cached", signal_cache_dir=str(tmp_path / "c"),
         max_steps=2, per_device_train_batch_size=8, learning_rate=1e-3, report_to=[], use_cpu=True, disable_tqdm=True,
         save_strategy="no", seed=0, **kw)
     return KnowledgeIntegrationTrainer(model=tiny_bert(4, len(tok), seed=3), args=args, teachers=teachers,
@@ -339,3 +339,44 @@ def test_the_default_estimates_the_shares_of_two_teachers():
     router = build_router("relative_mahalanobis").fit(pool)
     assert router.options["shares"] == "auto" and router.uses_shares
     assert float(router.shares[0]) == pytest.approx(0.9, abs=0.03)
+
+
+# ---------------------------------------------------------------------- shares the user knows
+@pytest.mark.parametrize("counts", [(340, 40, 20), (280, 40, 40, 40), (360, 40)])
+@pytest.mark.parametrize("name", ["relative_mahalanobis", "knn_smoothing", "consensus", "self_training"])
+def test_given_shares_are_the_routing_prior_for_any_number_of_teachers(name, counts):
+    """``router_options={"shares": [...]}``: the pool's shares as the user knows them (fractions or row counts) are the
+    prior, where the default assumes equal shares (3+ teachers) or estimates them (2); a dominated pool of three or
+    four teachers then routes above the majority baseline, which the equal-shares default does not."""
+    pool, owners = owned_pool(counts)
+    majority = max(counts) / sum(counts)
+    router = build_router(name, {"shares": list(counts)}).fit(pool)  # row counts: normalised
+    assert router.uses_shares and router.options["shares"] == pytest.approx([c / sum(counts) for c in counts])
+    torch.testing.assert_close(router.shares, torch.tensor(counts, dtype=torch.float) / sum(counts))
+    assert accuracy(router, pool, owners) >= majority + 0.02, name
+    if len(counts) > 2:
+        assert accuracy(build_router(name).fit(pool), pool, owners) < accuracy(router, pool, owners), name
+    again = build_router(name, {"shares": list(counts)}).load_state_dict(router.state_dict())
+    torch.testing.assert_close(again.score(pool), router.score(pool))
+
+
+def test_given_shares_are_reported_as_given_and_checked_early():
+    pool, _ = owned_pool((360, 40))
+    router = build_router("relative_mahalanobis", {"shares": [0.9, 0.1]}).fit(pool)
+    assert router.describe_shares(["A", "B"]) == "the pool is 90% teacher A, 10% teacher B (as given: router_options shares)"
+    for bad in ([0.5, -0.5], [1.0], [0.5, float("nan")], ["a", "b"], 3):
+        with pytest.raises(ValueError, match="shares must be|given shares must be"):
+            build_router("relative_mahalanobis", {"shares": bad})
+    with pytest.raises(ValueError, match="3 shares given for 2 teachers"):
+        build_router("relative_mahalanobis", {"shares": [0.5, 0.3, 0.2]}).fit(pool)
+
+
+def test_the_config_checks_given_shares_before_any_teacher_runs():
+    from ki_trainer import KnowledgeIntegrationConfig
+
+    config = KnowledgeIntegrationConfig(output_dir="unused", router="relative_mahalanobis", signal_source="cached",
+                                        router_options='{"shares": [7000, 3000]}')
+    assert config.router_options == {"shares": [7000, 3000]}
+    with pytest.raises(ValueError, match="given shares must be"):
+        KnowledgeIntegrationConfig(output_dir="unused", router="relative_mahalanobis", signal_source="cached",
+                                   router_options={"shares": [1, 0]})
