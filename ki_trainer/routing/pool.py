@@ -178,6 +178,8 @@ def _implied_shares(router: "_TransductiveRouter", members: Sequence["_Transduct
     routes with its own estimate as its prior); else the members' note."""
     if all(m.shares is not None for m in members):
         router.state["shares"] = torch.stack([m.shares for m in members]).mean(0)
+        if all(m.state.get("shares_given") for m in members):  # router_options shares: the user's, not an estimate
+            router.state["shares_given"] = True
     else:
         notes = [m.describe_shares() for m in members if m.shares is None]
         router.state["shares_note"] = "; ".join(dict.fromkeys(notes)).replace("not estimated (", "").rstrip(")") \
@@ -304,6 +306,8 @@ class SelfTrainingRouter(_TransductiveRouter):
             if seed.uses_shares:
                 shift = (seed.shares.clamp_min(1e-6) / uniform).log()
             self.state["shares"] = seed.shares
+            if seed.state.get("shares_given"):
+                self.state["shares_given"] = True
         else:
             self.state["shares_note"] = seed.describe_shares().replace("not estimated (", "").rstrip(")")
         weight = bias = None

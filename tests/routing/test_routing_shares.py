@@ -356,6 +356,7 @@ def test_given_shares_are_the_routing_prior_for_any_number_of_teachers(name, cou
     assert accuracy(router, pool, owners) >= majority + 0.02, name
     if len(counts) > 2:
         assert accuracy(build_router(name).fit(pool), pool, owners) < accuracy(router, pool, owners), name
+    assert "(as given: router_options shares)" in router.describe_shares(), name
     again = build_router(name, {"shares": list(counts)}).load_state_dict(router.state_dict())
     torch.testing.assert_close(again.score(pool), router.score(pool))
 
