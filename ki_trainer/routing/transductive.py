@@ -256,7 +256,13 @@ class _TransductiveRouter(Router):
         return bool((shares - 1.0 / len(shares)).abs().max() >= float(self.options.get("min_skew", MIN_SKEW)))
 
     def _log_shares(self) -> None:
-        logger.info(f"Router {self.name!r}: {self.describe_shares()}.")
+        if self.uses_shares and not self.state.get("shares_given"):  # a label-free estimate steers the routing
+            logger.warning(f"Router {self.name!r}: {self.describe_shares()}, estimated label-free and used as the "
+                           "routing prior. The estimate can misread a pool (docs/routing.md, 'Skewed pools'): if you "
+                           "know how many rows of each teacher's domain the pool holds, give them as "
+                           "router_options={'shares': [...]}.")
+        else:
+            logger.info(f"Router {self.name!r}: {self.describe_shares()}.")
 
 
 def _routed(scores: torch.Tensor) -> torch.Tensor:

@@ -381,3 +381,22 @@ def test_the_config_checks_given_shares_before_any_teacher_runs():
     with pytest.raises(ValueError, match="given shares must be"):
         KnowledgeIntegrationConfig(output_dir="unused", router="relative_mahalanobis", signal_source="cached",
                                    router_options={"shares": [1, 0]})
+
+
+def test_an_estimate_used_as_the_prior_is_a_warning_that_points_to_given_shares():
+    from transformers.utils import logging as hf_logging
+
+    records = []
+    handler = type("H", (__import__("logging").Handler,), {"emit": lambda self, r: records.append((r.levelname, r.getMessage()))})()
+    logger = hf_logging.get_logger("ki_trainer.routing.transductive")
+    logger.addHandler(handler)
+    try:
+        skewed, _ = owned_pool((360, 40))
+        build_router("relative_mahalanobis").fit(skewed)
+        build_router("relative_mahalanobis", {"shares": [0.9, 0.1]}).fit(skewed)
+        build_router("relative_mahalanobis").fit(owned_pool((200, 200))[0])
+    finally:
+        logger.removeHandler(handler)
+    warned = [m for level, m in records if level == "WARNING"]
+    assert len(warned) == 1 and "the pool looks 90% teacher 0, 10% teacher 1, estimated label-free" in warned[0]
+    assert "router_options={'shares': [...]}" in warned[0]
