@@ -153,12 +153,16 @@ def test_gold_routed_student_is_a_ceiling_row_and_unknown_rows_are_refused(routi
     from ki_trainer.strategies import TeacherSignals
 
     eval_module = sys.modules["routing_eval"]
-    pool = TeacherSignals(logits=[torch.randn(6, 3), torch.randn(6, 3)])
+    pool = TeacherSignals(logits=[torch.randn(6, 3), torch.randn(6, 3)], features=[torch.randn(6, 8), torch.randn(6, 8)])
     labels = ["a", "d", "b", "e", "c", "f"]
     table = eval_module.gold_owner_table(pool, labels, [["a", "b", "c"], ["d", "e", "f"]], tmp_path / "gold.pt")
     router = eval_module.GoldOwnerRouter(table=table)
-    batch = TeacherSignals(logits=[pool.logits[0][[3, 0]], pool.logits[1][[3, 0]]])
+    pick = lambda xs, f=lambda x: x: [f(x[[3, 0]]) for x in xs]  # noqa: E731
+    batch = TeacherSignals(logits=pick(pool.logits), features=pick(pool.features))
     assert router.score(batch).tolist() == [[0.0, 1.0], [1.0, 0.0]]
-    stranger = TeacherSignals(logits=[pool.logits[0][:1] + 1.0, pool.logits[1][:1]])
+    fp16 = lambda x: x.half().float()  # noqa: E731  (read back at the cache's storage precision: the same rows)
+    stored = TeacherSignals(logits=pick(pool.logits, fp16), features=pick(pool.features, fp16))
+    assert router.score(stored).tolist() == [[0.0, 1.0], [1.0, 0.0]]
+    stranger = TeacherSignals(logits=[pool.logits[0][:1] + 1.0, pool.logits[1][:1]], features=[x[:1] for x in pool.features])
     with pytest.raises(ValueError, match=r"row\(s\) \[0\] are not pool rows"):
         router.score(stranger)
