@@ -196,8 +196,8 @@ def student_job(args, cfg, data, blocks, method: str, seed: int, out: Optional[P
             if "gold_owner" not in ROUTERS:
                 register_router(routing_eval.GoldOwnerRouter)
             run_dir.mkdir(parents=True, exist_ok=True)
-            _, pool_signals, _, _ = signals_for(args, cfg)
-            table = routing_eval.gold_owner_table(pool_signals, data["train"]["label"], blocks, run_dir / "gold.pt")
+            full, pool_signals, _, _ = signals_for(args, cfg)  # the whole pool: a --pool_shares pool is a subset of it
+            table = routing_eval.gold_owner_table(pool_signals, full["train"]["label"], blocks, run_dir / "gold.pt")
             config.update(router_options={"table": table}, selection="hard")
         config["student_init"] = init or "pretrained"
         set_seed(seed)  # the trainer builds the student's new head before Trainer seeds anything

@@ -126,7 +126,8 @@ class KnowledgeIntegrationTrainer(SavingMixin, Trainer):
 
         self.strategy = get_strategy(args.strategy)(self.label_space, args.strategy_options())
         router_name = args.resolved_router()
-        self.scoring = Scoring.from_args(build_router(router_name, args.router_kwargs()) if router_name else None, args)
+        router = build_router(router_name, args.router_kwargs()) if router_name else None
+        self.scoring = Scoring.from_args(router, args, teachers=len(self.teachers))
         self.signal_cache: Optional[TeacherSignalCache] = None  # the training rows' cached signals
         self._eval_signal_cache: Optional[TeacherSignalCache] = None  # set while evaluating from cached signals
         self._user_compute_metrics = compute_metrics

@@ -65,6 +65,10 @@ class Router:
         self.fitted = True
         return self
 
+    def check_teachers(self, count: int) -> None:
+        """Refuse options that do not fit ``count`` teachers (called when the trainer is built, before any teacher
+        runs); nothing to check by default."""
+
     def score(self, signals: TeacherSignals) -> torch.Tensor:
         """``[rows, teachers]`` competence in [0, 1], higher = more competent (fp32)."""
         raise NotImplementedError

@@ -65,7 +65,7 @@ def within_teacher_weight(router: Optional[Router], share_weighting: str, within
     weighting applies (a fitted pool router that routes by an estimate of the pool's teacher shares) and 0 elsewhere."""
     if within_teacher_kd is not None:
         return float(within_teacher_kd)
-    skewed = share_weighting == "balanced" and bool(getattr(router, "uses_shares", False))
+    skewed = share_weighting == "balanced" and bool(getattr(router, "skewed", False))
     return AUTO_WITHIN_TEACHER_KD if skewed else 0.0
 
 
@@ -137,8 +137,11 @@ class Scoring:
         self.statistics: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # per-teacher mean, std
 
     @classmethod
-    def from_args(cls, router: Optional[Router], args) -> "Scoring":
-        """The scoring a ``KnowledgeIntegrationConfig`` asks for, around ``router``."""
+    def from_args(cls, router: Optional[Router], args, teachers: Optional[int] = None) -> "Scoring":
+        """The scoring a ``KnowledgeIntegrationConfig`` asks for, around ``router`` (its options checked against the
+        number of ``teachers``, when given)."""
+        if router is not None and teachers is not None:
+            router.check_teachers(teachers)
         return cls(router).follow(args)
 
     def follow(self, args) -> "Scoring":

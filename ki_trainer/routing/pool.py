@@ -167,10 +167,13 @@ def _member(name: str, options: dict[str, Any]) -> "_TransductiveRouter":
     inherited = {k: options[k] for k in _POOL_DEFAULTS}
     router = build_router(name)
     if isinstance(router, _TransductiveRouter):
-        return build_router(name, inherited)
-    if router.needs_fit:
+        member = build_router(name, inherited)
+    elif router.needs_fit:
         raise ValueError(f"Router {name!r} cannot be combined: it is neither a confidence nor a pool router.")
-    return StandardizedRouter(base=name, **inherited)
+    else:
+        member = StandardizedRouter(base=name, **inherited)
+    member.quiet = True  # the combination reports what it uses
+    return member
 
 
 def _implied_shares(router: "_TransductiveRouter", members: Sequence["_TransductiveRouter"]) -> None:

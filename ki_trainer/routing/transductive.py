@@ -123,6 +123,8 @@ class _TransductiveRouter(Router):
     requires = frozenset({"logits"})
     defaults: dict[str, Any] = dict(_POOL_DEFAULTS)
 
+    quiet = False  # a member of a combination: the combination warns about an estimate it uses, not each member
+
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.options["shares"] = given_shares(self.name, self.options.get("shares", "auto"))
@@ -142,6 +144,8 @@ class _TransductiveRouter(Router):
                        f"({self.options['min_rows_per_teacher']} per teacher x {teachers} teachers). Routing by "
                        f"{FALLBACK_ROUTER!r} instead, which needs no fit (give the router more unlabeled rows, "
                        "e.g. a larger train_dataset or router_fit_rows).")
+            if not isinstance(self.options.get("shares"), str):
+                message += " The shares given in router_options are not used."
             warnings.warn(message, stacklevel=2)
             logger.warning(message)
             self.state = {"fallback": FALLBACK_ROUTER, "fit_rows": rows, "min_rows": minimum}
@@ -154,12 +158,12 @@ class _TransductiveRouter(Router):
         return self
 
     def _fit_share_weights(self, signals: TeacherSignals) -> None:
-        """With a share estimate in use: per-teacher loss weights under which every teacher's routed pool rows carry
+        """On a pool whose shares (estimated or given) are skewed: per-teacher loss weights under which every teacher's routed pool rows carry
         the same total loss weight, and the pool's total is unchanged. ``share_weights``: for a strategy that weights
         each row by its margin (MUKI's default), ``total margin / (teachers x margin of the rows routed to the
         teacher)``; ``share_weights_rows``: for one that does not, ``rows / (teachers x rows routed to it)``. (A
         minority teacher's rows also have smaller margins: the prior pulls them towards a tie.)"""
-        if not self.uses_shares:
+        if not self.skewed:
             return
         scores = self.score(signals).float().cpu()
         routed = _routed(scores)
@@ -248,15 +252,27 @@ class _TransductiveRouter(Router):
     def uses_shares(self) -> bool:
         """Whether the pool's shares are the routing prior: shares given by the user always; an estimate when it lies
         far enough (``min_skew``) from equal shares."""
+        return self.shares is not None and (bool(self.state.get("shares_given")) or self.skewed)
+
+    @property
+    def skewed(self) -> bool:
+        """Whether the pool's shares (estimated or given) lie at least ``min_skew`` from equal shares: where
+        ``share_weighting="balanced"`` and the automatic ``within_teacher_kd`` apply."""
         shares = self.shares
         if shares is None:
             return False
-        if self.state.get("shares_given"):
-            return True
         return bool((shares - 1.0 / len(shares)).abs().max() >= float(self.options.get("min_skew", MIN_SKEW)))
 
+    def check_teachers(self, count: int) -> None:
+        """Refuse given shares (``router_options={"shares": [...]}``) whose length is not the number of teachers, before
+        any teacher runs."""
+        shares = self.options.get("shares")
+        if not isinstance(shares, str) and len(shares) != count:
+            raise ValueError(f"Router {self.name!r}: {len(shares)} shares given for {count} teachers; give one per "
+                             "teacher, in the teachers' order.")
+
     def _log_shares(self) -> None:
-        if self.uses_shares and not self.state.get("shares_given"):  # a label-free estimate steers the routing
+        if self.uses_shares and not self.state.get("shares_given") and not self.quiet:  # an estimate steers routing
             logger.warning(f"Router {self.name!r}: {self.describe_shares()}, estimated label-free and used as the "
                            "routing prior. The estimate can misread a pool (docs/routing.md, 'Skewed pools'): if you "
                            "know how many rows of each teacher's domain the pool holds, give them as "

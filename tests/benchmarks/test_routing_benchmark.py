@@ -135,6 +135,7 @@ def test_pool_shares_subsample_the_pool_by_owner_and_report_the_majority_baselin
     assert equal["options"]["shares"] == "equal" and equal["estimated_shares"] is None
     given = next(row for row in skewed["rows"] if row.get("router") == "relative_mahalanobis[shares=given]")
     assert given["options"]["shares"] == [0.75, 0.25] and given["estimated_shares"] == [0.75, 0.25]
+    assert given["shares_given"] and not mahalanobis["shares_given"]
     with pytest.raises(ValueError, match="must be 2 positive numbers"):
         _run(routing, data_file, tmp_path / "out2", tmp_path / "cache", "--split", "2x3", "--pool_shares", "0.5,0.3,0.2")
 
@@ -144,11 +145,12 @@ def test_gold_routed_student_is_a_ceiling_row_and_unknown_rows_are_refused(routi
     """muki:gold_owner trains MUKI's student on targets routed by each pool row's GOLD owner (uses labels: a ceiling
     row); its router finds every batch row in the pool's table and refuses a row the table does not hold."""
     args = ("--split", "2x3", "--level", "students", "--seeds", "0", "--student_routers", "gold_owner",
-            "--only", "muki:gold_owner")
-    result = _run(routing, data_file, tmp_path / "out", tmp_path / "cache", *args)
+            "--only", "muki:gold_owner", "--pool_shares", "0.75,0.25")  # a subsampled pool: rows of the whole pool's table
+    result = _run(routing, data_file, tmp_path / "out", tmp_path / "cache", *args)["shares-0.75-0.25"]
     gold = [row for row in result["rows"] if row.get("router") == "gold_owner"]
     assert len(gold) == 1 and gold[0]["kind"] == "ceiling" and "USES LABELS" in gold[0]["method"]
-    assert 0.0 <= gold[0]["accuracy"] <= 1.0
+    assert gold[0]["n_seeds"] == 1 and (tmp_path / "out" / "shares-0.75-0.25" / "records" /
+                                        "muki-gold_owner-seed0.json").is_file()
 
     from ki_trainer.strategies import TeacherSignals
 

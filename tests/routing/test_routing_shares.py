@@ -357,8 +357,38 @@ def test_given_shares_are_the_routing_prior_for_any_number_of_teachers(name, cou
     if len(counts) > 2:
         assert accuracy(build_router(name).fit(pool), pool, owners) < accuracy(router, pool, owners), name
     assert "(as given: router_options shares)" in router.describe_shares(), name
-    again = build_router(name, {"shares": list(counts)}).load_state_dict(router.state_dict())
+
+
+@pytest.mark.parametrize("name", ["relative_mahalanobis", "consensus", "self_training"])
+def test_given_shares_survive_a_saved_router_state_and_balanced_ones_weight_nothing(name, tmp_path):
+    """Near-equal given shares are still the prior (routing as given, 'as given' on the card after a resume) but not
+    a skewed pool: no share weights, no automatic within_teacher_kd."""
+    from ki_trainer.routing.fitting import load_router_state, save_router_state, within_teacher_weight
+
+    pool, _ = owned_pool((210, 190))
+    router = build_router(name, {"shares": [210, 190]}).fit(pool)
+    assert router.uses_shares and not router.skewed
+    assert router.row_weights(router.score(pool)) is None
+    assert within_teacher_weight(router, "balanced", None) == 0.0
+    save_router_state(router, str(tmp_path))
+    again = build_router(name)  # the saved options (the given shares) come back with the state
+    assert load_router_state(again, str(tmp_path))
+    assert again.uses_shares and "(as given: router_options shares)" in again.describe_shares()
     torch.testing.assert_close(again.score(pool), router.score(pool))
+    skewed, _ = owned_pool((360, 40))
+    assert build_router(name, {"shares": [0.9, 0.1]}).fit(skewed).skewed
+
+
+def test_given_shares_of_the_wrong_length_fail_when_the_trainer_is_built(tmp_path, trained_teachers, pool_rows):
+    with pytest.raises(ValueError, match="3 shares given for 2 teachers"):
+        _trainer(tmp_path, trained_teachers, pool_rows, router="relative_mahalanobis",
+                 router_options={"shares": [0.5, 0.3, 0.2]})
+
+
+def test_a_fallback_says_the_given_shares_are_not_used():
+    pool, _ = owned_pool((3, 3))
+    with pytest.warns(UserWarning, match="The shares given in router_options are not used"):
+        build_router("relative_mahalanobis", {"shares": [0.5, 0.5]}).fit(pool)
 
 
 def test_given_shares_are_reported_as_given_and_checked_early():
@@ -395,8 +425,9 @@ def test_an_estimate_used_as_the_prior_is_a_warning_that_points_to_given_shares(
         build_router("relative_mahalanobis").fit(skewed)
         build_router("relative_mahalanobis", {"shares": [0.9, 0.1]}).fit(skewed)
         build_router("relative_mahalanobis").fit(owned_pool((200, 200))[0])
+        build_router("consensus").fit(skewed)  # one warning from the combination, none from its members
     finally:
         logger.removeHandler(handler)
     warned = [m for level, m in records if level == "WARNING"]
-    assert len(warned) == 1 and "the pool looks 90% teacher 0, 10% teacher 1, estimated label-free" in warned[0]
-    assert "router_options={'shares': [...]}" in warned[0]
+    assert len(warned) == 2 and "the pool looks 90% teacher 0, 10% teacher 1, estimated label-free" in warned[0]
+    assert "router_options={'shares': [...]}" in warned[0] and warned[1].startswith("Router 'consensus'")
