@@ -20,7 +20,8 @@ def test_two_processes_train_in_sync(tmp_path, mode):
            "--mixed_precision", "no", "--dynamo_backend", "no", script, str(tmp_path), mode]
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    written = sorted(p.name for p in tmp_path.glob("rank*.json"))
+    assert result.returncode == 0, f"rank results written: {written}\n" + result.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 for r in ranks)
     assert ranks[0]["checksum"] == pytest.approx(ranks[1]["checksum"], rel=1e-9)
