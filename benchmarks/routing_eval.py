@@ -189,8 +189,8 @@ class GoldOwnerRouter(Router):
     """The gold owner of each pool row as a router (USES LABELS: the perfect-routing ceiling of a STUDENT, as
     :func:`ceiling` is the ensemble's; benchmark only, never registered by the library). Option ``table``: a ``.pt``
     file ``{"keys": every teacher's deterministic logits and pooled features of each pool row, "owners": [rows]}``
-    (:func:`gold_owner_table`); a batch's rows are found in it by these (within ``TABLE_TOLERANCE``, the cache's storage precision, else an
-    error naming the rows: a row the table does not know is never routed silently)."""
+    (:func:`gold_owner_table`); a batch's rows are found in it by these (within ``TABLE_TOLERANCE``, the cache's
+    storage precision, else an error naming the rows: a row the table does not know is never routed silently)."""
 
     name = "gold_owner"
     requires = frozenset({"logits", "features"})
@@ -205,10 +205,11 @@ class GoldOwnerRouter(Router):
         # distinct texts lie far further apart. A row identical to pool rows of several owners (the same text filed
         # under two teachers' classes) gets each of their owners in proportion.
         distance = torch.cdist(query, self.state["keys"])
-        unknown = (distance.min(1).values > TABLE_TOLERANCE).nonzero().flatten().tolist()
+        nearest = distance.min(1).values
+        unknown = (nearest > TABLE_TOLERANCE).nonzero().flatten().tolist()
         if unknown:
             raise ValueError(f"gold_owner: batch row(s) {unknown[:5]} are not pool rows of the table "
-                             f"(nearest signals {float(distance.min(1).values.max()):.3g} away).")
+                             f"(nearest signals {float(nearest.max()):.3g} away).")
         match = (distance <= TABLE_TOLERANCE).float()
         owners = torch.nn.functional.one_hot(self.state["owners"], len(signals.logits)).float()
         return ((match @ owners) / match.sum(1, keepdim=True)).to(signals.logits[0].device)

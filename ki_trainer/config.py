@@ -139,10 +139,10 @@ class KnowledgeIntegrationConfig(TrainingArguments):
         default="balanced",
         metadata={
             "help": "For pool routers that estimate the pool's teacher shares (label-free; docs/routing.md, "
-            "'Skewed pools') or are given them (router_options shares), when the pool looks skewed: 'balanced' weights each row's loss by the teacher it is "
-            "routed to, so that every teacher's routed rows carry the same total loss weight (counted with their "
-            "margin weights under margin_reweighting; the pool's total is unchanged) and the student does not "
-            "forget a minority teacher's classes; 'pool' lets every row "
+            "'Skewed pools') or are given them (router_options shares), when the pool looks skewed: 'balanced' "
+            "weights each row's loss by the teacher it is routed to, so that every teacher's routed rows carry the "
+            "same total loss weight (counted with their margin weights under margin_reweighting; the pool's total "
+            "is unchanged) and the student does not forget a minority teacher's classes; 'pool' lets every row "
             "count the same, so the student learns the pool's own mix of teachers (right when the text it will "
             "predict on is mixed like the pool). No effect on a balanced pool, with router_options "
             "shares='equal', or without a pool router.",

@@ -62,7 +62,7 @@ AUTO_WITHIN_TEACHER_KD = 1.0
 def within_teacher_weight(router: Optional[Router], share_weighting: str, within_teacher_kd: Optional[float]
                           ) -> float:
     """The resolved ``within_teacher_kd``: as given, or (``None``) ``AUTO_WITHIN_TEACHER_KD`` where the balanced share
-    weighting applies (a fitted pool router that routes by an estimate of the pool's teacher shares) and 0 elsewhere."""
+    weighting applies (a fitted pool router whose pool shares, estimated or given, are skewed) and 0 elsewhere."""
     if within_teacher_kd is not None:
         return float(within_teacher_kd)
     skewed = share_weighting == "balanced" and bool(getattr(router, "skewed", False))

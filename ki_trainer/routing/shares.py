@@ -139,10 +139,10 @@ def owner_logits(z: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
     return z + shares.to(z.device).clamp_min(1e-6).log()
 
 
-def describe_shares(shares: Sequence[float], names: Optional[Sequence[str]] = None) -> str:
-    """``"the pool looks 88% teacher A, 12% teacher B"``."""
+def describe_shares(shares: Sequence[float], names: Optional[Sequence[str]] = None, verb: str = "looks") -> str:
+    """``"the pool looks 88% teacher A, 12% teacher B"`` (``verb="is"`` for shares the user gave)."""
     values = [float(v) for v in shares]
     names = list(names) if names is not None else [str(t) for t in range(len(values))]
     if len(names) != len(values):
         raise ValueError(f"{len(values)} shares but {len(names)} teacher names.")
-    return "the pool looks " + ", ".join(f"{100 * v:.0f}% teacher {name}" for v, name in zip(values, names))
+    return f"the pool {verb} " + ", ".join(f"{100 * v:.0f}% teacher {name}" for v, name in zip(values, names))

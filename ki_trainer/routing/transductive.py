@@ -158,11 +158,12 @@ class _TransductiveRouter(Router):
         return self
 
     def _fit_share_weights(self, signals: TeacherSignals) -> None:
-        """On a pool whose shares (estimated or given) are skewed: per-teacher loss weights under which every teacher's routed pool rows carry
-        the same total loss weight, and the pool's total is unchanged. ``share_weights``: for a strategy that weights
-        each row by its margin (MUKI's default), ``total margin / (teachers x margin of the rows routed to the
-        teacher)``; ``share_weights_rows``: for one that does not, ``rows / (teachers x rows routed to it)``. (A
-        minority teacher's rows also have smaller margins: the prior pulls them towards a tie.)"""
+        """On a pool whose shares (estimated or given) are skewed: per-teacher loss weights under which every
+        teacher's routed pool rows carry the same total loss weight, and the pool's total is unchanged.
+        ``share_weights``: for a strategy that weights each row by its margin (MUKI's default), ``total margin /
+        (teachers x margin of the rows routed to the teacher)``; ``share_weights_rows``: for one that does not,
+        ``rows / (teachers x rows routed to it)``. (A minority teacher's rows also have smaller margins: the prior
+        pulls them towards a tie.)"""
         if not self.skewed:
             return
         scores = self.score(signals).float().cpu()
@@ -240,7 +241,7 @@ class _TransductiveRouter(Router):
             return (f"not estimated: {self.state['fit_rows']} pool row(s) seen, {self.state['min_rows']} needed; "
                     f"routed by {self.fallback!r}")
         if self.state.get("shares_given"):
-            return describe_shares(self.shares.tolist(), names).replace("looks", "is", 1) + " (as given: router_options shares)"
+            return describe_shares(self.shares.tolist(), names, verb="is") + " (as given: router_options shares)"
         if self.shares is not None:
             line = describe_shares(self.shares.tolist(), names)
             if not self.uses_shares:
@@ -298,9 +299,7 @@ def _set_shares(router: _TransductiveRouter, mixture: Optional[dict[str, Any]], 
 
 def _set_given_shares(router: _TransductiveRouter, shares: Sequence[float], teachers: int) -> None:
     """Record the shares the user gave (``router_options={"shares": [...]}``) as the routing prior."""
-    if len(shares) != teachers:
-        raise ValueError(f"Router {router.name!r}: {len(shares)} shares given for {teachers} teachers; give one per "
-                         "teacher, in the teachers' order.")
+    router.check_teachers(teachers)
     router.state["shares"] = torch.tensor(shares, dtype=torch.float32)
     router.state["shares_given"] = True
     router._log_shares()
